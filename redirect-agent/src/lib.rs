@@ -4,3 +4,5 @@
 //! use the same functions.
 
 pub mod detect;
+pub mod netns;
+pub mod state;
