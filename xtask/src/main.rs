@@ -1,1 +1,53 @@
-fn main(){}
+//! `cargo xtask`: developer tasks for the redirect workspace.
+//!
+//! One module per subcommand. This crate must build with plain stable cargo and no
+//! bpf-linker (`setup` is what installs it), so it never depends on the eBPF crates.
+
+mod bench;
+mod bench_detect;
+mod demo;
+mod setup;
+mod test;
+mod util;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "xtask",
+    bin_name = "cargo xtask",
+    about = "Developer tasks for the redirect workspace"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Install what this machine lacks (Debian packages, nightly + rust-src, bpf-linker). Idempotent.
+    Setup,
+    /// setup, build the workspace binaries, fmt check, clippy -D warnings, cargo test --workspace.
+    Test(test::Args),
+    /// setup, build the workspace binaries, then run `redirect-testbed demo`.
+    Demo(demo::Args),
+    /// Benchmarks.
+    Bench {
+        #[command(subcommand)]
+        command: bench::Command,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Setup => setup::run(),
+        Command::Test(args) => test::run(args),
+        Command::Demo(args) => demo::run(args),
+        Command::Bench { command } => bench::run(command),
+    };
+    if let Err(err) = result {
+        eprintln!("\nxtask: error: {err:#}");
+        std::process::exit(1);
+    }
+}

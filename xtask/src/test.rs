@@ -1,0 +1,59 @@
+//! `cargo xtask test [-- extra cargo test args]`: setup, build the workspace binaries (integration
+//! tests run sibling binaries from target/debug), then fmt, clippy and tests, failing fast.
+
+use std::time::Instant;
+
+use anyhow::{Context as _, Result};
+
+use crate::util::{self, header};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Extra arguments appended to `cargo test --workspace` (after `--`).
+    #[arg(last = true)]
+    pub cargo_test_args: Vec<String>,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let start = Instant::now();
+    let mut test = vec!["test", "--workspace"];
+    test.extend(args.cargo_test_args.iter().map(String::as_str));
+    let steps: [(&str, Vec<&str>); 4] = [
+        ("build binaries", vec!["build", "--workspace", "--bins"]),
+        ("rustfmt", vec!["fmt", "--all", "--", "--check"]),
+        (
+            "clippy",
+            vec![
+                "clippy",
+                "--workspace",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ],
+        ),
+        ("tests", test),
+    ];
+    let total = steps.len() + 1;
+
+    header(&format!("[1/{total}] setup"));
+    crate::setup::run().context("step 'setup' failed")?;
+
+    for (i, (name, cargo_args)) in steps.iter().enumerate() {
+        let mut cmd = util::cargo();
+        cmd.args(cargo_args);
+        header(&format!(
+            "[{}/{total}] {name}: {}",
+            i + 2,
+            util::display(&cmd)
+        ));
+        let step_start = Instant::now();
+        util::run(&mut cmd).with_context(|| format!("step '{name}' failed"))?;
+        println!("  ok ({:.1}s)", step_start.elapsed().as_secs_f64());
+    }
+    header(&format!(
+        "all {total} steps passed in {:.0}s",
+        start.elapsed().as_secs_f64()
+    ));
+    Ok(())
+}

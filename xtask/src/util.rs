@@ -1,0 +1,96 @@
+//! Small helpers shared by the subcommands: step headers and running commands.
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context as _, Result};
+
+/// The workspace root (the parent of this crate's directory).
+pub fn workspace_root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives one level below the workspace root")
+}
+
+/// The cargo that runs us (`$CARGO`), so nested builds use the same toolchain.
+pub fn cargo() -> Command {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(workspace_root());
+    cmd
+}
+
+/// A visible section header.
+pub fn header(title: &str) {
+    println!("\n==> {title}");
+    flush();
+}
+
+pub fn flush() {
+    let _ = std::io::stdout().flush();
+    let _ = std::io::stderr().flush();
+}
+
+/// Renders a command as a shell-like line for messages.
+pub fn display(cmd: &Command) -> String {
+    let mut parts = vec![cmd.get_program().to_string_lossy().into_owned()];
+    parts.extend(cmd.get_args().map(|a| a.to_string_lossy().into_owned()));
+    parts.join(" ")
+}
+
+/// Runs `cmd` with inherited stdio; an error names the command and its exit status.
+pub fn run(cmd: &mut Command) -> Result<()> {
+    flush();
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot start `{}`", display(cmd)))?;
+    if !status.success() {
+        bail!("`{}` failed ({status})", display(cmd));
+    }
+    Ok(())
+}
+
+/// Runs `cmd` capturing its output; returns stdout if it exited 0, `None` if it did not
+/// (or could not be started: a missing tool counts as "not there").
+pub fn output_if_success(cmd: &mut Command) -> Option<String> {
+    let out = cmd.output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Finds an executable on `PATH`.
+pub fn find_on_path(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file())
+}
+
+/// `cargo metadata`'s target directory (honours CARGO_TARGET_DIR and config).
+pub fn target_dir() -> Result<PathBuf> {
+    let mut cmd = cargo();
+    cmd.args(["metadata", "--format-version", "1", "--no-deps"]);
+    let out = cmd
+        .output()
+        .with_context(|| format!("cannot start `{}`", display(&cmd)))?;
+    if !out.status.success() {
+        bail!(
+            "`{}` failed: {}",
+            display(&cmd),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let meta: serde_json::Value =
+        serde_json::from_slice(&out.stdout).context("parsing cargo metadata")?;
+    let dir = meta["target_directory"]
+        .as_str()
+        .context("cargo metadata has no target_directory")?;
+    Ok(PathBuf::from(dir))
+}
+
+/// `cargo build --workspace --bins`, so tests and the demo find sibling binaries in target/debug.
+pub fn build_workspace_bins() -> Result<()> {
+    run(cargo().args(["build", "--workspace", "--bins"]))
+}
