@@ -1,1 +1,277 @@
+//! Types shared by redirect's kernel programs (`redirect-ebpf`) and its agent.
+//!
+//! Every map key and value here is `#[repr(C)]` and padding-free: hash maps compare keys
+//! byte-for-byte, so a padding byte left uninitialised on one side would make lookups miss.
+//! Addresses are stored as the kernel hands them to programs: four `u32` words in network byte
+//! order (IPv4 in word 0, others zero). Ports are stored in host byte order.
 #![no_std]
+
+/// Number of pods one node can enroll: rows in the configuration and counter maps.
+pub const MAX_PODS: u32 = 4096;
+/// Connections whose original destination is remembered at once (connect -> established).
+pub const MAX_PENDING_ORIG_DST: u32 = 65536;
+/// Established redirected connections whose original destination the proxy can still ask for.
+pub const MAX_ORIG_DST: u32 = 131072;
+/// Port rules (exclusions, per-port policies) over all pods.
+pub const MAX_PORT_RULES: u32 = 262144;
+/// Outbound CIDR exclusions over all pods, per address family.
+pub const MAX_CIDR_RULES: u32 = 262144;
+
+/// Source address Istio's proxy uses to deliver inbound traffic (`-s 127.0.0.6 -j RETURN`).
+pub const INBOUND_PASSTHROUGH_SRC4: [u8; 4] = [127, 0, 0, 6];
+/// IPv6 twin of [`INBOUND_PASSTHROUGH_SRC4`], `::6`.
+pub const INBOUND_PASSTHROUGH_SRC6: [u8; 16] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 6];
+
+/// Ports of the proxy and its agent (Envoy admin, listeners, HBONE, health, telemetry, DNS).
+/// Connections to them are never captured or rewritten, whoever makes them.
+pub const PROXY_PORTS: [u16; 14] = [
+    15000, 15001, 15004, 15006, 15008, 15009, 15010, 15012, 15014, 15017, 15020, 15021, 15053,
+    15090,
+];
+/// Inbound ports Istio never captures (`ISTIO_INBOUND_PORTS` exclusions).
+pub const DEFAULT_EXCLUDED_INBOUND_PORTS: [u16; 4] = [15008, 15020, 15021, 15090];
+
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+
+/// Where the proxy's delivery of inbound traffic ends.
+#[repr(u8)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    /// POD_IP:P from 127.0.0.6 / ::6 (Istio >= 1.10).
+    Passthrough = 0,
+    /// 127.0.0.1:P / ::1 (Istio < 1.10).
+    Localhost = 1,
+}
+
+/// Per-pod configuration, one row per enrolled pod in the `PODS` array, indexed by slot.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PodConfig {
+    /// Non-zero while the pod is enrolled; a row of zeros is a free slot.
+    pub enrolled: u32,
+    /// The proxy's uid: its connections are the proxy's, everything else is the application's.
+    pub proxy_uid: u32,
+    /// First IPv4 address of the pod (network order), 0 if none.
+    pub ip4: u32,
+    /// First IPv6 address of the pod (network order words), zero if none.
+    pub ip6: [u32; 4],
+    pub proxy_inbound_port: u16,
+    pub proxy_outbound_port: u16,
+    /// [`Delivery`] for ports without a per-port rule.
+    pub delivery: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Key of `POD_ADDRS`: one of a pod's addresses.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AddrKey {
+    pub addr: [u32; 4],
+    pub family: u32,
+}
+
+/// Key of `PORT_RULES`: a port of a pod.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortKey {
+    pub slot: u32,
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// Bits of a `PORT_RULES` value.
+pub mod port_rule {
+    /// Inbound connections to this port are not captured.
+    pub const EXCLUDE_INBOUND: u32 = 1 << 0;
+    /// Outbound connections to this port are not captured.
+    pub const EXCLUDE_OUTBOUND: u32 = 1 << 1;
+    /// This port has its own delivery policy, given by [`DELIVERY_LOCALHOST`].
+    pub const DELIVERY_OVERRIDE: u32 = 1 << 2;
+    /// With [`DELIVERY_OVERRIDE`]: deliver to loopback; without it: to the pod IP.
+    pub const DELIVERY_LOCALHOST: u32 = 1 << 3;
+}
+
+/// Key of the outbound CIDR exclusion tries: the pod's slot, then the address, so one trie
+/// serves every pod. The LPM prefix length counts the 32 slot bits plus the CIDR's length.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CidrKey4 {
+    pub slot_be: u32,
+    pub addr: u32,
+}
+
+/// IPv6 twin of [`CidrKey4`].
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CidrKey6 {
+    pub slot_be: u32,
+    pub addr: [u32; 4],
+}
+
+/// Key of the inbound listener `SockHash`: the pod's proxy listener for one address family.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ListenerKey {
+    pub slot: u32,
+    pub family: u32,
+}
+
+/// What a redirected connection was, for the proxy's `SO_ORIGINAL_DST` and for bookkeeping.
+#[repr(u32)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnKind {
+    /// An application's outbound connection sent to the outbound listener.
+    Outbound = 1,
+    /// The proxy's own connection to its pod's address, sent to the inbound listener.
+    ProxySelf = 2,
+    /// The proxy's delivery of inbound traffic to the application.
+    Delivery = 3,
+}
+
+/// The original destination of a redirected connection.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OrigDst {
+    pub addr: [u32; 4],
+    pub port: u16,
+    pub family: u16,
+    pub slot: u32,
+    /// A [`ConnKind`] as `u32`.
+    pub kind: u32,
+}
+
+/// The four-tuple of a connection as its client sees it (client address first).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SockTuple {
+    pub src: [u32; 4],
+    pub dst: [u32; 4],
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub family: u32,
+}
+
+/// Per-pod event counters: the index of each in a pod's row of the `COUNTERS` per-CPU array.
+#[repr(u32)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Counter {
+    /// A connection to the pod's address was handed to the proxy's inbound listener.
+    InboundCaptured = 0,
+    /// An inbound connection was not captured: its port is excluded.
+    InboundExcluded,
+    /// An inbound connection was refused: the pod's proxy has no inbound listener.
+    InboundNoListener,
+    /// An application connection was sent to the proxy's outbound listener.
+    OutboundCaptured,
+    /// An application connection was not captured: its port or CIDR is excluded.
+    OutboundExcluded,
+    /// The proxy's connection to its own pod address went to the inbound listener.
+    ProxySelfCaptured,
+    /// The proxy's delivery ended at the pod IP (from 127.0.0.6 / ::6).
+    DeliveredPodIp,
+    /// The proxy's delivery ended at loopback.
+    DeliveredLoopback,
+    /// A delivery was refused by the kernel: nothing listens where the policy sends it.
+    DeliveryRefused,
+    /// `SO_ORIGINAL_DST` answered from the remembered original destination.
+    OrigDstHit,
+    /// `SO_ORIGINAL_DST` answered with the socket's own address (captured by sk_lookup).
+    OrigDstLocal,
+    /// `SO_ORIGINAL_DST` asked by the proxy and nothing to answer.
+    OrigDstMiss,
+    /// A map was full: the connection went through unchanged.
+    MapFull,
+    /// The proxy started listening on its inbound port and was registered for capture.
+    ListenerRegistered,
+}
+
+/// Number of counters per pod.
+pub const COUNTERS_PER_POD: u32 = 14;
+
+impl Counter {
+    /// Every counter, in index order.
+    pub const ALL: [Counter; COUNTERS_PER_POD as usize] = [
+        Counter::InboundCaptured,
+        Counter::InboundExcluded,
+        Counter::InboundNoListener,
+        Counter::OutboundCaptured,
+        Counter::OutboundExcluded,
+        Counter::ProxySelfCaptured,
+        Counter::DeliveredPodIp,
+        Counter::DeliveredLoopback,
+        Counter::DeliveryRefused,
+        Counter::OrigDstHit,
+        Counter::OrigDstLocal,
+        Counter::OrigDstMiss,
+        Counter::MapFull,
+        Counter::ListenerRegistered,
+    ];
+
+    /// The name used in `stats` output.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Counter::InboundCaptured => "inbound_captured",
+            Counter::InboundExcluded => "inbound_excluded",
+            Counter::InboundNoListener => "inbound_no_listener",
+            Counter::OutboundCaptured => "outbound_captured",
+            Counter::OutboundExcluded => "outbound_excluded",
+            Counter::ProxySelfCaptured => "proxy_self_captured",
+            Counter::DeliveredPodIp => "delivered_pod_ip",
+            Counter::DeliveredLoopback => "delivered_loopback",
+            Counter::DeliveryRefused => "delivery_refused",
+            Counter::OrigDstHit => "orig_dst_hit",
+            Counter::OrigDstLocal => "orig_dst_local",
+            Counter::OrigDstMiss => "orig_dst_miss",
+            Counter::MapFull => "map_full",
+            Counter::ListenerRegistered => "listener_registered",
+        }
+    }
+
+    /// Index of this counter of the pod in `slot` in the `COUNTERS` array.
+    #[inline(always)]
+    pub const fn index(self, slot: u32) -> u32 {
+        slot * COUNTERS_PER_POD + self as u32
+    }
+}
+
+/// Whether `port` belongs to the proxy (never captured, never rewritten).
+#[inline(always)]
+pub fn is_proxy_port(port: u16) -> bool {
+    // A plain loop over the table: LLVM turns it into a few compares, and the verifier sees no loop.
+    let mut i = 0;
+    while i < PROXY_PORTS.len() {
+        if PROXY_PORTS[i] == port {
+            return true;
+        }
+        i += 1;
+    }
+    false
+}
+
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+    // SAFETY: all of these are repr(C), padding-free and valid for any bit pattern.
+    unsafe impl aya::Pod for PodConfig {}
+    unsafe impl aya::Pod for AddrKey {}
+    unsafe impl aya::Pod for PortKey {}
+    unsafe impl aya::Pod for CidrKey4 {}
+    unsafe impl aya::Pod for CidrKey6 {}
+    unsafe impl aya::Pod for ListenerKey {}
+    unsafe impl aya::Pod for OrigDst {}
+    unsafe impl aya::Pod for SockTuple {}
+}
+
+// Padding would break byte-wise key comparison; fail the build instead.
+const _: () = {
+    assert!(core::mem::size_of::<PodConfig>() == 36);
+    assert!(core::mem::size_of::<AddrKey>() == 20);
+    assert!(core::mem::size_of::<PortKey>() == 8);
+    assert!(core::mem::size_of::<CidrKey4>() == 8);
+    assert!(core::mem::size_of::<CidrKey6>() == 20);
+    assert!(core::mem::size_of::<ListenerKey>() == 8);
+    assert!(core::mem::size_of::<OrigDst>() == 28);
+    assert!(core::mem::size_of::<SockTuple>() == 40);
+    assert!(Counter::ALL.len() == COUNTERS_PER_POD as usize);
+};

@@ -1,5 +1,16 @@
+//! redirect's kernel programs, one module per hook. They share the maps in [`maps`] and the pod
+//! lookups in [`pod`]; one loaded object serves every enrolled pod.
 #![no_std]
 #![no_main]
+
+mod addr;
+mod bind;
+mod connect;
+mod maps;
+mod pod;
+mod sk_lookup;
+mod sock_ops;
+mod sockopt;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -1,0 +1,90 @@
+//! Addresses as the kernel gives them to programs: four network-order words.
+
+use redirect_common::{AF_INET, AF_INET6};
+
+/// An address of either family. IPv4 lives in word 0.
+#[derive(Clone, Copy)]
+pub struct Addr {
+    pub words: [u32; 4],
+    pub family: u16,
+}
+
+const LOOPBACK6_LAST: u32 = u32::from_be(1); // ::1
+const PASSTHROUGH6_LAST: u32 = u32::from_be(6); // ::6
+
+impl Addr {
+    #[inline(always)]
+    pub fn v4(ip: u32) -> Self {
+        Addr { words: [ip, 0, 0, 0], family: AF_INET }
+    }
+
+    #[inline(always)]
+    pub fn v6(words: [u32; 4]) -> Self {
+        Addr { words, family: AF_INET6 }
+    }
+
+    /// 127.0.0.0/8, ::1 and ::ffff:127.0.0.0/104.
+    #[inline(always)]
+    pub fn is_loopback(&self) -> bool {
+        if self.family == AF_INET {
+            return is_loopback4(self.words[0]);
+        }
+        let [a, b, c, d] = self.words;
+        if a == 0 && b == 0 && c == 0 && d == LOOPBACK6_LAST {
+            return true;
+        }
+        a == 0 && b == 0 && c == u32::from_be(0xffff) && is_loopback4(d)
+    }
+
+    /// 127.0.0.6 or ::6, the source of the proxy's inbound delivery.
+    #[inline(always)]
+    pub fn is_passthrough_src(&self) -> bool {
+        if self.family == AF_INET {
+            return self.words[0] == u32::from_be(0x7f00_0006);
+        }
+        let [a, b, c, d] = self.words;
+        a == 0 && b == 0 && c == 0 && d == PASSTHROUGH6_LAST
+    }
+
+    #[inline(always)]
+    pub fn is_unspecified(&self) -> bool {
+        let [a, b, c, d] = self.words;
+        a | b | c | d == 0
+    }
+}
+
+#[inline(always)]
+fn is_loopback4(ip_be: u32) -> bool {
+    // First octet is the lowest byte of a network-order word on a little-endian machine and the
+    // highest on a big-endian one; from_be makes it the highest on both.
+    u32::from_be(ip_be) >> 24 == 127
+}
+
+/// 127.0.0.1 or ::1 in network order, for the family.
+#[inline(always)]
+pub fn loopback(family: u16) -> Addr {
+    if family == AF_INET {
+        Addr::v4(u32::from_be(0x7f00_0001))
+    } else {
+        Addr::v6([0, 0, 0, LOOPBACK6_LAST])
+    }
+}
+
+/// `struct sockaddr_in`, as bpf_bind and SO_ORIGINAL_DST callers expect it.
+#[repr(C)]
+pub struct SockaddrIn {
+    pub family: u16,
+    pub port_be: u16,
+    pub addr: u32,
+    pub zero: [u8; 8],
+}
+
+/// `struct sockaddr_in6`.
+#[repr(C)]
+pub struct SockaddrIn6 {
+    pub family: u16,
+    pub port_be: u16,
+    pub flowinfo: u32,
+    pub addr: [u32; 4],
+    pub scope_id: u32,
+}

@@ -1,0 +1,242 @@
+//! cgroup/connect4 and cgroup/connect6: outbound capture and inbound delivery.
+//!
+//! Every decision of the reference-semantics table that depends on who connects (the proxy, by
+//! uid, or the application) is taken here, before the SYN exists: rewriting the destination
+//! of a connect() costs no NAT and leaves no conntrack entry.
+//!
+//! # Minimum kernel version
+//! 5.7: the cgroup helpers in sock_addr programs (4.17 for the hooks themselves).
+
+use aya_ebpf::{
+    bindings::bpf_sock_addr,
+    helpers::{bpf_bind, bpf_get_current_uid_gid, bpf_get_socket_cookie},
+    macros::cgroup_sock_addr,
+    programs::SockAddrContext,
+    EbpfContext as _,
+};
+use redirect_common::{
+    port_rule, CidrKey4, CidrKey6, ConnKind, Counter, Delivery, OrigDst, PodConfig, AF_INET,
+    AF_INET6,
+};
+
+use crate::{
+    addr::{loopback, Addr, SockaddrIn, SockaddrIn6},
+    maps::{CIDR4, CIDR6, PENDING},
+    pod::{count, current_pod, delivery, is_proxy_port, pod_of_addr, port_rule},
+};
+
+const ALLOW: i32 = 1;
+const SOCK_STREAM: u32 = 1;
+
+#[cgroup_sock_addr(connect4)]
+pub fn rd_connect4(ctx: SockAddrContext) -> i32 {
+    on_connect(&ctx, AF_INET);
+    ALLOW
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn rd_connect6(ctx: SockAddrContext) -> i32 {
+    on_connect(&ctx, AF_INET6);
+    ALLOW
+}
+
+/// Never refuses a connect(): at worst it leaves the destination alone and counts why.
+#[inline(always)]
+fn on_connect(ctx: &SockAddrContext, family: u16) {
+    let sa = ctx.sock_addr;
+    if unsafe { (*sa).type_ } != SOCK_STREAM {
+        return;
+    }
+    let Some((slot, cfg)) = current_pod() else { return };
+    let dst = read_dst(sa, family);
+    let port = u16::from_be(unsafe { (*sa).user_port } as u16);
+    let uid = bpf_get_current_uid_gid() as u32;
+    if uid == cfg.proxy_uid {
+        proxy_connect(ctx, slot, cfg, dst, port);
+    } else {
+        app_connect(ctx, slot, cfg, dst, port);
+    }
+}
+
+/// The application's connections: everything off-pod goes to the outbound listener.
+#[inline(always)]
+fn app_connect(ctx: &SockAddrContext, slot: u32, cfg: &PodConfig, dst: Addr, port: u16) {
+    // Loopback and the pod's own address are the application talking to itself.
+    if dst.is_loopback() || dst.is_unspecified() || pod_of_addr(&dst) == Some(slot) {
+        return;
+    }
+    if port_rule(slot, port) & port_rule::EXCLUDE_OUTBOUND != 0 || cidr_excluded(slot, &dst) {
+        count(slot, Counter::OutboundExcluded);
+        return;
+    }
+    if remember(ctx, slot, dst, port, ConnKind::Outbound) {
+        write_dst(ctx.sock_addr, loopback(dst.family), cfg.proxy_outbound_port);
+        count(slot, Counter::OutboundCaptured);
+    }
+}
+
+/// The proxy's connections: deliveries of inbound traffic, and its own calls to the pod address.
+#[inline(always)]
+fn proxy_connect(ctx: &SockAddrContext, slot: u32, cfg: &PodConfig, dst: Addr, port: u16) {
+    if is_proxy_port(cfg, port) {
+        return;
+    }
+    let rule = port_rule(slot, port);
+    if rule & port_rule::EXCLUDE_INBOUND != 0 {
+        return;
+    }
+    let to_pod = pod_of_addr(&dst) == Some(slot);
+    let to_loopback = dst.is_loopback();
+    if !to_pod && !to_loopback {
+        return; // Off-pod: the proxy's upstream traffic is never captured.
+    }
+    let bound = bound_src(ctx.sock_addr, dst.family);
+    if to_pod && !bound.is_passthrough_src() {
+        // The proxy's outbound side calling its own pod (a Service whose endpoint is this pod):
+        // through the inbound listener, so inbound policy applies (iptables: uid 1337, -o lo).
+        if remember(ctx, slot, dst, port, ConnKind::ProxySelf) {
+            write_dst(ctx.sock_addr, loopback(dst.family), cfg.proxy_inbound_port);
+            count(slot, Counter::ProxySelfCaptured);
+        }
+        return;
+    }
+    // A delivery, dialled the old way (127.0.0.1:P) or the new way (POD_IP:P from 127.0.0.6):
+    // the pod's policy, not the proxy's configuration, decides where it ends.
+    match delivery(cfg, rule) {
+        Delivery::Passthrough => {
+            let Some(pod_ip) = pod_addr(cfg, dst.family) else { return };
+            if to_loopback {
+                if bound.is_unspecified() && !bind_passthrough_src(ctx, dst.family) {
+                    return;
+                }
+                write_dst(ctx.sock_addr, pod_ip, port);
+            }
+            count(slot, Counter::DeliveredPodIp);
+        }
+        Delivery::Localhost => {
+            if to_pod {
+                write_dst(ctx.sock_addr, loopback(dst.family), port);
+            }
+            count(slot, Counter::DeliveredLoopback);
+        }
+    }
+    // Tracked only to count deliveries the kernel refuses; a full map just loses that count.
+    let _ = remember_quiet(ctx, slot, dst, port, ConnKind::Delivery);
+}
+
+/// Records the original destination under the socket's cookie. On a full map the connection
+/// is counted and left alone: better unproxied than blackholed.
+#[inline(always)]
+fn remember(ctx: &SockAddrContext, slot: u32, dst: Addr, port: u16, kind: ConnKind) -> bool {
+    if remember_quiet(ctx, slot, dst, port, kind) {
+        return true;
+    }
+    count(slot, Counter::MapFull);
+    false
+}
+
+#[inline(always)]
+fn remember_quiet(ctx: &SockAddrContext, slot: u32, dst: Addr, port: u16, kind: ConnKind) -> bool {
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let orig = OrigDst { addr: dst.words, port, family: dst.family, slot, kind: kind as u32 };
+    PENDING.insert(&cookie, &orig, 0).is_ok()
+}
+
+#[inline(always)]
+fn cidr_excluded(slot: u32, dst: &Addr) -> bool {
+    let slot_be = slot.to_be();
+    if dst.family == AF_INET {
+        let key = aya_ebpf::maps::lpm_trie::Key::new(64, CidrKey4 { slot_be, addr: dst.words[0] });
+        CIDR4.get(&key).is_some()
+    } else {
+        let key = aya_ebpf::maps::lpm_trie::Key::new(160, CidrKey6 { slot_be, addr: dst.words });
+        CIDR6.get(&key).is_some()
+    }
+}
+
+#[inline(always)]
+fn pod_addr(cfg: &PodConfig, family: u16) -> Option<Addr> {
+    if family == AF_INET {
+        (cfg.ip4 != 0).then(|| Addr::v4(cfg.ip4))
+    } else {
+        let a = Addr::v6(cfg.ip6);
+        (!a.is_unspecified()).then_some(a)
+    }
+}
+
+/// Binds the socket to 127.0.0.6:0 / [::6]:0 so the application sees Istio's passthrough source
+/// and sk_lookup knows not to capture the delivery again.
+#[inline(always)]
+fn bind_passthrough_src(ctx: &SockAddrContext, family: u16) -> bool {
+    let ret = if family == AF_INET {
+        let mut sa = SockaddrIn {
+            family: AF_INET,
+            port_be: 0,
+            addr: u32::from_be(0x7f00_0006),
+            zero: [0; 8],
+        };
+        unsafe {
+            bpf_bind(
+                ctx.sock_addr,
+                &mut sa as *mut SockaddrIn as *mut _,
+                core::mem::size_of::<SockaddrIn>() as i32,
+            )
+        }
+    } else {
+        let mut sa = SockaddrIn6 {
+            family: AF_INET6,
+            port_be: 0,
+            flowinfo: 0,
+            addr: [0, 0, 0, u32::from_be(6)],
+            scope_id: 0,
+        };
+        unsafe {
+            bpf_bind(
+                ctx.sock_addr,
+                &mut sa as *mut SockaddrIn6 as *mut _,
+                core::mem::size_of::<SockaddrIn6>() as i32,
+            )
+        }
+    };
+    ret == 0
+}
+
+#[inline(always)]
+fn read_dst(sa: *mut bpf_sock_addr, family: u16) -> Addr {
+    unsafe {
+        if family == AF_INET {
+            Addr::v4((*sa).user_ip4)
+        } else {
+            Addr::v6([(*sa).user_ip6[0], (*sa).user_ip6[1], (*sa).user_ip6[2], (*sa).user_ip6[3]])
+        }
+    }
+}
+
+#[inline(always)]
+fn write_dst(sa: *mut bpf_sock_addr, addr: Addr, port: u16) {
+    unsafe {
+        if addr.family == AF_INET {
+            (*sa).user_ip4 = addr.words[0];
+        } else {
+            // The verifier only accepts 4-byte stores into user_ip6.
+            (*sa).user_ip6[0] = addr.words[0];
+            (*sa).user_ip6[1] = addr.words[1];
+            (*sa).user_ip6[2] = addr.words[2];
+            (*sa).user_ip6[3] = addr.words[3];
+        }
+        (*sa).user_port = port.to_be() as u32;
+    }
+}
+
+/// The address the socket is already bound to (unspecified if none).
+#[inline(always)]
+fn bound_src(sa: *mut bpf_sock_addr, family: u16) -> Addr {
+    unsafe {
+        let sk = (*sa).__bindgen_anon_1.sk;
+        if family == AF_INET {
+            Addr::v4((*sk).src_ip4)
+        } else {
+            Addr::v6([(*sk).src_ip6[0], (*sk).src_ip6[1], (*sk).src_ip6[2], (*sk).src_ip6[3]])
+        }
+    }
+}
