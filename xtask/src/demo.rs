@@ -17,7 +17,7 @@ pub struct Args {
 pub fn run(args: Args) -> Result<()> {
     header("[1/3] setup");
     crate::setup::run().context("step 'setup' failed")?;
-    header("[2/3] build binaries: cargo build --workspace --bins");
+    header("[2/3] build binaries");
     util::build_workspace_bins().context("step 'build binaries' failed")?;
 
     let testbed = util::target_dir()?.join("debug/redirect-testbed");

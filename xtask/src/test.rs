@@ -16,22 +16,18 @@ pub struct Args {
 
 pub fn run(args: Args) -> Result<()> {
     let start = Instant::now();
-    let mut test = vec!["test", "--workspace"];
+    // Workspace-wide, less the bpf-only crate (see util::HOST_EXCLUDE).
+    let ws = |cmd: &[&'static str]| [cmd, &["--workspace"], util::HOST_EXCLUDE].concat();
+    let mut build = ws(&["build"]);
+    build.push("--bins");
+    let mut clippy = ws(&["clippy", "--all-targets"]);
+    clippy.extend(["--", "-D", "warnings"]);
+    let mut test = ws(&["test"]);
     test.extend(args.cargo_test_args.iter().map(String::as_str));
     let steps: [(&str, Vec<&str>); 4] = [
-        ("build binaries", vec!["build", "--workspace", "--bins"]),
+        ("build binaries", build),
         ("rustfmt", vec!["fmt", "--all", "--", "--check"]),
-        (
-            "clippy",
-            vec![
-                "clippy",
-                "--workspace",
-                "--all-targets",
-                "--",
-                "-D",
-                "warnings",
-            ],
-        ),
+        ("clippy", clippy),
         ("tests", test),
     ];
     let total = steps.len() + 1;

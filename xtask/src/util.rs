@@ -32,9 +32,20 @@ pub fn flush() {
     let _ = std::io::stderr().flush();
 }
 
-/// Renders a command as a shell-like line for messages.
+/// Host-side cargo steps skip the eBPF crate: its binary only builds for the bpf target
+/// (nightly, build-std, bpf-linker), which redirect-agent's build.rs does. It is why the root
+/// manifest's default-members leave it out. `cargo fmt --all` still covers it.
+pub const HOST_EXCLUDE: &[&str] = &["--exclude", "redirect-ebpf"];
+
+/// Renders a command as a shell-like line for messages (`$CARGO` shown as `cargo`).
 pub fn display(cmd: &Command) -> String {
-    let mut parts = vec![cmd.get_program().to_string_lossy().into_owned()];
+    let program = Path::new(cmd.get_program());
+    let program = if program.file_name() == Some("cargo".as_ref()) {
+        "cargo".into()
+    } else {
+        program.to_string_lossy()
+    };
+    let mut parts = vec![program.into_owned()];
     parts.extend(cmd.get_args().map(|a| a.to_string_lossy().into_owned()));
     parts.join(" ")
 }
@@ -90,7 +101,10 @@ pub fn target_dir() -> Result<PathBuf> {
     Ok(PathBuf::from(dir))
 }
 
-/// `cargo build --workspace --bins`, so tests and the demo find sibling binaries in target/debug.
+/// `cargo build --workspace --bins` (less the eBPF crate), so tests and the demo find sibling
+/// binaries in target/debug.
 pub fn build_workspace_bins() -> Result<()> {
-    run(cargo().args(["build", "--workspace", "--bins"]))
+    run(cargo()
+        .args(["build", "--workspace", "--bins"])
+        .args(HOST_EXCLUDE))
 }
