@@ -1,1 +1,53 @@
-//! placeholder
+//! A test bed that builds pods the way a Kubernetes node does, plus the programs that play
+//! Envoy, the application and a client.
+//!
+//! Everything is real: network namespaces, a bridge and veths made by the CNI `bridge` and
+//! `host-local` plugins, cgroup v2 directories, processes switched to the proxy's uid. Every
+//! resource is removed on drop, also when a test panics, and [`sweep_stale`] removes what a
+//! killed run left behind. Addresses come only from 198.18.0.0/15 and 2001:db8::/32, and only
+//! inside namespaces created here; the root namespace is never changed.
+//!
+//! Needs root and Debian's `containernetworking-plugins` (or the plugins in `/opt/cni/bin`).
+
+mod cgroup;
+pub mod echo;
+mod netns;
+mod node;
+pub mod probe;
+pub mod proxy;
+mod state;
+mod sweep;
+
+use std::path::PathBuf;
+
+pub use cgroup::cgroup2_mount;
+pub use node::{cni_plugin_dir, Node, Pod, PodProcess};
+pub use probe::{probe, probe_from, Banner, Outcome};
+pub use proxy::{Delivery, ProxyLogEntry};
+pub use sweep::sweep_stale;
+
+/// Path of a workspace binary next to the running executable: `target/<profile>/<name>`.
+/// Test executables live one level down, in `target/<profile>/deps/`.
+pub fn bin_path(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap_or_default();
+    let mut dir = exe.parent().map(PathBuf::from).unwrap_or_default();
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir.pop();
+    }
+    dir.join(name)
+}
+
+/// Whether this process may build pods; tests call it to skip (or, under `CI=true`, fail)
+/// when not root.
+pub fn require_root(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    let why = format!("{test}: needs root (network namespaces, cgroups, CNI)");
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("{why}; a skip is a failure under CI=true");
+    }
+    eprintln!("skipping {why}");
+    false
+}
