@@ -1,32 +1,227 @@
-use std::process::ExitCode;
+//! `redirect-agent`: the command line over the redirect library. Each command acts once and
+//! exits; enrolled pods stay redirected because their links and maps are pinned on bpffs.
 
+use std::{net::IpAddr, path::PathBuf, process::ExitCode};
+
+use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+use redirect_agent::{
+    datapath::{self, Datapath},
+    output::{print_table, Format},
+    pod, spec,
+    state::{self, Policy, StateStore},
+    stats,
+};
 
-/// redirect: Istio-style sidecar traffic redirection in eBPF.
+/// redirect: Istio-style sidecar traffic redirection in eBPF, with inbound traffic delivered
+/// to the application at its original pod-IP destination.
+///
+/// Enroll a pod (its cgroup v2 directory and network namespace) and its proxy's traffic is
+/// redirected as Istio's iptables rules would do, with no iptables rule, no NAT and no
+/// conntrack. Every command needs root except `--help`.
 #[derive(Debug, Parser)]
-#[command(version, about, long_about = None)]
+#[command(version, about, long_about)]
 struct Cli {
+    /// bpffs directory holding the pinned programs, maps and links.
+    #[arg(long, global = true, env = "REDIRECT_PIN_ROOT", default_value = datapath::DEFAULT_PIN_ROOT)]
+    pin_root: PathBuf,
+    /// Directory holding one record per enrolled pod, and the lock.
+    #[arg(long, global = true, env = "REDIRECT_STATE_DIR", default_value = state::DEFAULT_STATE_DIR)]
+    state_dir: PathBuf,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Redirect a pod's traffic through its proxy. Enrolling an enrolled name again updates the
+    /// pod in place; established connections are not touched.
+    ///
+    /// Example:
+    ///   redirect-agent enroll --name web-0 --cgroup /sys/fs/cgroup/kubepods/pod1234
+    ///     --netns /var/run/netns/web-0 --pod-ip 198.18.0.10 --pod-ip 2001:db8::10
+    ///     --port-policy 9000=localhost --exclude-outbound-cidrs 198.18.100.0/24
+    Enroll(EnrollArgs),
+    /// Remove exactly one pod's redirection; the pod behaves as if redirect had never been there.
+    Unenroll {
+        /// Name given at enroll.
+        #[arg(long)]
+        name: String,
+    },
+    /// List enrolled pods.
+    List {
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        output: Format,
+    },
+    /// Show per-pod counters: what the datapath did with each connection.
+    Stats {
+        /// Only this pod.
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        output: Format,
+    },
+    /// Check the kernel features the datapath needs.
+    Probe(redirect_agent::probe::ProbeArgs),
     /// Find listeners that the pod-IP delivery change affects.
     Detect(redirect_agent::detect::DetectArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct EnrollArgs {
+    /// Name of the pod in redirect (1-63 characters of [A-Za-z0-9._-]).
+    #[arg(long)]
+    name: String,
+    /// The pod's cgroup v2 directory; every process below it is the pod.
+    #[arg(long)]
+    cgroup: PathBuf,
+    /// The pod's network namespace file (/var/run/netns/NAME or /proc/PID/ns/net).
+    #[arg(long)]
+    netns: PathBuf,
+    /// An address of the pod (repeat for IPv4 and IPv6); it must be assigned in the namespace.
+    #[arg(long = "pod-ip", required = true)]
+    pod_ips: Vec<IpAddr>,
+    /// The proxy's uid: its connections are the proxy's, all others the application's.
+    #[arg(long, default_value_t = 1337)]
+    proxy_uid: u32,
+    /// Where inbound traffic ends: passthrough = POD_IP:P from 127.0.0.6 (Istio >= 1.10),
+    /// localhost = 127.0.0.1:P (Istio < 1.10).
+    #[arg(long, value_enum, default_value_t = Policy::Passthrough)]
+    inbound_policy: Policy,
+    /// A per-port override of --inbound-policy, PORT=passthrough|localhost (repeatable).
+    #[arg(long = "port-policy", value_parser = spec::parse_port_policy)]
+    port_policies: Vec<(u16, Policy)>,
+    /// Inbound ports never captured, comma-separated (15008,15020,15021,15090 always are).
+    #[arg(long, value_parser = spec::parse_port_list, default_value = "")]
+    exclude_inbound_ports: Vec<u16>,
+    /// Outbound ports never captured, comma-separated.
+    #[arg(long, value_parser = spec::parse_port_list, default_value = "")]
+    exclude_outbound_ports: Vec<u16>,
+    /// Outbound destinations never captured, comma-separated CIDRs (IPv4 and IPv6).
+    #[arg(long, value_parser = spec::parse_cidr_list, default_value = "")]
+    exclude_outbound_cidrs: Vec<spec::Cidr>,
+    /// The proxy's inbound listener port.
+    #[arg(long, value_parser = spec::parse_port, default_value = "15006")]
+    proxy_inbound_port: u16,
+    /// The proxy's outbound listener port.
+    #[arg(long, value_parser = spec::parse_port, default_value = "15001")]
+    proxy_outbound_port: u16,
 }
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let cli = Cli::parse();
-    let result = match &cli.command {
-        Command::Detect(args) => redirect_agent::detect::run(args),
-    };
-    match result {
+    match run(&cli) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
     }
+}
+
+fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
+    match &cli.command {
+        Command::Enroll(args) => enroll(cli, args),
+        Command::Unenroll { name } => {
+            pod::require_root()?;
+            let store = StateStore::open(&cli.state_dir)?;
+            let rec = pod::unenroll(&store, &cli.pin_root, name)?;
+            println!("unenrolled {} (cgroup {})", rec.name, rec.cgroup.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::List { output } => {
+            let pods = state::list_records(&cli.state_dir)?;
+            match output {
+                Format::Json => println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "pods": pods }))?),
+                Format::Table => {
+                    let rows: Vec<Vec<String>> = pods
+                        .iter()
+                        .map(|p| {
+                            vec![
+                                p.name.clone(),
+                                p.pod_ips.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(","),
+                                format!("{:?}", p.inbound_policy).to_lowercase(),
+                                p.proxy_uid.to_string(),
+                                p.cgroup.display().to_string(),
+                                p.netns.display().to_string(),
+                            ]
+                        })
+                        .collect();
+                    print_table(&["NAME", "POD IPS", "POLICY", "PROXY UID", "CGROUP", "NETNS"], &rows);
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Stats { name, output } => stats_cmd(cli, name.as_deref(), *output),
+        Command::Probe(args) => redirect_agent::probe::run(args),
+        Command::Detect(args) => redirect_agent::detect::run(args),
+    }
+}
+
+fn enroll(cli: &Cli, a: &EnrollArgs) -> anyhow::Result<ExitCode> {
+    pod::require_root()?;
+    let spec = spec::PodSpec {
+        name: a.name.clone(),
+        cgroup: a.cgroup.clone(),
+        netns: a.netns.clone(),
+        pod_ips: a.pod_ips.clone(),
+        proxy_uid: a.proxy_uid,
+        inbound_policy: a.inbound_policy,
+        port_policies: spec::port_policies(&a.port_policies)?,
+        exclude_inbound_ports: a.exclude_inbound_ports.clone(),
+        exclude_outbound_ports: a.exclude_outbound_ports.clone(),
+        exclude_outbound_cidrs: a.exclude_outbound_cidrs.clone(),
+        proxy_inbound_port: a.proxy_inbound_port,
+        proxy_outbound_port: a.proxy_outbound_port,
+    };
+    spec.check()?;
+    let store = StateStore::open(&cli.state_dir)?;
+    let done = pod::enroll(&store, &cli.pin_root, &spec)?;
+    let verb = if done.updated { "updated" } else { "enrolled" };
+    let listener = match done.adopted_listeners {
+        0 => "proxy not listening yet: it is captured as soon as it listens".to_owned(),
+        n => format!("adopted {n} running proxy listener(s)"),
+    };
+    println!("{verb} {} (slot {}); {listener}", done.record.name, done.record.slot);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn stats_cmd(cli: &Cli, name: Option<&str>, output: Format) -> anyhow::Result<ExitCode> {
+    pod::require_root()?;
+    let mut pods = state::list_records(&cli.state_dir)?;
+    if let Some(name) = name {
+        pods.retain(|p| p.name == name);
+        anyhow::ensure!(!pods.is_empty(), "no such enrolled pod: {name}");
+    }
+    let mut rows = Vec::new();
+    if !pods.is_empty() {
+        let mut dp = Datapath::open(&cli.pin_root).context("opening the datapath")?;
+        for p in &pods {
+            rows.push((p.name.clone(), stats::pod_counters(&mut dp, p.slot)?));
+        }
+    }
+    match output {
+        Format::Json => {
+            let pods: Vec<_> = rows
+                .iter()
+                .map(|(n, c)| serde_json::json!({ "name": n, "counters": c }))
+                .collect();
+            println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "pods": pods }))?);
+        }
+        Format::Table => {
+            let mut header = vec!["NAME"];
+            header.extend(redirect_common::Counter::ALL.iter().map(|c| c.name()));
+            let table: Vec<Vec<String>> = rows
+                .iter()
+                .map(|(n, c)| {
+                    let mut r = vec![n.clone()];
+                    r.extend(redirect_common::Counter::ALL.iter().map(|k| c[k.name()].to_string()));
+                    r
+                })
+                .collect();
+            print_table(&header, &table);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
