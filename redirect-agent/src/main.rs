@@ -92,13 +92,13 @@ struct EnrollArgs {
     #[arg(long = "port-policy", value_parser = spec::parse_port_policy)]
     port_policies: Vec<(u16, Policy)>,
     /// Inbound ports never captured, comma-separated (15008,15020,15021,15090 always are).
-    #[arg(long, value_parser = spec::parse_port_list, default_value = "")]
+    #[arg(long, value_delimiter = ',', value_parser = spec::parse_port)]
     exclude_inbound_ports: Vec<u16>,
     /// Outbound ports never captured, comma-separated.
-    #[arg(long, value_parser = spec::parse_port_list, default_value = "")]
+    #[arg(long, value_delimiter = ',', value_parser = spec::parse_port)]
     exclude_outbound_ports: Vec<u16>,
     /// Outbound destinations never captured, comma-separated CIDRs (IPv4 and IPv6).
-    #[arg(long, value_parser = spec::parse_cidr_list, default_value = "")]
+    #[arg(long, value_delimiter = ',')]
     exclude_outbound_cidrs: Vec<spec::Cidr>,
     /// The proxy's inbound listener port.
     #[arg(long, value_parser = spec::parse_port, default_value = "15006")]

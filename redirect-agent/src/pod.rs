@@ -131,7 +131,16 @@ pub fn enroll(store: &StateStore, pin_root: &Path, spec: &PodSpec) -> Result<Enr
         added_lo6: existing.as_ref().is_some_and(|o| o.added_lo6),
     };
 
-    let mut dp = Datapath::open(pin_root)?;
+    let mut dp = match Datapath::open(pin_root) {
+        Ok(dp) => dp,
+        Err(e) => {
+            // A node with no pods keeps no pins, even after a failed first enroll.
+            if others.is_empty() && existing.is_none() {
+                let _ = Datapath::remove_shared_pins(pin_root);
+            }
+            return Err(e.into());
+        }
+    };
     let result = apply(&mut dp, store, existing.as_ref(), record);
     if result.is_err() {
         // Put back exactly what was there: the old pod, or nothing.

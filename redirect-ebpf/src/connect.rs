@@ -207,7 +207,7 @@ fn read_dst(sa: *mut bpf_sock_addr, family: u16) -> Addr {
         if family == AF_INET {
             Addr::v4((*sa).user_ip4)
         } else {
-            Addr::v6([(*sa).user_ip6[0], (*sa).user_ip6[1], (*sa).user_ip6[2], (*sa).user_ip6[3]])
+            Addr::v6(crate::load_ip6!(sa, bpf_sock_addr, user_ip6))
         }
     }
 }
@@ -218,11 +218,7 @@ fn write_dst(sa: *mut bpf_sock_addr, addr: Addr, port: u16) {
         if addr.family == AF_INET {
             (*sa).user_ip4 = addr.words[0];
         } else {
-            // The verifier only accepts 4-byte stores into user_ip6.
-            (*sa).user_ip6[0] = addr.words[0];
-            (*sa).user_ip6[1] = addr.words[1];
-            (*sa).user_ip6[2] = addr.words[2];
-            (*sa).user_ip6[3] = addr.words[3];
+            crate::store_ip6!(sa, bpf_sock_addr, user_ip6, addr.words);
         }
         (*sa).user_port = port.to_be() as u32;
     }
@@ -236,7 +232,7 @@ fn bound_src(sa: *mut bpf_sock_addr, family: u16) -> Addr {
         if family == AF_INET {
             Addr::v4((*sk).src_ip4)
         } else {
-            Addr::v6([(*sk).src_ip6[0], (*sk).src_ip6[1], (*sk).src_ip6[2], (*sk).src_ip6[3]])
+            Addr::v6(crate::load_ip6!(sk, aya_ebpf::bindings::bpf_sock, src_ip6))
         }
     }
 }

@@ -2,10 +2,13 @@
 //! lookups in [`pod`]; one loaded object serves every enrolled pod.
 #![no_std]
 #![no_main]
+// BPF inline assembly, for context accesses the verifier accepts (see `ctx`).
+#![feature(asm_experimental_arch)]
 
 mod addr;
 mod bind;
 mod connect;
+mod ctx;
 mod maps;
 mod pod;
 mod sk_lookup;

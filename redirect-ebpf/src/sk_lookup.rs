@@ -8,7 +8,7 @@
 //! 5.9 (`BPF_PROG_TYPE_SK_LOOKUP`).
 
 use aya_ebpf::{
-    bindings::{sk_action::SK_DROP, sk_action::SK_PASS},
+    bindings::{bpf_sk_lookup, sk_action::SK_DROP, sk_action::SK_PASS},
     macros::sk_lookup,
     programs::SkLookupContext,
 };
@@ -38,9 +38,9 @@ fn on_lookup(ctx: &SkLookupContext) -> u32 {
         if family == AF_INET as u32 {
             (Addr::v4((*l).local_ip4), Addr::v4((*l).remote_ip4))
         } else {
-            let lo = (*l).local_ip6;
-            let re = (*l).remote_ip6;
-            (Addr::v6([lo[0], lo[1], lo[2], lo[3]]), Addr::v6([re[0], re[1], re[2], re[3]]))
+            let lo = crate::load_ip6!(l, bpf_sk_lookup, local_ip6);
+            let re = crate::load_ip6!(l, bpf_sk_lookup, remote_ip6);
+            (Addr::v6(lo), Addr::v6(re))
         }
     };
     let Some(slot) = pod_of_addr(&local) else { return SK_PASS };

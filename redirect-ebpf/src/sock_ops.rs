@@ -8,7 +8,7 @@
 use aya_ebpf::{
     bindings::{
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
-        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_SOCK_OPS_TCP_LISTEN_CB, BPF_TCP_CLOSE, BPF_TCP_SYN_SENT,
+        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_SOCK_OPS_TCP_LISTEN_CB, BPF_TCP_CLOSE, BPF_TCP_SYN_SENT, bpf_sock_ops,
     },
     helpers::bpf_get_socket_cookie,
     macros::sock_ops,
@@ -103,7 +103,10 @@ fn tuple(ctx: &SockOpsContext) -> SockTuple {
     let (src, dst) = if family == AF_INET as u32 {
         ([ctx.local_ip4(), 0, 0, 0], [ctx.remote_ip4(), 0, 0, 0])
     } else {
-        (ctx.local_ip6(), ctx.remote_ip6())
+        (
+            crate::load_ip6!(ctx.ops, bpf_sock_ops, local_ip6),
+            crate::load_ip6!(ctx.ops, bpf_sock_ops, remote_ip6),
+        )
     };
     SockTuple {
         src,

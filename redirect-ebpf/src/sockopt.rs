@@ -88,12 +88,13 @@ fn endpoints(sk: *mut bpf_sock, family: u16) -> (Addr, u16, Addr, u16) {
         let (local, peer) = if family == AF_INET {
             (Addr::v4((*sk).src_ip4), Addr::v4((*sk).dst_ip4))
         } else {
-            let s = (*sk).src_ip6;
-            let d = (*sk).dst_ip6;
-            (Addr::v6([s[0], s[1], s[2], s[3]]), Addr::v6([d[0], d[1], d[2], d[3]]))
+            let s = crate::load_ip6!(sk, bpf_sock, src_ip6);
+            let d = crate::load_ip6!(sk, bpf_sock, dst_ip6);
+            (Addr::v6(s), Addr::v6(d))
         };
         // dst_port is read as the 4-byte field older kernels define; the port is its low half.
-        let dst_port = core::ptr::read_volatile(core::ptr::addr_of!((*sk).dst_port) as *const u32);
+        const DST_PORT: usize = core::mem::offset_of!(bpf_sock, dst_port);
+        let dst_port = crate::ctx::load_u32::<DST_PORT>(sk as *const _);
         (local, (*sk).src_port as u16, peer, u16::from_be(dst_port as u16))
     }
 }
