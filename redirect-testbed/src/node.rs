@@ -213,6 +213,16 @@ impl Node {
         &self.inner.netns_path
     }
 
+    /// The run id shared by the names of this node and its pods (`rdt-<run>-...`).
+    pub fn run_id(&self) -> &str {
+        &self.inner.id
+    }
+
+    /// Index of the node's subnet pair (lock file `/run/redirect-testbed/subnets/<index>`).
+    pub fn subnet_index(&self) -> u16 {
+        self.inner.subnet.index
+    }
+
     /// The node namespace's name (`rdt-<run>-node`).
     pub fn name(&self) -> &str {
         &self.inner.name

@@ -216,7 +216,9 @@ fn exchange(
                 server,
                 local: Some(local),
             },
-            io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe => Outcome::Reset {
+            io::ErrorKind::ConnectionReset
+            | io::ErrorKind::BrokenPipe
+            | io::ErrorKind::NotConnected => Outcome::Reset {
                 server,
                 local: Some(local),
             },
@@ -233,11 +235,18 @@ fn exchange(
     let _ = stream.set_write_timeout(Some(remaining()));
     // Half-close after the payload: the echo server then knows it has everything, answers,
     // and closes, so EOF marks a complete answer without any framing.
+    // A peer that already closed or reset makes these fail (EPIPE, ENOTCONN); what the read
+    // side then returns tells which of the two it was, so only a timeout ends the probe here.
     if let Err(e) = stream
         .write_all(payload)
         .and_then(|()| stream.shutdown(Shutdown::Write))
     {
-        return classify(&e, &[]);
+        if matches!(
+            e.kind(),
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+        ) {
+            return classify(&e, &[]);
+        }
     }
     let mut received = Vec::new();
     let mut buf = [0u8; 16 * 1024];

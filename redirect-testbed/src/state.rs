@@ -114,10 +114,10 @@ pub(crate) fn create_node_dir() -> Result<(String, PathBuf)> {
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
         // Short ids keep netns names readable: pid, per-process counter, two random digits.
         let id = format!(
-            "{}{}{}",
+            "{}{}{:0>2}",
             base36(u64::from(std::process::id())),
             base36(u64::from(n)),
-            format!("{:0>2}", base36(random_u64() % (36 * 36))),
+            base36(random_u64() % (36 * 36)),
         );
         let dir = nodes_dir().join(&id);
         match fs::create_dir(&dir) {
