@@ -78,7 +78,11 @@ pub fn obj_pin(fd: &OwnedFd, path: &Path) -> io::Result<()> {
 ///
 /// # Minimum kernel version
 /// 5.7 for cgroup links, 5.9 for sk_lookup (netns) links.
-pub fn link_create(prog: &OwnedFd, target: &impl AsRawFd, attach: AttachType) -> io::Result<OwnedFd> {
+pub fn link_create(
+    prog: &OwnedFd,
+    target: &impl AsRawFd,
+    attach: AttachType,
+) -> io::Result<OwnedFd> {
     let mut attr = Attr([0; 128]);
     put_u32(&mut attr, 0, prog.as_raw_fd() as u32);
     put_u32(&mut attr, 4, target.as_raw_fd() as u32);

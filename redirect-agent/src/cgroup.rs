@@ -25,7 +25,10 @@ pub enum CgroupError {
 /// Checks that `path` is a cgroup v2 directory and returns its id (the inode number, which is
 /// what `bpf_get_current_cgroup_id` returns for it).
 pub fn cgroup_id(path: &Path) -> Result<u64, CgroupError> {
-    let io = |source| CgroupError::Io { path: path.to_owned(), source };
+    let io = |source| CgroupError::Io {
+        path: path.to_owned(),
+        source,
+    };
     let meta = std::fs::metadata(path).map_err(io)?;
     if !meta.is_dir() {
         return Err(CgroupError::NotCgroup(path.to_owned()));

@@ -6,20 +6,17 @@
 //! `pods/<name>/<program>` one link per hook of an enrolled pod.
 
 use std::{
-    fs,
-    io,
+    fs, io,
     path::{Path, PathBuf},
 };
 
+use crate::bpf_sys::{self, AttachType};
 use aya::{
     maps::{lpm_trie::LpmTrie, Array, HashMap, MapData, PerCpuArray, SockHash},
     programs::{CgroupSockAddr, CgroupSockopt, ProgramError, SkLookup, SockOps},
     Ebpf, EbpfLoader,
 };
-use crate::bpf_sys::{self, AttachType};
-use redirect_common::{
-    AddrKey, CidrKey4, CidrKey6, ListenerKey, PodConfig, PortKey, MAX_PODS,
-};
+use redirect_common::{AddrKey, CidrKey4, CidrKey6, ListenerKey, PodConfig, PortKey, MAX_PODS};
 
 /// The compiled kernel programs, built by build.rs from `redirect-ebpf`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/redirect"));
@@ -90,10 +87,17 @@ pub enum DatapathError {
     Load(#[from] aya::EbpfError),
     /// The kernel refused a program; the verifier log says why.
     #[error("cannot load program {program}: {detail}")]
-    Program { program: &'static str, detail: String },
+    Program {
+        program: &'static str,
+        detail: String,
+    },
     /// Attaching a program to the pod's cgroup or netns failed.
     #[error("cannot attach {program} to {target}: {source}")]
-    Attach { program: &'static str, target: PathBuf, source: io::Error },
+    Attach {
+        program: &'static str,
+        target: PathBuf,
+        source: io::Error,
+    },
     /// Pinning a link or program failed.
     #[error("cannot pin {path}: {detail}")]
     Pin { path: PathBuf, detail: String },
@@ -103,7 +107,10 @@ pub enum DatapathError {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> DatapathError + '_ {
-    move |source| DatapathError::Io { path: path.to_owned(), source }
+    move |source| DatapathError::Io {
+        path: path.to_owned(),
+        source,
+    }
 }
 
 /// The pin root in use.
@@ -119,8 +126,10 @@ pub fn ensure_bpffs(root: &Path) -> Result<(), DatapathError> {
     const BPF_FS_MAGIC: i64 = 0xcafe4a11;
     let parent = root.parent().unwrap_or(Path::new("/sys/fs/bpf"));
     fs::create_dir_all(parent).map_err(io_err(parent))?;
-    let st = nix::sys::statfs::statfs(parent)
-        .map_err(|e| DatapathError::Io { path: parent.to_owned(), source: e.into() })?;
+    let st = nix::sys::statfs::statfs(parent).map_err(|e| DatapathError::Io {
+        path: parent.to_owned(),
+        source: e.into(),
+    })?;
     if st.filesystem_type().0 as i64 != BPF_FS_MAGIC {
         nix::mount::mount(
             Some("bpf"),
@@ -129,7 +138,10 @@ pub fn ensure_bpffs(root: &Path) -> Result<(), DatapathError> {
             nix::mount::MsFlags::empty(),
             None::<&str>,
         )
-        .map_err(|e| DatapathError::Mount { path: parent.to_owned(), source: e.into() })?;
+        .map_err(|e| DatapathError::Mount {
+            path: parent.to_owned(),
+            source: e.into(),
+        })?;
     }
     fs::create_dir_all(root).map_err(io_err(root))?;
     Ok(())
@@ -149,8 +161,13 @@ impl Datapath {
         let progs_dir = root.join("progs");
         fs::create_dir_all(&maps_dir).map_err(io_err(&maps_dir))?;
         fs::create_dir_all(&progs_dir).map_err(io_err(&progs_dir))?;
-        let ebpf = EbpfLoader::new().default_map_pin_directory(&maps_dir).load(OBJECT)?;
-        let mut dp = Datapath { root: root.to_owned(), ebpf };
+        let ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&maps_dir)
+            .load(OBJECT)?;
+        let mut dp = Datapath {
+            root: root.to_owned(),
+            ebpf,
+        };
         for hook in Hook::ALL {
             dp.ensure_program(hook)?;
         }
@@ -175,28 +192,46 @@ impl Datapath {
         let prog = self
             .ebpf
             .program_mut(name)
-            .ok_or_else(|| DatapathError::Program { program: name, detail: "not in object".into() })?;
-        let load_err = |e: ProgramError| DatapathError::Program { program: name, detail: verifier_detail(e) };
+            .ok_or_else(|| DatapathError::Program {
+                program: name,
+                detail: "not in object".into(),
+            })?;
+        let load_err = |e: ProgramError| DatapathError::Program {
+            program: name,
+            detail: verifier_detail(e),
+        };
         match hook {
             Hook::Connect4 | Hook::Connect6 | Hook::Bind4 | Hook::Bind6 => {
                 let p: &mut CgroupSockAddr = prog.try_into().map_err(load_err)?;
                 p.load().map_err(load_err)?;
-                p.pin(&pin).map_err(|e| DatapathError::Pin { path: pin.clone(), detail: e.to_string() })?;
+                p.pin(&pin).map_err(|e| DatapathError::Pin {
+                    path: pin.clone(),
+                    detail: e.to_string(),
+                })?;
             }
             Hook::SockOps => {
                 let p: &mut SockOps = prog.try_into().map_err(load_err)?;
                 p.load().map_err(load_err)?;
-                p.pin(&pin).map_err(|e| DatapathError::Pin { path: pin.clone(), detail: e.to_string() })?;
+                p.pin(&pin).map_err(|e| DatapathError::Pin {
+                    path: pin.clone(),
+                    detail: e.to_string(),
+                })?;
             }
             Hook::GetSockopt => {
                 let p: &mut CgroupSockopt = prog.try_into().map_err(load_err)?;
                 p.load().map_err(load_err)?;
-                p.pin(&pin).map_err(|e| DatapathError::Pin { path: pin.clone(), detail: e.to_string() })?;
+                p.pin(&pin).map_err(|e| DatapathError::Pin {
+                    path: pin.clone(),
+                    detail: e.to_string(),
+                })?;
             }
             Hook::SkLookup => {
                 let p: &mut SkLookup = prog.try_into().map_err(load_err)?;
                 p.load().map_err(load_err)?;
-                p.pin(&pin).map_err(|e| DatapathError::Pin { path: pin.clone(), detail: e.to_string() })?;
+                p.pin(&pin).map_err(|e| DatapathError::Pin {
+                    path: pin.clone(),
+                    detail: e.to_string(),
+                })?;
             }
         }
         Ok(())
@@ -207,18 +242,26 @@ impl Datapath {
     /// removing the pin detaches it.
     pub fn attach(&self, hook: Hook, target: &Path, link_pin: &Path) -> Result<(), DatapathError> {
         let program = hook.program();
-        let attach_err = |source| DatapathError::Attach { program, target: target.to_owned(), source };
+        let attach_err = |source| DatapathError::Attach {
+            program,
+            target: target.to_owned(),
+            source,
+        };
         let prog = bpf_sys::obj_get(&self.prog_pin(hook)).map_err(attach_err)?;
         let target_file = fs::File::open(target).map_err(io_err(target))?;
-        let link = bpf_sys::link_create(&prog, &target_file, hook.attach_type()).map_err(attach_err)?;
-        bpf_sys::obj_pin(&link, link_pin)
-            .map_err(|e| DatapathError::Pin { path: link_pin.to_owned(), detail: e.to_string() })
+        let link =
+            bpf_sys::link_create(&prog, &target_file, hook.attach_type()).map_err(attach_err)?;
+        bpf_sys::obj_pin(&link, link_pin).map_err(|e| DatapathError::Pin {
+            path: link_pin.to_owned(),
+            detail: e.to_string(),
+        })
     }
 
     fn map_data(&mut self, name: &'static str) -> Result<&mut aya::maps::Map, DatapathError> {
-        self.ebpf
-            .map_mut(name)
-            .ok_or_else(|| DatapathError::Map { name, detail: "not in object".into() })
+        self.ebpf.map_mut(name).ok_or_else(|| DatapathError::Map {
+            name,
+            detail: "not in object".into(),
+        })
     }
 
     pub fn pods(&mut self) -> Result<Array<&mut MapData, PodConfig>, DatapathError> {
@@ -277,13 +320,19 @@ impl Datapath {
 const _: () = assert!(MAX_PODS > 0);
 
 fn map_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> DatapathError {
-    move |e| DatapathError::Map { name, detail: e.to_string() }
+    move |e| DatapathError::Map {
+        name,
+        detail: e.to_string(),
+    }
 }
 
 /// The verifier log's last lines, where the reason for a rejection is.
 fn verifier_detail(e: ProgramError) -> String {
     match e {
-        ProgramError::LoadError { io_error, verifier_log } => {
+        ProgramError::LoadError {
+            io_error,
+            verifier_log,
+        } => {
             let log = verifier_log.to_string();
             let tail: Vec<&str> = log.lines().rev().take(12).collect();
             let tail: Vec<&str> = tail.into_iter().rev().collect();

@@ -13,5 +13,5 @@ pub mod output;
 pub mod pod;
 pub mod probe;
 pub mod spec;
-pub mod stats;
 pub mod state;
+pub mod stats;

@@ -6,8 +6,7 @@
 //! 5.6 (`pidfd_getfd`).
 
 use std::{
-    fs,
-    io,
+    fs, io,
     os::fd::{FromRawFd as _, OwnedFd},
 };
 
@@ -27,13 +26,19 @@ fn listening_on(port: u16) -> Vec<Listening> {
     let mut out = Vec::new();
     for (file, family) in [("tcp", AF_INET), ("tcp6", AF_INET6)] {
         // thread-self: /proc/self/net follows the thread group leader, not this setns'd thread.
-        let Ok(text) = fs::read_to_string(format!("/proc/thread-self/net/{file}")) else { continue };
+        let Ok(text) = fs::read_to_string(format!("/proc/thread-self/net/{file}")) else {
+            continue;
+        };
         for line in text.lines().skip(1) {
             let f: Vec<&str> = line.split_whitespace().collect();
             if f.len() < 10 || f[3] != "0A" {
                 continue;
             }
-            let Some(p) = f[1].rsplit(':').next().and_then(|p| u16::from_str_radix(p, 16).ok()) else {
+            let Some(p) = f[1]
+                .rsplit(':')
+                .next()
+                .and_then(|p| u16::from_str_radix(p, 16).ok())
+            else {
                 continue;
             };
             if p == port {
@@ -59,7 +64,9 @@ fn owner(pids: &[u32], uid: u32, inode: u64) -> Option<(u32, i32)> {
         if real_uid != Some(uid) {
             continue;
         }
-        let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else { continue };
+        let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else {
+            continue;
+        };
         for fd in fds.flatten() {
             if fs::read_link(fd.path()).is_ok_and(|l| l.as_os_str() == target.as_str()) {
                 if let Some(n) = fd.file_name().to_str().and_then(|n| n.parse().ok()) {
@@ -103,10 +110,16 @@ pub fn adopt(dp: &mut Datapath, rec: &PodRecord) -> io::Result<usize> {
     let mut adopted = 0;
     let mut map = dp.listeners().map_err(io::Error::other)?;
     for s in sockets {
-        let Some((pid, fd)) = owner(&pids, rec.proxy_uid, s.inode) else { continue };
+        let Some((pid, fd)) = owner(&pids, rec.proxy_uid, s.inode) else {
+            continue;
+        };
         let sock = pidfd_getfd(pid, fd)?;
-        let key = ListenerKey { slot: rec.slot, family: s.family as u32 };
-        map.insert(key, std::os::fd::AsRawFd::as_raw_fd(&sock), 0).map_err(io::Error::other)?;
+        let key = ListenerKey {
+            slot: rec.slot,
+            family: s.family as u32,
+        };
+        map.insert(key, std::os::fd::AsRawFd::as_raw_fd(&sock), 0)
+            .map_err(io::Error::other)?;
         adopted += 1;
     }
     Ok(adopted)

@@ -133,14 +133,21 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
         Command::List { output } => {
             let pods = state::list_records(&cli.state_dir)?;
             match output {
-                Format::Json => println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "pods": pods }))?),
+                Format::Json => println!(
+                    "{}",
+                    serde_json::to_string_pretty(&serde_json::json!({ "pods": pods }))?
+                ),
                 Format::Table => {
                     let rows: Vec<Vec<String>> = pods
                         .iter()
                         .map(|p| {
                             vec![
                                 p.name.clone(),
-                                p.pod_ips.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(","),
+                                p.pod_ips
+                                    .iter()
+                                    .map(|i| i.to_string())
+                                    .collect::<Vec<_>>()
+                                    .join(","),
                                 format!("{:?}", p.inbound_policy).to_lowercase(),
                                 p.proxy_uid.to_string(),
                                 p.cgroup.display().to_string(),
@@ -148,7 +155,10 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
                             ]
                         })
                         .collect();
-                    print_table(&["NAME", "POD IPS", "POLICY", "PROXY UID", "CGROUP", "NETNS"], &rows);
+                    print_table(
+                        &["NAME", "POD IPS", "POLICY", "PROXY UID", "CGROUP", "NETNS"],
+                        &rows,
+                    );
                 }
             }
             Ok(ExitCode::SUCCESS)
@@ -183,7 +193,10 @@ fn enroll(cli: &Cli, a: &EnrollArgs) -> anyhow::Result<ExitCode> {
         0 => "proxy not listening yet: it is captured as soon as it listens".to_owned(),
         n => format!("adopted {n} running proxy listener(s)"),
     };
-    println!("{verb} {} (slot {}); {listener}", done.record.name, done.record.slot);
+    println!(
+        "{verb} {} (slot {}); {listener}",
+        done.record.name, done.record.slot
+    );
     Ok(ExitCode::SUCCESS)
 }
 
@@ -207,7 +220,10 @@ fn stats_cmd(cli: &Cli, name: Option<&str>, output: Format) -> anyhow::Result<Ex
                 .iter()
                 .map(|(n, c)| serde_json::json!({ "name": n, "counters": c }))
                 .collect();
-            println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "pods": pods }))?);
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&serde_json::json!({ "pods": pods }))?
+            );
         }
         Format::Table => {
             let mut header = vec!["NAME"];
@@ -216,7 +232,11 @@ fn stats_cmd(cli: &Cli, name: Option<&str>, output: Format) -> anyhow::Result<Ex
                 .iter()
                 .map(|(n, c)| {
                     let mut r = vec![n.clone()];
-                    r.extend(redirect_common::Counter::ALL.iter().map(|k| c[k.name()].to_string()));
+                    r.extend(
+                        redirect_common::Counter::ALL
+                            .iter()
+                            .map(|k| c[k.name()].to_string()),
+                    );
                     r
                 })
                 .collect();

@@ -23,7 +23,10 @@ pub enum NetnsError {
 
 /// Opens a network namespace file (`/proc/PID/ns/net`, `/var/run/netns/NAME`).
 pub fn open(path: &Path) -> Result<File, NetnsError> {
-    File::open(path).map_err(|source| NetnsError::Open { path: path.to_owned(), source })
+    File::open(path).map_err(|source| NetnsError::Open {
+        path: path.to_owned(),
+        source,
+    })
 }
 
 /// Runs `f` on a new thread that has joined the network namespace `ns`.
@@ -35,7 +38,10 @@ pub fn run_in<T: Send>(
     std::thread::scope(|s| {
         s.spawn(|| {
             nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| {
-                NetnsError::Enter { path: path.to_owned(), source: io::Error::from(e) }
+                NetnsError::Enter {
+                    path: path.to_owned(),
+                    source: io::Error::from(e),
+                }
             })?;
             Ok(f())
         })

@@ -2,8 +2,7 @@
 
 use std::{
     collections::BTreeSet,
-    fs,
-    io,
+    fs, io,
     net::IpAddr,
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
@@ -90,26 +89,40 @@ pub fn enroll(store: &StateStore, pin_root: &Path, spec: &PodSpec) -> Result<Enr
     check_ips_assigned(&spec.netns, &spec.pod_ips)?;
 
     let existing = store.get(&spec.name)?;
-    let others: Vec<PodRecord> =
-        store.list()?.into_iter().filter(|r| r.name != spec.name).collect();
+    let others: Vec<PodRecord> = store
+        .list()?
+        .into_iter()
+        .filter(|r| r.name != spec.name)
+        .collect();
     if let Some(old) = &existing {
         if old.cgroup_id != cgroup_id {
-            return Err(PodError::NameCgroupMismatch { name: old.name.clone(), existing: old.cgroup.clone() });
+            return Err(PodError::NameCgroupMismatch {
+                name: old.name.clone(),
+                existing: old.cgroup.clone(),
+            });
         }
     }
     for other in &others {
         if other.cgroup_id == cgroup_id {
-            return Err(PodError::CgroupInUse { cgroup: spec.cgroup.clone(), other: other.name.clone() });
+            return Err(PodError::CgroupInUse {
+                cgroup: spec.cgroup.clone(),
+                other: other.name.clone(),
+            });
         }
         if let Some(ip) = spec.pod_ips.iter().find(|ip| other.pod_ips.contains(ip)) {
-            return Err(PodError::IpInUse { ip: *ip, other: other.name.clone() });
+            return Err(PodError::IpInUse {
+                ip: *ip,
+                other: other.name.clone(),
+            });
         }
     }
     let slot = match &existing {
         Some(old) => old.slot,
         None => {
             let used: BTreeSet<u32> = others.iter().map(|r| r.slot).collect();
-            (0..MAX_PODS).find(|s| !used.contains(s)).ok_or(PodError::NoSlot)?
+            (0..MAX_PODS)
+                .find(|s| !used.contains(s))
+                .ok_or(PodError::NoSlot)?
         }
     };
     let record = PodRecord {
@@ -124,7 +137,11 @@ pub fn enroll(store: &StateStore, pin_root: &Path, spec: &PodSpec) -> Result<Enr
         port_policies: spec.port_policies.clone(),
         exclude_inbound_ports: spec.exclude_inbound_ports.clone(),
         exclude_outbound_ports: spec.exclude_outbound_ports.clone(),
-        exclude_outbound_cidrs: spec.exclude_outbound_cidrs.iter().map(|c| c.to_string()).collect(),
+        exclude_outbound_cidrs: spec
+            .exclude_outbound_cidrs
+            .iter()
+            .map(|c| c.to_string())
+            .collect(),
         proxy_inbound_port: spec.proxy_inbound_port,
         proxy_outbound_port: spec.proxy_outbound_port,
         slot,
@@ -150,7 +167,10 @@ pub fn enroll(store: &StateStore, pin_root: &Path, spec: &PodSpec) -> Result<Enr
                 let _ = store.put(old);
             }
             None => {
-                let stub = PodRecord { added_lo6: false, ..stub_record(spec, cgroup_id, netns_inode, slot) };
+                let stub = PodRecord {
+                    added_lo6: false,
+                    ..stub_record(spec, cgroup_id, netns_inode, slot)
+                };
                 let _ = teardown(&mut dp, &stub);
                 if store.list().map(|l| l.is_empty()).unwrap_or(false) {
                     drop(dp);
@@ -160,7 +180,11 @@ pub fn enroll(store: &StateStore, pin_root: &Path, spec: &PodSpec) -> Result<Enr
         }
     }
     let (record, adopted_listeners) = result?;
-    Ok(Enrolled { record, updated: existing.is_some(), adopted_listeners })
+    Ok(Enrolled {
+        record,
+        updated: existing.is_some(),
+        adopted_listeners,
+    })
 }
 
 fn stub_record(spec: &PodSpec, cgroup_id: u64, netns_inode: u64, slot: u32) -> PodRecord {
@@ -176,7 +200,11 @@ fn stub_record(spec: &PodSpec, cgroup_id: u64, netns_inode: u64, slot: u32) -> P
         port_policies: spec.port_policies.clone(),
         exclude_inbound_ports: spec.exclude_inbound_ports.clone(),
         exclude_outbound_ports: spec.exclude_outbound_ports.clone(),
-        exclude_outbound_cidrs: spec.exclude_outbound_cidrs.iter().map(|c| c.to_string()).collect(),
+        exclude_outbound_cidrs: spec
+            .exclude_outbound_cidrs
+            .iter()
+            .map(|c| c.to_string())
+            .collect(),
         proxy_inbound_port: spec.proxy_inbound_port,
         proxy_outbound_port: spec.proxy_outbound_port,
         slot,
@@ -200,17 +228,27 @@ fn apply(
     // Record first: if attaching fails half-way, the rollback finds the record to undo.
     store.put(&record)?;
     let dir = dp.root().join("pods").join(&record.name);
-    fs::create_dir_all(&dir).map_err(|source| DatapathError::Io { path: dir.clone(), source })?;
+    fs::create_dir_all(&dir).map_err(|source| DatapathError::Io {
+        path: dir.clone(),
+        source,
+    })?;
     for hook in Hook::ALL {
         let pin = dir.join(hook.program());
         if pin.exists() {
             continue; // Re-enrolment: the pod keeps its links, only its maps rows change.
         }
-        let target = if hook == Hook::SkLookup { &record.netns } else { &record.cgroup };
+        let target = if hook == Hook::SkLookup {
+            &record.netns
+        } else {
+            &record.cgroup
+        };
         dp.attach(hook, target, &pin)?;
     }
     let adopted = listener::adopt(dp, &record).unwrap_or_else(|e| {
-        log::warn!("pod {}: could not adopt the running proxy's listener: {e}", record.name);
+        log::warn!(
+            "pod {}: could not adopt the running proxy's listener: {e}",
+            record.name
+        );
         0
     });
     Ok((record, adopted))
@@ -218,7 +256,12 @@ fn apply(
 
 /// Writes the pod's rows. With `old`, rows the new record no longer has are removed, and the
 /// pod stays visible throughout (its established connections are not touched).
-fn write_maps(dp: &mut Datapath, old: Option<&PodRecord>, rec: &PodRecord, fresh: bool) -> Result<(), PodError> {
+fn write_maps(
+    dp: &mut Datapath,
+    old: Option<&PodRecord>,
+    rec: &PodRecord,
+    fresh: bool,
+) -> Result<(), PodError> {
     let slot = rec.slot;
     // Rows the hooks consult after finding the pod go first; the pod becomes findable last.
     let new_rules = port_rules(rec);
@@ -226,12 +269,26 @@ fn write_maps(dp: &mut Datapath, old: Option<&PodRecord>, rec: &PodRecord, fresh
     if let Some(old) = old {
         for (port, _) in port_rules(old) {
             if !new_rules.iter().any(|(p, _)| *p == port) {
-                let _ = rules.remove(&PortKey { slot, port, _pad: 0 });
+                let _ = rules.remove(&PortKey {
+                    slot,
+                    port,
+                    _pad: 0,
+                });
             }
         }
     }
     for (port, bits) in &new_rules {
-        rules.insert(PortKey { slot, port: *port, _pad: 0 }, *bits, 0).map_err(map_err("PORT_RULES"))?;
+        rules
+            .insert(
+                PortKey {
+                    slot,
+                    port: *port,
+                    _pad: 0,
+                },
+                *bits,
+                0,
+            )
+            .map_err(map_err("PORT_RULES"))?;
     }
     let new_cidrs = cidrs(rec);
     if let Some(old) = old {
@@ -253,13 +310,18 @@ fn write_maps(dp: &mut Datapath, old: Option<&PodRecord>, rec: &PodRecord, fresh
         }
     }
     for ip in &rec.pod_ips {
-        addrs.insert(addr_key(*ip), slot, 0).map_err(map_err("POD_ADDRS"))?;
+        addrs
+            .insert(addr_key(*ip), slot, 0)
+            .map_err(map_err("POD_ADDRS"))?;
     }
     let mut pods = dp.pods()?;
-    pods.set(slot, pod_config(rec), 0).map_err(map_err("PODS"))?;
+    pods.set(slot, pod_config(rec), 0)
+        .map_err(map_err("PODS"))?;
     let mut cgroups = dp.pod_cgroups()?;
     if fresh || old.is_some() {
-        cgroups.insert(rec.cgroup_id, slot, 0).map_err(map_err("POD_CGROUPS"))?;
+        cgroups
+            .insert(rec.cgroup_id, slot, 0)
+            .map_err(map_err("POD_CGROUPS"))?;
     }
     Ok(())
 }
@@ -276,7 +338,14 @@ fn teardown(dp: &mut Datapath, rec: &PodRecord) -> Result<(), PodError> {
         let _ = c.remove(&rec.cgroup_id);
     }
     if let Ok(mut pods) = dp.pods() {
-        let _ = pods.set(slot, PodConfig { enrolled: 0, ..zero_config() }, 0);
+        let _ = pods.set(
+            slot,
+            PodConfig {
+                enrolled: 0,
+                ..zero_config()
+            },
+            0,
+        );
     }
     if let Ok(mut addrs) = dp.pod_addrs() {
         for ip in &rec.pod_ips {
@@ -285,7 +354,11 @@ fn teardown(dp: &mut Datapath, rec: &PodRecord) -> Result<(), PodError> {
     }
     if let Ok(mut rules) = dp.port_rules() {
         for (port, _) in port_rules(rec) {
-            let _ = rules.remove(&PortKey { slot, port, _pad: 0 });
+            let _ = rules.remove(&PortKey {
+                slot,
+                port,
+                _pad: 0,
+            });
         }
     }
     for c in cidrs(rec) {
@@ -293,7 +366,10 @@ fn teardown(dp: &mut Datapath, rec: &PodRecord) -> Result<(), PodError> {
     }
     if let Ok(mut l) = dp.listeners() {
         for family in [AF_INET, AF_INET6] {
-            let _ = l.remove(&ListenerKey { slot, family: family as u32 });
+            let _ = l.remove(&ListenerKey {
+                slot,
+                family: family as u32,
+            });
         }
     }
     if rec.added_lo6 {
@@ -305,7 +381,9 @@ fn teardown(dp: &mut Datapath, rec: &PodRecord) -> Result<(), PodError> {
 /// Unenrolls a pod: removes exactly its state; the shared programs and maps go with the last pod.
 pub fn unenroll(store: &StateStore, pin_root: &Path, name: &str) -> Result<PodRecord, PodError> {
     require_root()?;
-    let rec = store.get(name)?.ok_or_else(|| PodError::Unknown(name.to_owned()))?;
+    let rec = store
+        .get(name)?
+        .ok_or_else(|| PodError::Unknown(name.to_owned()))?;
     let mut dp = Datapath::open(pin_root)?;
     teardown(&mut dp, &rec)?;
     store.remove(name)?;
@@ -317,7 +395,12 @@ pub fn unenroll(store: &StateStore, pin_root: &Path, name: &str) -> Result<PodRe
 }
 
 fn map_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> PodError {
-    move |e| PodError::Datapath(DatapathError::Map { name, detail: e.to_string() })
+    move |e| {
+        PodError::Datapath(DatapathError::Map {
+            name,
+            detail: e.to_string(),
+        })
+    }
 }
 
 fn zero_config() -> PodConfig {
@@ -370,18 +453,26 @@ pub fn addr_words(ip: IpAddr) -> [u32; 4] {
 }
 
 fn words6(b: &[u8; 16]) -> [u32; 4] {
-    std::array::from_fn(|i| u32::from_ne_bytes([b[4 * i], b[4 * i + 1], b[4 * i + 2], b[4 * i + 3]]))
+    std::array::from_fn(|i| {
+        u32::from_ne_bytes([b[4 * i], b[4 * i + 1], b[4 * i + 2], b[4 * i + 3]])
+    })
 }
 
 fn addr_key(ip: IpAddr) -> AddrKey {
     let family = if ip.is_ipv4() { AF_INET } else { AF_INET6 };
-    AddrKey { addr: addr_words(ip), family: family as u32 }
+    AddrKey {
+        addr: addr_words(ip),
+        family: family as u32,
+    }
 }
 
 /// Every port rule of the pod, Istio's default inbound exclusions included.
 fn port_rules(rec: &PodRecord) -> Vec<(u16, u32)> {
     let mut ports: std::collections::BTreeMap<u16, u32> = Default::default();
-    for p in DEFAULT_EXCLUDED_INBOUND_PORTS.iter().chain(&rec.exclude_inbound_ports) {
+    for p in DEFAULT_EXCLUDED_INBOUND_PORTS
+        .iter()
+        .chain(&rec.exclude_inbound_ports)
+    {
         *ports.entry(*p).or_default() |= port_rule::EXCLUDE_INBOUND;
     }
     for p in &rec.exclude_outbound_ports {
@@ -398,22 +489,41 @@ fn port_rules(rec: &PodRecord) -> Vec<(u16, u32)> {
 }
 
 fn cidrs(rec: &PodRecord) -> Vec<Cidr> {
-    rec.exclude_outbound_cidrs.iter().filter_map(|c| c.parse().ok()).collect()
+    rec.exclude_outbound_cidrs
+        .iter()
+        .filter_map(|c| c.parse().ok())
+        .collect()
 }
 
 fn cidr_key4(slot: u32, c: &Cidr) -> aya::maps::lpm_trie::Key<CidrKey4> {
-    aya::maps::lpm_trie::Key::new(32 + c.len as u32, CidrKey4 { slot_be: slot.to_be(), addr: addr_words(c.addr)[0] })
+    aya::maps::lpm_trie::Key::new(
+        32 + c.len as u32,
+        CidrKey4 {
+            slot_be: slot.to_be(),
+            addr: addr_words(c.addr)[0],
+        },
+    )
 }
 
 fn cidr_key6(slot: u32, c: &Cidr) -> aya::maps::lpm_trie::Key<CidrKey6> {
-    aya::maps::lpm_trie::Key::new(32 + c.len as u32, CidrKey6 { slot_be: slot.to_be(), addr: addr_words(c.addr) })
+    aya::maps::lpm_trie::Key::new(
+        32 + c.len as u32,
+        CidrKey6 {
+            slot_be: slot.to_be(),
+            addr: addr_words(c.addr),
+        },
+    )
 }
 
 fn insert_cidr(dp: &mut Datapath, slot: u32, c: &Cidr) -> Result<(), PodError> {
     if c.addr.is_ipv4() {
-        dp.cidr4()?.insert(&cidr_key4(slot, c), 1, 0).map_err(map_err("CIDR4"))
+        dp.cidr4()?
+            .insert(&cidr_key4(slot, c), 1, 0)
+            .map_err(map_err("CIDR4"))
     } else {
-        dp.cidr6()?.insert(&cidr_key6(slot, c), 1, 0).map_err(map_err("CIDR6"))
+        dp.cidr6()?
+            .insert(&cidr_key6(slot, c), 1, 0)
+            .map_err(map_err("CIDR6"))
     }
 }
 
@@ -428,11 +538,18 @@ fn remove_cidr(dp: &mut Datapath, slot: u32, c: &Cidr) {
 }
 
 fn zero_counters(dp: &mut Datapath, slot: u32) -> Result<(), PodError> {
-    let ncpu = aya::util::nr_cpus().map_err(|(_, e)| PodError::Datapath(DatapathError::Io { path: "/sys/devices/system/cpu/possible".into(), source: e }))?;
+    let ncpu = aya::util::nr_cpus().map_err(|(_, e)| {
+        PodError::Datapath(DatapathError::Io {
+            path: "/sys/devices/system/cpu/possible".into(),
+            source: e,
+        })
+    })?;
     let mut counters = dp.counters()?;
     for c in Counter::ALL {
         let zeros = PerCpuValues::try_from(vec![0u64; ncpu]).expect("one value per CPU");
-        counters.set(c.index(slot), zeros, 0).map_err(map_err("COUNTERS"))?;
+        counters
+            .set(c.index(slot), zeros, 0)
+            .map_err(map_err("COUNTERS"))?;
     }
     debug_assert_eq!(Counter::ALL.len() as u32, COUNTERS_PER_POD);
     Ok(())
@@ -442,8 +559,10 @@ fn zero_counters(dp: &mut Datapath, slot: u32) -> Result<(), PodError> {
 fn check_netns(path: &Path) -> Result<u64, PodError> {
     const NSFS_MAGIC: i64 = 0x6e73_6673;
     let file = netns::open(path)?;
-    let st = nix::sys::statfs::fstatfs(&file)
-        .map_err(|e| netns::NetnsError::Open { path: path.to_owned(), source: e.into() })?;
+    let st = nix::sys::statfs::fstatfs(&file).map_err(|e| netns::NetnsError::Open {
+        path: path.to_owned(),
+        source: e.into(),
+    })?;
     if st.filesystem_type().0 as i64 != NSFS_MAGIC {
         return Err(PodError::NotNetns(path.to_owned()));
     }
@@ -468,7 +587,10 @@ fn check_ips_assigned(path: &Path, ips: &[IpAddr]) -> Result<(), PodError> {
             .unwrap_or_default()
     })?;
     match ips.iter().find(|ip| !assigned.contains(ip)) {
-        Some(ip) => Err(PodError::IpNotInNetns { ip: *ip, netns: path.to_owned() }),
+        Some(ip) => Err(PodError::IpNotInNetns {
+            ip: *ip,
+            netns: path.to_owned(),
+        }),
         None => Ok(()),
     }
 }
@@ -481,11 +603,16 @@ fn add_passthrough_src6(netns_path: &Path) -> Result<bool, PodError> {
             .args(["-6", "addr", "add", "::6/128", "dev", "lo", "nodad"])
             .output()
     })?;
-    let prep = |detail: String| PodError::Prepare { netns: netns_path.to_owned(), detail };
+    let prep = |detail: String| PodError::Prepare {
+        netns: netns_path.to_owned(),
+        detail,
+    };
     let out = out.map_err(|e| prep(format!("running ip: {e}")))?;
     if out.status.success() {
         let _ = netns::run_at(netns_path, || {
-            std::process::Command::new("ip").args(["link", "set", "lo", "up"]).status()
+            std::process::Command::new("ip")
+                .args(["link", "set", "lo", "up"])
+                .status()
         });
         return Ok(true);
     }
@@ -493,12 +620,17 @@ fn add_passthrough_src6(netns_path: &Path) -> Result<bool, PodError> {
     if err.contains("File exists") {
         return Ok(false); // Someone else's ::6: leave it to them.
     }
-    Err(prep(format!("ip -6 addr add ::6/128 dev lo: {}", err.trim())))
+    Err(prep(format!(
+        "ip -6 addr add ::6/128 dev lo: {}",
+        err.trim()
+    )))
 }
 
 fn remove_passthrough_src6(netns_path: &Path) -> io::Result<()> {
     netns::run_at(netns_path, || {
-        std::process::Command::new("ip").args(["-6", "addr", "del", "::6/128", "dev", "lo"]).status()
+        std::process::Command::new("ip")
+            .args(["-6", "addr", "del", "::6/128", "dev", "lo"])
+            .status()
     })
     .map_err(io::Error::other)?
     .map(drop)

@@ -15,14 +15,19 @@ impl FromStr for Cidr {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         let (a, l) = s.split_once('/').unwrap_or((s, ""));
-        let addr: IpAddr = a.trim().parse().map_err(|_| format!("invalid CIDR {s:?}: bad address"))?;
+        let addr: IpAddr = a
+            .trim()
+            .parse()
+            .map_err(|_| format!("invalid CIDR {s:?}: bad address"))?;
         let max = if addr.is_ipv4() { 32 } else { 128 };
         let len = if l.is_empty() {
             max
         } else {
-            l.trim().parse::<u8>().ok().filter(|l| *l <= max).ok_or_else(|| {
-                format!("invalid CIDR {s:?}: prefix length must be 0..={max}")
-            })?
+            l.trim()
+                .parse::<u8>()
+                .ok()
+                .filter(|l| *l <= max)
+                .ok_or_else(|| format!("invalid CIDR {s:?}: prefix length must be 0..={max}"))?
         };
         Ok(Cidr { addr, len })
     }
@@ -44,12 +49,18 @@ pub fn parse_port(s: &str) -> Result<u16, String> {
 
 /// A comma-separated list of ports (`15020,8080`); empty items are ignored.
 pub fn parse_port_list(s: &str) -> Result<Vec<u16>, String> {
-    s.split(',').filter(|p| !p.trim().is_empty()).map(parse_port).collect()
+    s.split(',')
+        .filter(|p| !p.trim().is_empty())
+        .map(parse_port)
+        .collect()
 }
 
 /// A comma-separated list of CIDRs.
 pub fn parse_cidr_list(s: &str) -> Result<Vec<Cidr>, String> {
-    s.split(',').filter(|p| !p.trim().is_empty()).map(Cidr::from_str).collect()
+    s.split(',')
+        .filter(|p| !p.trim().is_empty())
+        .map(Cidr::from_str)
+        .collect()
 }
 
 /// `PORT=passthrough|localhost`.
@@ -61,7 +72,11 @@ pub fn parse_port_policy(s: &str) -> Result<(u16, Policy), String> {
     let policy = match pol.trim() {
         "passthrough" => Policy::Passthrough,
         "localhost" => Policy::Localhost,
-        other => return Err(format!("invalid policy {other:?} for port {port}: expected passthrough or localhost")),
+        other => {
+            return Err(format!(
+                "invalid policy {other:?} for port {port}: expected passthrough or localhost"
+            ))
+        }
     };
     Ok((port, policy))
 }
@@ -103,7 +118,9 @@ pub fn check_name(name: &str) -> Result<(), SpecError> {
     let ok = !name.is_empty()
         && name.len() < 64
         && !name.starts_with('.')
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
     if ok {
         Ok(())
     } else {
@@ -155,7 +172,10 @@ mod tests {
 
     #[test]
     fn cidrs() {
-        assert_eq!(parse_cidr_list("10.0.0.0/8,2001:db8::/32").unwrap().len(), 2);
+        assert_eq!(
+            parse_cidr_list("10.0.0.0/8,2001:db8::/32").unwrap().len(),
+            2
+        );
         assert_eq!("198.18.0.1".parse::<Cidr>().unwrap().len, 32);
         assert!("10.0.0.0/33".parse::<Cidr>().is_err());
         assert!("2001:db8::/129".parse::<Cidr>().is_err());
@@ -163,7 +183,10 @@ mod tests {
 
     #[test]
     fn policies() {
-        assert_eq!(parse_port_policy("80=localhost").unwrap(), (80, Policy::Localhost));
+        assert_eq!(
+            parse_port_policy("80=localhost").unwrap(),
+            (80, Policy::Localhost)
+        );
         assert!(parse_port_policy("80=other").is_err());
         assert_eq!(
             port_policies(&[(80, Policy::Localhost), (80, Policy::Passthrough)]),

@@ -47,7 +47,10 @@ pub struct PodRecord {
 impl PodRecord {
     /// The policy that applies to inbound port `port`: the per-port override or the pod's.
     pub fn policy_for(&self, port: u16) -> Policy {
-        self.port_policies.get(&port).copied().unwrap_or(self.inbound_policy)
+        self.port_policies
+            .get(&port)
+            .copied()
+            .unwrap_or(self.inbound_policy)
     }
 }
 
@@ -55,9 +58,15 @@ impl PodRecord {
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path}: corrupt pod record: {source}")]
-    Corrupt { path: PathBuf, source: serde_json::Error },
+    Corrupt {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
 }
 
 /// The directory of pod records, with a lock that serialises every command that changes
@@ -94,9 +103,15 @@ impl StateStore {
             .map_err(io(&lock_path))?;
         // SAFETY: flock on an fd we own.
         if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) } != 0 {
-            return Err(StateError::Io { path: lock_path, source: std::io::Error::last_os_error() });
+            return Err(StateError::Io {
+                path: lock_path,
+                source: std::io::Error::last_os_error(),
+            });
         }
-        Ok(StateStore { dir: dir.to_owned(), _lock: lock })
+        Ok(StateStore {
+            dir: dir.to_owned(),
+            _lock: lock,
+        })
     }
 
     fn path(&self, name: &str) -> PathBuf {
@@ -117,7 +132,10 @@ impl StateStore {
         let path = self.path(&rec.name);
         let tmp = path.with_extension("json.tmp");
         let data = serde_json::to_vec_pretty(rec).expect("PodRecord serializes");
-        std::fs::write(&tmp, data).map_err(|source| StateError::Io { path: tmp.clone(), source })?;
+        std::fs::write(&tmp, data).map_err(|source| StateError::Io {
+            path: tmp.clone(),
+            source,
+        })?;
         std::fs::rename(&tmp, &path).map_err(|source| StateError::Io { path, source })
     }
 
@@ -135,9 +153,15 @@ fn read_record(path: &std::path::Path) -> Result<Option<PodRecord>, StateError> 
     match std::fs::read(path) {
         Ok(data) => serde_json::from_slice(&data)
             .map(Some)
-            .map_err(|source| StateError::Corrupt { path: path.to_owned(), source }),
+            .map_err(|source| StateError::Corrupt {
+                path: path.to_owned(),
+                source,
+            }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(source) => Err(StateError::Io { path: path.to_owned(), source }),
+        Err(source) => Err(StateError::Io {
+            path: path.to_owned(),
+            source,
+        }),
     }
 }
 

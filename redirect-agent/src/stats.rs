@@ -7,13 +7,19 @@ use redirect_common::Counter;
 use crate::datapath::{Datapath, DatapathError};
 
 /// Every counter of the pod in `slot`, by name.
-pub fn pod_counters(dp: &mut Datapath, slot: u32) -> Result<BTreeMap<&'static str, u64>, DatapathError> {
+pub fn pod_counters(
+    dp: &mut Datapath,
+    slot: u32,
+) -> Result<BTreeMap<&'static str, u64>, DatapathError> {
     let counters = dp.counters()?;
     let mut out = BTreeMap::new();
     for c in Counter::ALL {
         let values = counters
             .get(&c.index(slot), 0)
-            .map_err(|e| DatapathError::Map { name: "COUNTERS", detail: e.to_string() })?;
+            .map_err(|e| DatapathError::Map {
+                name: "COUNTERS",
+                detail: e.to_string(),
+            })?;
         out.insert(c.name(), values.iter().sum());
     }
     Ok(out)

@@ -15,12 +15,18 @@ const PASSTHROUGH6_LAST: u32 = u32::from_be(6); // ::6
 impl Addr {
     #[inline(always)]
     pub fn v4(ip: u32) -> Self {
-        Addr { words: [ip, 0, 0, 0], family: AF_INET }
+        Addr {
+            words: [ip, 0, 0, 0],
+            family: AF_INET,
+        }
     }
 
     #[inline(always)]
     pub fn v6(words: [u32; 4]) -> Self {
-        Addr { words, family: AF_INET6 }
+        Addr {
+            words,
+            family: AF_INET6,
+        }
     }
 
     /// 127.0.0.0/8, ::1 and ::ffff:127.0.0.0/104.

@@ -39,11 +39,16 @@ fn on_bind(ctx: &SockAddrContext, family: u16) {
         return;
     }
     let port = u16::from_be(unsafe { (*sa).user_port } as u16);
-    let Some((slot, cfg)) = current_pod() else { return };
+    let Some((slot, cfg)) = current_pod() else {
+        return;
+    };
     if port != cfg.proxy_inbound_port || bpf_get_current_uid_gid() as u32 != cfg.proxy_uid {
         return;
     }
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let key = ListenerKey { slot, family: family as u32 };
+    let key = ListenerKey {
+        slot,
+        family: family as u32,
+    };
     let _ = LISTENER_TAGS.insert(&cookie, &key, 0);
 }

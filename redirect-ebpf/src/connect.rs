@@ -47,7 +47,9 @@ fn on_connect(ctx: &SockAddrContext, family: u16) {
     if unsafe { (*sa).type_ } != SOCK_STREAM {
         return;
     }
-    let Some((slot, cfg)) = current_pod() else { return };
+    let Some((slot, cfg)) = current_pod() else {
+        return;
+    };
     let dst = read_dst(sa, family);
     let port = u16::from_be(unsafe { (*sa).user_port } as u16);
     let uid = bpf_get_current_uid_gid() as u32;
@@ -104,7 +106,9 @@ fn proxy_connect(ctx: &SockAddrContext, slot: u32, cfg: &PodConfig, dst: Addr, p
     // the pod's policy, not the proxy's configuration, decides where it ends.
     match delivery(cfg, rule) {
         Delivery::Passthrough => {
-            let Some(pod_ip) = pod_addr(cfg, dst.family) else { return };
+            let Some(pod_ip) = pod_addr(cfg, dst.family) else {
+                return;
+            };
             if to_loopback {
                 if bound.is_unspecified() && !bind_passthrough_src(ctx, dst.family) {
                     return;
@@ -138,7 +142,13 @@ fn remember(ctx: &SockAddrContext, slot: u32, dst: Addr, port: u16, kind: ConnKi
 #[inline(always)]
 fn remember_quiet(ctx: &SockAddrContext, slot: u32, dst: Addr, port: u16, kind: ConnKind) -> bool {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let orig = OrigDst { addr: dst.words, port, family: dst.family, slot, kind: kind as u32 };
+    let orig = OrigDst {
+        addr: dst.words,
+        port,
+        family: dst.family,
+        slot,
+        kind: kind as u32,
+    };
     PENDING.insert(&cookie, &orig, 0).is_ok()
 }
 
@@ -146,10 +156,22 @@ fn remember_quiet(ctx: &SockAddrContext, slot: u32, dst: Addr, port: u16, kind: 
 fn cidr_excluded(slot: u32, dst: &Addr) -> bool {
     let slot_be = slot.to_be();
     if dst.family == AF_INET {
-        let key = aya_ebpf::maps::lpm_trie::Key::new(64, CidrKey4 { slot_be, addr: dst.words[0] });
+        let key = aya_ebpf::maps::lpm_trie::Key::new(
+            64,
+            CidrKey4 {
+                slot_be,
+                addr: dst.words[0],
+            },
+        );
         CIDR4.get(&key).is_some()
     } else {
-        let key = aya_ebpf::maps::lpm_trie::Key::new(160, CidrKey6 { slot_be, addr: dst.words });
+        let key = aya_ebpf::maps::lpm_trie::Key::new(
+            160,
+            CidrKey6 {
+                slot_be,
+                addr: dst.words,
+            },
+        );
         CIDR6.get(&key).is_some()
     }
 }

@@ -55,14 +55,21 @@ pub fn config(slot: u32) -> Option<(u32, &'static PodConfig)> {
 /// The pod that owns `addr`, if any.
 #[inline(always)]
 pub fn pod_of_addr(addr: &Addr) -> Option<u32> {
-    let key = AddrKey { addr: addr.words, family: addr.family as u32 };
+    let key = AddrKey {
+        addr: addr.words,
+        family: addr.family as u32,
+    };
     unsafe { POD_ADDRS.get(&key) }.copied()
 }
 
 /// The port's rule bits for a pod, 0 when it has none.
 #[inline(always)]
 pub fn port_rule(slot: u32, port: u16) -> u32 {
-    let key = PortKey { slot, port, _pad: 0 };
+    let key = PortKey {
+        slot,
+        port,
+        _pad: 0,
+    };
     unsafe { PORT_RULES.get(&key) }.copied().unwrap_or(0)
 }
 

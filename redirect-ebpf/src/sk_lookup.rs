@@ -43,8 +43,12 @@ fn on_lookup(ctx: &SkLookupContext) -> u32 {
             (Addr::v6(lo), Addr::v6(re))
         }
     };
-    let Some(slot) = pod_of_addr(&local) else { return SK_PASS };
-    let Some((slot, cfg)) = config(slot) else { return SK_PASS };
+    let Some(slot) = pod_of_addr(&local) else {
+        return SK_PASS;
+    };
+    let Some((slot, cfg)) = config(slot) else {
+        return SK_PASS;
+    };
     let port = port as u16;
     if is_proxy_port(cfg, port) {
         return SK_PASS;
@@ -65,7 +69,10 @@ fn on_lookup(ctx: &SkLookupContext) -> u32 {
     }
     // An IPv4 request can go to a dual-stack IPv6 listener.
     if family == AF_INET as u32 {
-        let key = ListenerKey { slot, family: AF_INET6 as u32 };
+        let key = ListenerKey {
+            slot,
+            family: AF_INET6 as u32,
+        };
         if LISTENERS.redirect_sk_lookup(ctx, key, 0).is_ok() {
             count(slot, Counter::InboundCaptured);
             return SK_PASS;

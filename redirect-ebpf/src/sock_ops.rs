@@ -7,8 +7,9 @@
 
 use aya_ebpf::{
     bindings::{
-        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
-        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_SOCK_OPS_TCP_LISTEN_CB, BPF_TCP_CLOSE, BPF_TCP_SYN_SENT, bpf_sock_ops,
+        bpf_sock_ops, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
+        BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_SOCK_OPS_TCP_LISTEN_CB,
+        BPF_TCP_CLOSE, BPF_TCP_SYN_SENT,
     },
     helpers::bpf_get_socket_cookie,
     macros::sock_ops,
@@ -44,10 +45,15 @@ fn cookie(ctx: &SockOpsContext) -> u64 {
 #[inline(always)]
 fn on_listen(ctx: &SockOpsContext) {
     let cookie = cookie(ctx);
-    let Some(key) = (unsafe { LISTENER_TAGS.get(&cookie) }).copied() else { return };
+    let Some(key) = (unsafe { LISTENER_TAGS.get(&cookie) }).copied() else {
+        return;
+    };
     let _ = LISTENER_TAGS.remove(&cookie);
     let mut key = key;
-    if LISTENERS.update(&mut key, unsafe { &mut *ctx.ops }, 0).is_ok() {
+    if LISTENERS
+        .update(&mut key, unsafe { &mut *ctx.ops }, 0)
+        .is_ok()
+    {
         count(key.slot, Counter::ListenerRegistered);
     } else {
         count(key.slot, Counter::MapFull);
@@ -68,7 +74,9 @@ fn on_connect(ctx: &SockOpsContext) {
 #[inline(always)]
 fn on_established(ctx: &SockOpsContext) {
     let cookie = cookie(ctx);
-    let Some(orig) = (unsafe { PENDING.get(&cookie) }).copied() else { return };
+    let Some(orig) = (unsafe { PENDING.get(&cookie) }).copied() else {
+        return;
+    };
     let _ = PENDING.remove(&cookie);
     if orig.kind == ConnKind::Delivery as u32 {
         // Deliveries need no bookkeeping once connected; stop the per-state callbacks.

@@ -5,9 +5,7 @@
 //! 5.3 (`BPF_PROG_TYPE_CGROUP_SOCKOPT`).
 
 use aya_ebpf::{
-    bindings::bpf_sock,
-    helpers::bpf_get_current_uid_gid,
-    macros::cgroup_sockopt,
+    bindings::bpf_sock, helpers::bpf_get_current_uid_gid, macros::cgroup_sockopt,
     programs::SockoptContext,
 };
 use redirect_common::{Counter, OrigDst, SockTuple, AF_INET, AF_INET6};
@@ -66,7 +64,9 @@ fn on_getsockopt(ctx: &SockoptContext) {
         }
         return;
     };
-    let Some((slot, cfg)) = config(slot) else { return };
+    let Some((slot, cfg)) = config(slot) else {
+        return;
+    };
     if bpf_get_current_uid_gid() as u32 != cfg.proxy_uid {
         return;
     }
@@ -75,7 +75,13 @@ fn on_getsockopt(ctx: &SockoptContext) {
         count(slot, Counter::OrigDstMiss);
         return;
     }
-    let orig = OrigDst { addr: local.words, port: local_port, family, slot, kind: 0 };
+    let orig = OrigDst {
+        addr: local.words,
+        port: local_port,
+        family,
+        slot,
+        kind: 0,
+    };
     if answer(ctx, &orig) {
         count(slot, Counter::OrigDstLocal);
     }
@@ -95,7 +101,12 @@ fn endpoints(sk: *mut bpf_sock, family: u16) -> (Addr, u16, Addr, u16) {
         // dst_port is read as the 4-byte field older kernels define; the port is its low half.
         const DST_PORT: usize = core::mem::offset_of!(bpf_sock, dst_port);
         let dst_port = crate::ctx::load_u32::<DST_PORT>(sk as *const _);
-        (local, (*sk).src_port as u16, peer, u16::from_be(dst_port as u16))
+        (
+            local,
+            (*sk).src_port as u16,
+            peer,
+            u16::from_be(dst_port as u16),
+        )
     }
 }
 
