@@ -341,3 +341,59 @@ fn verifier_detail(e: ProgramError) -> String {
         other => other.to_string(),
     }
 }
+
+/// Loads every program of the datapath into the kernel, as `Datapath::open` would, without
+/// pinning or attaching anything: the shared maps are created under a private bpffs instance
+/// mounted on a temporary directory and detached before returning, so nothing outlives the call.
+/// The most faithful probe of a kernel: the verifier judges the real programs.
+///
+/// Returns one entry per hook program, `Err` holding the reason (the verifier log's tail).
+pub fn verify_programs() -> Vec<(&'static str, Result<(), String>)> {
+    static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let all = |msg: String| {
+        Hook::ALL
+            .iter()
+            .map(|h| (h.program(), Err(msg.clone())))
+            .collect()
+    };
+    let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("redirect-verify-{}-{seq}", std::process::id()));
+    if let Err(e) = fs::create_dir_all(&dir) {
+        return all(format!("{}: {e}", dir.display()));
+    }
+    if let Err(e) = nix::mount::mount(
+        Some("bpf"),
+        &dir,
+        Some("bpf"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    ) {
+        let _ = fs::remove_dir(&dir);
+        return all(format!("cannot mount a private bpffs at {}: {e}", dir.display()));
+    }
+    let result = match EbpfLoader::new().default_map_pin_directory(&dir).load(OBJECT) {
+        Ok(mut ebpf) => Hook::ALL
+            .iter()
+            .map(|&hook| (hook.program(), load_unpinned(&mut ebpf, hook)))
+            .collect(),
+        Err(e) => all(format!("cannot load the datapath object: {e}")),
+    };
+    let _ = nix::mount::umount2(&dir, nix::mount::MntFlags::MNT_DETACH);
+    let _ = fs::remove_dir(&dir);
+    result
+}
+
+fn load_unpinned(ebpf: &mut Ebpf, hook: Hook) -> Result<(), String> {
+    let prog = ebpf
+        .program_mut(hook.program())
+        .ok_or_else(|| "not in object".to_string())?;
+    let r = match hook {
+        Hook::Connect4 | Hook::Connect6 | Hook::Bind4 | Hook::Bind6 => {
+            <&mut CgroupSockAddr>::try_from(prog).and_then(|p| p.load())
+        }
+        Hook::SockOps => <&mut SockOps>::try_from(prog).and_then(|p| p.load()),
+        Hook::GetSockopt => <&mut CgroupSockopt>::try_from(prog).and_then(|p| p.load()),
+        Hook::SkLookup => <&mut SkLookup>::try_from(prog).and_then(|p| p.load()),
+    };
+    r.map_err(verifier_detail)
+}
