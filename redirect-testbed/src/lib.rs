@@ -37,6 +37,20 @@ pub fn bin_path(name: &str) -> PathBuf {
     dir.join(name)
 }
 
+/// The `redirect-testbed` binary: `$REDIRECT_TESTBED_BIN`, else [`bin_path`]. Other crates'
+/// tests need it built first (`cargo build -p redirect-testbed`).
+pub fn testbed_bin() -> anyhow::Result<PathBuf> {
+    let p = std::env::var_os("REDIRECT_TESTBED_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| bin_path("redirect-testbed"));
+    anyhow::ensure!(
+        p.exists(),
+        "{} not found: build it with `cargo build -p redirect-testbed` or set REDIRECT_TESTBED_BIN",
+        p.display()
+    );
+    Ok(p)
+}
+
 /// Whether this process may build pods; tests call it to skip (or, under `CI=true`, fail)
 /// when not root.
 pub fn require_root(test: &str) -> bool {

@@ -6,6 +6,8 @@ use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use redirect_testbed::{echo, probe, proxy};
 
+mod demo;
+
 #[derive(Parser)]
 #[command(about = "Stand-ins for the application, the sidecar proxy and a client")]
 struct Cli {
@@ -51,6 +53,8 @@ enum Cmd {
         #[arg(long, value_parser = parse_bind)]
         bind: Option<SocketAddr>,
     },
+    /// The conformance matrix end to end on this machine: pods, proxy, `redirect-agent` (root).
+    Demo,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -124,5 +128,6 @@ fn main() -> Result<()> {
             println!("{}", serde_json::to_string(&outcome)?);
             Ok(())
         }
+        Cmd::Demo => demo::run(),
     }
 }

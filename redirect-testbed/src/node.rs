@@ -5,7 +5,7 @@ use std::{
     collections::HashSet,
     ffi::CString,
     fs::{self, File},
-    io::{self, Write as _},
+    io::{self, BufRead as _, Write as _},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     os::{
         fd::AsRawFd as _,
@@ -13,7 +13,7 @@ use std::{
     },
     path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Stdio},
-    sync::{Arc, Mutex, Once},
+    sync::{mpsc, Arc, Mutex, Once},
     time::{Duration, Instant},
 };
 
@@ -424,7 +424,11 @@ impl Pod {
             .spawn()
             .with_context(|| format!("spawning {program} in pod {}", self.name))?;
         drop(ns);
-        Ok(PodProcess { child, program })
+        Ok(PodProcess {
+            child,
+            program,
+            stdout_lines: None,
+        })
     }
 
     /// Runs `f` on a thread that joined the pod's netns (not its cgroup). A panic in `f`
@@ -459,6 +463,40 @@ impl Pod {
         Ok(())
     }
 
+    /// Runs the `redirect-testbed connect` client as `uid` in the pod's netns *and cgroup*,
+    /// so cgroup-attached programs see it as the pod's application (a thread from
+    /// [`Pod::in_netns`] stays in the caller's cgroup).
+    pub fn connect_as(
+        &self,
+        uid: u32,
+        to: SocketAddr,
+        payload: &[u8],
+        timeout: Duration,
+    ) -> Result<crate::Outcome> {
+        let mut cmd = Command::new(crate::testbed_bin()?);
+        cmd.arg("connect")
+            .arg("--to")
+            .arg(to.to_string())
+            .arg("--payload")
+            .arg(std::ffi::OsStr::from_bytes(payload))
+            .arg("--timeout-ms")
+            .arg(timeout.as_millis().to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut p = self.spawn(uid, cmd)?;
+        let child = &mut p.child;
+        let mut out = String::new();
+        io::Read::read_to_string(child.stdout.as_mut().expect("piped"), &mut out)?;
+        let status = child.wait()?;
+        let mut err = String::new();
+        let _ = io::Read::read_to_string(child.stderr.as_mut().expect("piped"), &mut err);
+        if !status.success() {
+            anyhow::bail!("connect in {} failed ({status}): {}", self.name, err.trim());
+        }
+        serde_json::from_str(out.trim()).with_context(|| format!("connect printed {out:?}"))
+    }
+
     /// Name of the node netns the pod is attached to.
     pub fn node_name(&self) -> &str {
         &self.teardown.node.name
@@ -469,6 +507,7 @@ impl Pod {
 pub struct PodProcess {
     child: Child,
     program: String,
+    stdout_lines: Option<mpsc::Receiver<String>>,
 }
 
 impl PodProcess {
@@ -504,6 +543,51 @@ impl PodProcess {
                 );
             }
             std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Waits for a line of the process's stdout that contains `needle` (the `listening` and
+    /// `ready` lines of `echo` and `proxy`) and returns it. stdout must be piped; lines before
+    /// the match are consumed.
+    pub fn wait_for_line(&mut self, needle: &str, timeout: Duration) -> Result<String> {
+        if self.stdout_lines.is_none() {
+            let out = self
+                .child
+                .stdout
+                .take()
+                .context("stdout is not piped (Command::stdout(Stdio::piped()))")?;
+            let (tx, rx) = mpsc::channel();
+            std::thread::spawn(move || {
+                for line in io::BufReader::new(out).lines() {
+                    let Ok(line) = line else { break };
+                    if tx.send(line).is_err() {
+                        break;
+                    }
+                }
+            });
+            self.stdout_lines = Some(rx);
+        }
+        let rx = self.stdout_lines.as_ref().expect("set above");
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) if line.contains(needle) => return Ok(line),
+                Ok(_) => {}
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    anyhow::bail!(
+                        "{} printed no line with {needle:?} in {timeout:?}",
+                        self.program
+                    )
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    let status = self.child.wait()?;
+                    anyhow::bail!(
+                        "{} exited ({status}) without printing {needle:?}",
+                        self.program
+                    )
+                }
+            }
         }
     }
 

@@ -628,3 +628,58 @@ fn sweep_removes_what_a_killed_run_left() {
     redirect_testbed::sweep_stale();
     assert_gone(&f);
 }
+
+#[test]
+fn echo_modes_readiness_and_connect_as() {
+    if !require_root("echo_modes_readiness_and_connect_as") {
+        return;
+    }
+    let node = Node::new().unwrap();
+    let a = node.add_pod("echoer").unwrap();
+    let b = node.add_pod("caller").unwrap();
+    let mut cmd = Command::new(bin());
+    cmd.args(["echo", "--dual-stack", "--listen", "[::]:18090"])
+        .stdout(Stdio::piped());
+    let mut dual = a.spawn(APP_UID, cmd).unwrap();
+    assert_eq!(
+        dual.wait_for_line("listening", T).unwrap(),
+        "listening [::]:18090"
+    );
+    let mut cmd = Command::new(bin());
+    cmd.args([
+        "echo",
+        "--plain",
+        "--listen",
+        "0.0.0.0:18091",
+        "--listen",
+        "[::]:18092",
+    ])
+    .stdout(Stdio::piped());
+    let mut plain = a.spawn(APP_UID, cmd).unwrap();
+    plain.wait_for_line("listening [::]:18092", T).unwrap();
+
+    // --dual-stack: [::] takes IPv4 too, seen as a v4-mapped address.
+    let o = probe_from(&b, sock(a.ip4, 18090));
+    let mapped: SocketAddr = format!("[::ffff:{}]:18090", a.ip4).parse().unwrap();
+    assert_echoed(&o, mapped, b.ip4.to_ipv6_mapped().into());
+    assert_eq!(o.server().unwrap().peer.port(), o.local().unwrap().port());
+    // Without it [::] is v6-only.
+    assert_eq!(probe_from(&b, sock(a.ip4, 18092)), Outcome::Refused);
+    // --plain: the payload alone comes back, which the client reports as a mismatch.
+    let o = probe_from(&b, sock(a.ip4, 18091));
+    let Outcome::Mismatch {
+        received,
+        server: None,
+        ..
+    } = &o
+    else {
+        panic!("{o:?}")
+    };
+    assert_eq!(received, "ping");
+
+    // The client binary in the pod's cgroup, as the app's uid and as the proxy's.
+    for uid in [APP_UID, PROXY_UID] {
+        let o = b.connect_as(uid, sock(a.ip6, 18090), b"hi", T).unwrap();
+        assert_direct(&o, sock(a.ip6, 18090), b.ip6.into());
+    }
+}
