@@ -2,8 +2,7 @@
 //! original-destination maps in step with the connections they describe.
 //!
 //! # Minimum kernel version
-//! 5.10 (`BPF_SOCK_OPS_TCP_LISTEN_CB` arrived in 5.10... see the probe) — the listener callback;
-//! the other callbacks are older.
+//! 4.19 (`BPF_SOCK_OPS_TCP_LISTEN_CB`); the other callbacks and `bpf_sock_hash_update` are older.
 
 use aya_ebpf::{
     bindings::{
