@@ -205,15 +205,15 @@ pub fn run() -> Result<()> {
         // SAFETY: the handler only stores to an atomic.
         unsafe { sigaction(sig, &handler) }.with_context(|| format!("installing {sig} handler"))?;
     }
-    let all_ok = demo();
-    if INTERRUPTED.load(Ordering::SeqCst) {
-        eprintln!("demo: interrupted; everything it created is removed");
-        std::process::exit(130);
+    match demo() {
+        Ok(true) => Ok(()),
+        Ok(false) => std::process::exit(1),
+        Err(_) if INTERRUPTED.load(Ordering::SeqCst) => {
+            eprintln!("demo: interrupted; everything it created is removed");
+            std::process::exit(130);
+        }
+        Err(e) => Err(e.context("demo failed; everything it created is removed")),
     }
-    if !all_ok? {
-        std::process::exit(1);
-    }
-    Ok(())
 }
 
 fn exe() -> String {
@@ -619,7 +619,13 @@ fn print_matrix(results: &[Vec<(String, bool)>], pod_ips: &[IpAddr; 2]) {
         }
         println!("{line}");
     }
-    println!("✓/✗ = as DESIGN.md expects or not; peer = the source address the application saw");
+    println!("✓/✗ = as DESIGN.md expects or not; peer = the source address the application saw.");
+    println!(
+        "The policy picks where a connection ends, the proxy's config never does: a proxy that"
+    );
+    println!(
+        "dials POD_IP:P under localhost lands at 127.0.0.1:P (from the 127.0.0.6 it bound itself)."
+    );
 }
 
 fn print_counters(counters: &[serde_json::Map<String, serde_json::Value>]) {

@@ -8,6 +8,23 @@
 //! inside namespaces created here; the root namespace is never changed.
 //!
 //! Needs root and Debian's `containernetworking-plugins` (or the plugins in `/opt/cni/bin`).
+//!
+//! ```no_run
+//! use std::{process::Command, time::Duration};
+//! use redirect_testbed::{bin_path, probe, Node, Outcome};
+//!
+//! let node = Node::new()?;
+//! let server = node.add_pod("server")?;
+//! let client = node.add_pod("client")?;
+//! let mut app = Command::new(bin_path("redirect-testbed"));
+//! app.args(["echo", "--listen", &format!("{}:18080", server.ip4)]);
+//! let mut app = server.spawn(1000, app)?;
+//! let addr = (server.ip4, 18080).into();
+//! app.wait_for_listen(addr, Duration::from_secs(5))?;
+//! let outcome = client.in_netns(|| probe(addr, b"ping", Duration::from_secs(2)))?;
+//! assert!(matches!(outcome, Outcome::Echoed { .. }));
+//! # anyhow::Ok(())
+//! ```
 
 mod cgroup;
 pub mod echo;

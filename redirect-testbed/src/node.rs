@@ -67,12 +67,14 @@ impl Drop for NodeInner {
                 eprintln!("redirect-testbed: removing node netns {}: {e:#}", self.name);
             }
         }
+        // Before the run directory goes: while it exists a sweep in another process knows
+        // the run is alive and leaves the lock alone.
+        self.subnet.release();
         if let Err(e) = fs::remove_dir_all(&self.dir) {
             if e.kind() != io::ErrorKind::NotFound {
                 eprintln!("redirect-testbed: removing {}: {e}", self.dir.display());
             }
         }
-        // `subnet` is released after this, once nothing uses its addresses any more.
     }
 }
 

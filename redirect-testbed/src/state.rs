@@ -154,11 +154,21 @@ pub(crate) fn run_alive(id: &str) -> bool {
 pub(crate) struct SubnetLease {
     pub index: u16,
     path: PathBuf,
+    content: String,
+}
+
+impl SubnetLease {
+    /// Removes the lock file, unless a sweep already did and another node took the index.
+    pub fn release(&mut self) {
+        if fs::read_to_string(&self.path).is_ok_and(|c| c == self.content) {
+            let _ = fs::remove_file(&self.path);
+        }
+    }
 }
 
 impl Drop for SubnetLease {
     fn drop(&mut self) {
-        let _ = fs::remove_file(&self.path);
+        self.release();
     }
 }
 
@@ -208,7 +218,11 @@ pub(crate) fn allocate_subnet(run_id: &str) -> Result<SubnetLease> {
         if let Some(mut f) = file {
             f.write_all(content.as_bytes())
                 .with_context(|| format!("writing {}", path.display()))?;
-            return Ok(SubnetLease { index, path });
+            return Ok(SubnetLease {
+                index,
+                path,
+                content,
+            });
         }
     }
     anyhow::bail!("all {SUBNETS} test subnets of 198.18.0.0/15 are held by live nodes")
