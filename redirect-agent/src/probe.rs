@@ -1,7 +1,34 @@
 //! Kernel feature probing: what the datapath needs, present or missing, and the kernel that
 //! brings it.
+//!
+//! Every program type, map type, helper (per program type), attach/link kind and syscall the
+//! datapath uses is checked against the running kernel, the way the kernel itself would judge
+//! it: program and map types with aya's probes, helpers with aya's helper probe (sock_addr
+//! probes use the connect attach type, where `bpf_bind` is allowed), links by really creating
+//! one on a throw-away cgroup or network namespace, and finally every real datapath program is
+//! loaded through the verifier (`datapath::verify_programs`). Only the `TCP_LISTEN` sock_ops
+//! callback is judged by the kernel version (the datapath tests exercise it).
 
-use std::process::ExitCode;
+use std::{
+    fs,
+    os::fd::{FromRawFd as _, OwnedFd},
+    path::PathBuf,
+    process::ExitCode,
+    sync::OnceLock,
+};
+
+use aya::{
+    maps::MapType,
+    programs::ProgramType,
+    sys::{is_helper_supported, is_map_supported, is_program_supported, BpfHelper},
+};
+use serde::Serialize;
+
+use crate::{
+    bpf_sys::{self, AttachType},
+    datapath::{self, Hook},
+    output::{print_table, Format},
+};
 
 /// Arguments of `redirect-agent probe`.
 #[derive(Debug, clap::Args)]
@@ -11,7 +38,524 @@ pub struct ProbeArgs {
     pub output: crate::output::Format,
 }
 
+/// What kind of kernel feature a [`Feature`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    ProgramType,
+    MapType,
+    Helper,
+    Callback,
+    Link,
+    Syscall,
+    /// One of the datapath's own programs, loaded through the verifier.
+    Program,
+}
+
+impl Kind {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Kind::ProgramType => "program type",
+            Kind::MapType => "map type",
+            Kind::Helper => "helper",
+            Kind::Callback => "callback",
+            Kind::Link => "link",
+            Kind::Syscall => "syscall",
+            Kind::Program => "program",
+        }
+    }
+}
+
+/// How a feature is checked.
+#[derive(Debug, Clone, Copy)]
+enum Check {
+    Program(ProgramType),
+    Map(MapType),
+    Helper(ProgramType, BpfHelper),
+    /// Kernel version at least (major, minor).
+    Version(u32, u32),
+    CgroupLink,
+    NetnsLink,
+    PidfdGetfd,
+    Load(Hook),
+}
+
+/// One kernel feature the datapath uses.
+#[derive(Debug, Clone)]
+pub struct Feature {
+    /// Stable identifier, e.g. `sk_lookup`, `bpf_bind/cgroup_sock_addr`, `program/rd_connect4`.
+    pub name: &'static str,
+    pub kind: Kind,
+    /// Mandatory features make `enroll` refuse; optional ones degrade with a warning.
+    pub mandatory: bool,
+    /// The upstream kernel version that brings it.
+    pub since: &'static str,
+    /// What does not work without it.
+    pub impact: &'static str,
+    check: Check,
+}
+
+const fn f(
+    name: &'static str,
+    kind: Kind,
+    mandatory: bool,
+    since: &'static str,
+    impact: &'static str,
+    check: Check,
+) -> Feature {
+    Feature {
+        name,
+        kind,
+        mandatory,
+        since,
+        impact,
+        check,
+    }
+}
+
+const NO_LOAD: &str = "the datapath object does not load: nothing is redirected";
+const SOCK_ADDR: ProgramType = ProgramType::CgroupSockAddr;
+
+/// Every feature the datapath uses, in report order.
+#[rustfmt::skip]
+pub static FEATURES: &[Feature] = &[
+    f("cgroup_sock_addr", Kind::ProgramType, true, "4.17",
+      "no connect4/connect6/bind4/bind6 hooks: neither outbound nor inbound redirection",
+      Check::Program(ProgramType::CgroupSockAddr)),
+    f("sock_ops", Kind::ProgramType, true, "4.13",
+      "the proxy's listener is not registered and original destinations are not recorded",
+      Check::Program(ProgramType::SockOps)),
+    f("cgroup_sockopt", Kind::ProgramType, true, "5.3",
+      "getsockopt(SO_ORIGINAL_DST) does not give the proxy the original destination",
+      Check::Program(ProgramType::CgroupSockopt)),
+    f("sk_lookup", Kind::ProgramType, true, "5.9",
+      "inbound connections cannot be handed to the proxy's listener",
+      Check::Program(ProgramType::SkLookup)),
+    f("hash", Kind::MapType, true, "3.19", NO_LOAD, Check::Map(MapType::Hash)),
+    f("lru_hash", Kind::MapType, true, "4.10", NO_LOAD, Check::Map(MapType::LruHash)),
+    f("array", Kind::MapType, true, "3.19", NO_LOAD, Check::Map(MapType::Array)),
+    f("percpu_array", Kind::MapType, true, "4.6", NO_LOAD, Check::Map(MapType::PerCpuArray)),
+    f("lpm_trie", Kind::MapType, true, "4.11", NO_LOAD, Check::Map(MapType::LpmTrie)),
+    f("sockhash", Kind::MapType, true, "4.18", NO_LOAD, Check::Map(MapType::SockHash)),
+    f("bpf_bind/cgroup_sock_addr", Kind::Helper, true, "4.17",
+      "passthrough delivery cannot bind the source to 127.0.0.6",
+      Check::Helper(SOCK_ADDR, BpfHelper::BPF_FUNC_bind)),
+    f("bpf_get_current_uid_gid/cgroup_sock_addr", Kind::Helper, true, "4.17",
+      "the proxy's own connections cannot be told from the application's",
+      Check::Helper(SOCK_ADDR, BpfHelper::BPF_FUNC_get_current_uid_gid)),
+    f("bpf_get_current_uid_gid/cgroup_sockopt", Kind::Helper, true, "5.3",
+      "SO_ORIGINAL_DST cannot be limited to the proxy",
+      Check::Helper(ProgramType::CgroupSockopt, BpfHelper::BPF_FUNC_get_current_uid_gid)),
+    f("bpf_get_current_cgroup_id/cgroup_sock_addr", Kind::Helper, true, "5.7",
+      "connections cannot be attributed to an enrolled pod",
+      Check::Helper(SOCK_ADDR, BpfHelper::BPF_FUNC_get_current_cgroup_id)),
+    f("bpf_get_current_cgroup_id/cgroup_sockopt", Kind::Helper, true, "5.7",
+      "SO_ORIGINAL_DST cannot be attributed to an enrolled pod",
+      Check::Helper(ProgramType::CgroupSockopt, BpfHelper::BPF_FUNC_get_current_cgroup_id)),
+    f("bpf_get_current_ancestor_cgroup_id/cgroup_sock_addr", Kind::Helper, true, "5.7",
+      "processes in a container cgroup below the pod's are not attributed to the pod",
+      Check::Helper(SOCK_ADDR, BpfHelper::BPF_FUNC_get_current_ancestor_cgroup_id)),
+    f("bpf_get_socket_cookie/cgroup_sock_addr", Kind::Helper, true, "5.0",
+      "redirected connections and the proxy's listener cannot be tagged",
+      Check::Helper(SOCK_ADDR, BpfHelper::BPF_FUNC_get_socket_cookie)),
+    f("bpf_get_socket_cookie/sock_ops", Kind::Helper, true, "5.0",
+      "sock_ops cannot find the tags set at connect/bind",
+      Check::Helper(ProgramType::SockOps, BpfHelper::BPF_FUNC_get_socket_cookie)),
+    f("bpf_sock_hash_update/sock_ops", Kind::Helper, true, "4.18",
+      "the proxy's listener cannot be put into the listener map",
+      Check::Helper(ProgramType::SockOps, BpfHelper::BPF_FUNC_sock_hash_update)),
+    f("bpf_sock_ops_cb_flags_set/sock_ops", Kind::Helper, true, "4.16",
+      "original-destination entries are not removed when connections close",
+      Check::Helper(ProgramType::SockOps, BpfHelper::BPF_FUNC_sock_ops_cb_flags_set)),
+    f("bpf_sk_assign/sk_lookup", Kind::Helper, true, "5.9",
+      "inbound connections cannot be handed to the proxy's listener",
+      Check::Helper(ProgramType::SkLookup, BpfHelper::BPF_FUNC_sk_assign)),
+    f("BPF_SOCK_OPS_TCP_LISTEN_CB", Kind::Callback, true, "4.19",
+      "the proxy's listen() is not seen: inbound capture has no target",
+      Check::Version(4, 19)),
+    f("cgroup_link", Kind::Link, true, "5.7",
+      "hooks cannot be attached to pod cgroups as pinned bpf_links (BPF_LINK_CREATE)",
+      Check::CgroupLink),
+    f("netns_link/sk_lookup", Kind::Link, true, "5.9",
+      "sk_lookup cannot be attached to a pod's network namespace",
+      Check::NetnsLink),
+    f("pidfd_getfd", Kind::Syscall, false, "5.6",
+      "an already running proxy's listener cannot be adopted at enroll; restart the proxy",
+      Check::PidfdGetfd),
+    f("program/rd_connect4", Kind::Program, true, "5.10",
+      "the verifier rejects the connect4 hook: no IPv4 outbound/inbound redirection",
+      Check::Load(Hook::Connect4)),
+    f("program/rd_connect6", Kind::Program, true, "5.10",
+      "the verifier rejects the connect6 hook: no IPv6 redirection",
+      Check::Load(Hook::Connect6)),
+    f("program/rd_bind4", Kind::Program, true, "5.10",
+      "the verifier rejects the bind4 hook: the proxy's IPv4 listener is not tagged",
+      Check::Load(Hook::Bind4)),
+    f("program/rd_bind6", Kind::Program, true, "5.10",
+      "the verifier rejects the bind6 hook: the proxy's IPv6 listener is not tagged",
+      Check::Load(Hook::Bind6)),
+    f("program/rd_sock_ops", Kind::Program, true, "5.10",
+      "the verifier rejects the sock_ops hook: listener registration and original destinations",
+      Check::Load(Hook::SockOps)),
+    f("program/rd_getsockopt", Kind::Program, true, "5.10",
+      "the verifier rejects the getsockopt hook: no SO_ORIGINAL_DST",
+      Check::Load(Hook::GetSockopt)),
+    f("program/rd_sk_lookup", Kind::Program, true, "5.10",
+      "the verifier rejects the sk_lookup hook: no inbound delivery to the proxy",
+      Check::Load(Hook::SkLookup)),
+];
+
+/// Looks a feature up by its name.
+pub fn feature(name: &str) -> Option<&'static Feature> {
+    FEATURES.iter().find(|f| f.name == name)
+}
+
+/// The result of checking one feature.
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    pub name: &'static str,
+    pub kind: Kind,
+    pub mandatory: bool,
+    pub present: bool,
+    pub since: &'static str,
+    /// What does not work without it.
+    pub impact: &'static str,
+    /// How it was checked.
+    pub method: &'static str,
+    /// Why it counts as missing (an errno, a verifier message), or a note.
+    pub detail: Option<String>,
+}
+
+/// The whole report, `redirect-agent probe --output json`'s document.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// `uname -r`.
+    pub kernel: String,
+    /// True when every mandatory feature is present.
+    pub ok: bool,
+    /// Names of the missing mandatory features.
+    pub missing_mandatory: Vec<&'static str>,
+    /// Names of the missing optional features.
+    pub missing_optional: Vec<&'static str>,
+    pub features: Vec<Status>,
+}
+
+/// A mandatory feature is missing: `enroll` refuses.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error(
+        "kernel {kernel} lacks {kind} {feature} (Linux {since} or later brings it): {impact}{}",
+        detail.as_deref().map(|d| format!(" ({d})")).unwrap_or_default()
+    )]
+    Missing {
+        feature: &'static str,
+        kind: &'static str,
+        since: &'static str,
+        impact: &'static str,
+        kernel: String,
+        detail: Option<String>,
+    },
+}
+
+/// Checks every mandatory feature and fails on the first one missing, naming it and the
+/// kernel version that brings it.
+pub fn require_mandatory() -> Result<(), ProbeError> {
+    for feat in FEATURES.iter().filter(|f| f.mandatory) {
+        let st = check(feat);
+        if !st.present {
+            return Err(ProbeError::Missing {
+                feature: feat.name,
+                kind: feat.kind.as_str(),
+                since: feat.since,
+                impact: feat.impact,
+                kernel: kernel_release(),
+                detail: st.detail,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Checks every feature.
+pub fn probe() -> Report {
+    let features: Vec<Status> = FEATURES.iter().map(check).collect();
+    let missing = |mandatory: bool| {
+        features
+            .iter()
+            .filter(|s| s.mandatory == mandatory && !s.present)
+            .map(|s| s.name)
+            .collect::<Vec<_>>()
+    };
+    let missing_mandatory = missing(true);
+    let missing_optional = missing(false);
+    Report {
+        kernel: kernel_release(),
+        ok: missing_mandatory.is_empty(),
+        missing_mandatory,
+        missing_optional,
+        features,
+    }
+}
+
+/// Checks one feature against the running kernel.
+pub fn check(feat: &Feature) -> Status {
+    let (method, outcome): (&'static str, Result<bool, String>) = match feat.check {
+        Check::Program(t) => (
+            "aya is_program_supported",
+            is_program_supported(t).map_err(|e| e.to_string()),
+        ),
+        Check::Map(t) => (
+            "aya is_map_supported",
+            is_map_supported(t).map_err(|e| e.to_string()),
+        ),
+        Check::Helper(t, h) => (
+            "aya is_helper_supported",
+            is_helper_supported(t, h).map_err(|e| e.to_string()),
+        ),
+        Check::Version(maj, min) => ("kernel version", Ok(kernel_version() >= (maj, min))),
+        Check::CgroupLink => ("BPF_LINK_CREATE on a new cgroup", cgroup_link()),
+        Check::NetnsLink => ("BPF_LINK_CREATE on a new netns", netns_link()),
+        Check::PidfdGetfd => ("pidfd_getfd(-1) errno", pidfd_getfd()),
+        Check::Load(hook) => ("load the real program", program_loads(hook)),
+    };
+    let (present, detail) = match outcome {
+        Ok(true) => (true, None),
+        Ok(false) => (false, None),
+        Err(e) => (false, Some(e)),
+    };
+    Status {
+        name: feat.name,
+        kind: feat.kind,
+        mandatory: feat.mandatory,
+        present,
+        since: feat.since,
+        impact: feat.impact,
+        method,
+        detail,
+    }
+}
+
+/// `uname -r`.
+pub fn kernel_release() -> String {
+    nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+/// (major, minor) of the running kernel.
+fn kernel_version() -> (u32, u32) {
+    parse_version(&kernel_release())
+}
+
+fn parse_version(release: &str) -> (u32, u32) {
+    let mut it = release
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|n| n.parse::<u32>().unwrap_or(0));
+    (it.next().unwrap_or(0), it.next().unwrap_or(0))
+}
+
+/// The real datapath programs are loaded once per process.
+fn program_loads(hook: Hook) -> Result<bool, String> {
+    static LOADED: OnceLock<Vec<(&'static str, Result<(), String>)>> = OnceLock::new();
+    let all = LOADED.get_or_init(datapath::verify_programs);
+    match all.iter().find(|(name, _)| *name == hook.program()) {
+        Some((_, Ok(()))) => Ok(true),
+        Some((_, Err(e))) => Err(e.clone()),
+        None => Err("not checked".into()),
+    }
+}
+
+const BPF_PROG_LOAD: libc::c_long = 5;
+const BPF_PROG_TYPE_CGROUP_SOCK_ADDR: u32 = 18;
+const BPF_PROG_TYPE_SK_LOOKUP: u32 = 30;
+
+/// Loads `r0 = 1; exit`, the smallest program of a type, for the link probes.
+fn trivial_program(prog_type: u32, attach: AttachType) -> Result<OwnedFd, String> {
+    // mov64 r0, 1 ; exit
+    let insns: [u64; 2] = [
+        u64::from_le_bytes([0xb7, 0, 0, 0, 1, 0, 0, 0]),
+        u64::from_le_bytes([0x95, 0, 0, 0, 0, 0, 0, 0]),
+    ];
+    let license = c"GPL";
+    #[repr(C, align(8))]
+    struct Attr([u8; 128]);
+    let mut attr = Attr([0; 128]);
+    let mut put = |off: usize, bytes: &[u8]| attr.0[off..off + bytes.len()].copy_from_slice(bytes);
+    put(0, &prog_type.to_ne_bytes());
+    put(4, &(insns.len() as u32).to_ne_bytes());
+    put(8, &(insns.as_ptr() as u64).to_ne_bytes());
+    put(16, &(license.as_ptr() as u64).to_ne_bytes());
+    put(68, &(attach as u32).to_ne_bytes());
+    // SAFETY: attr is a zero-padded bpf_attr for BPF_PROG_LOAD whose pointers outlive the call.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_LOAD,
+            &mut attr as *mut Attr,
+            size_of::<Attr>(),
+        )
+    };
+    if fd < 0 {
+        return Err(format!("program load: {}", std::io::Error::last_os_error()));
+    }
+    // SAFETY: the kernel returned a new fd that we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// The cgroup2 mount point, from /proc/self/mounts.
+pub fn cgroup2_mount() -> Option<PathBuf> {
+    let mounts = fs::read_to_string("/proc/self/mounts").ok()?;
+    mounts.lines().find_map(|l| {
+        let mut it = l.split_whitespace();
+        let (_, dir, fstype) = (it.next()?, it.next()?, it.next()?);
+        (fstype == "cgroup2").then(|| PathBuf::from(dir.replace("\\040", " ")))
+    })
+}
+
+/// Creates a cgroup link for a trivial connect4 program on an empty, new cgroup.
+fn cgroup_link() -> Result<bool, String> {
+    let prog = trivial_program(BPF_PROG_TYPE_CGROUP_SOCK_ADDR, AttachType::Inet4Connect)?;
+    let mnt = cgroup2_mount().ok_or("no cgroup2 file system mounted")?;
+    static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = mnt.join(format!("redirect-probe-{}-{seq}", std::process::id()));
+    fs::create_dir(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let result = fs::File::open(&dir)
+        .map_err(|e| format!("{}: {e}", dir.display()))
+        .and_then(|cg| link_result(bpf_sys::link_create(&prog, &cg, AttachType::Inet4Connect)));
+    let _ = fs::remove_dir(&dir);
+    result
+}
+
+/// Creates an sk_lookup link on a new network namespace, made by a short-lived thread.
+fn netns_link() -> Result<bool, String> {
+    let prog = trivial_program(BPF_PROG_TYPE_SK_LOOKUP, AttachType::SkLookup)?;
+    std::thread::spawn(move || {
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+            .map_err(|e| format!("unshare(CLONE_NEWNET): {e}"))?;
+        let ns = fs::File::open("/proc/thread-self/ns/net")
+            .map_err(|e| format!("/proc/thread-self/ns/net: {e}"))?;
+        link_result(bpf_sys::link_create(&prog, &ns, AttachType::SkLookup))
+    })
+    .join()
+    .map_err(|_| "probe thread panicked".to_string())?
+}
+
+/// A link was made: present. EINVAL: the kernel does not know this link. Other errors: report.
+fn link_result(r: std::io::Result<OwnedFd>) -> Result<bool, String> {
+    match r {
+        Ok(_link) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(false),
+        Err(e) => Err(format!("BPF_LINK_CREATE: {e}")),
+    }
+}
+
+/// `pidfd_getfd(-1, 0, 0)`: EBADF when the syscall exists, ENOSYS when it does not.
+fn pidfd_getfd() -> Result<bool, String> {
+    // SAFETY: no pointers; an invalid pidfd is rejected.
+    let r = unsafe { libc::syscall(libc::SYS_pidfd_getfd, -1, 0, 0) };
+    let e = std::io::Error::last_os_error();
+    match (r, e.raw_os_error()) {
+        (r, _) if r >= 0 => Ok(true),
+        (_, Some(libc::ENOSYS)) => Ok(false),
+        (_, Some(libc::EBADF)) => Ok(true),
+        _ => Err(format!("pidfd_getfd: {e}")),
+    }
+}
+
 /// Runs `probe` and prints its report.
-pub fn run(_args: &ProbeArgs) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("probe is not implemented yet")
+pub fn run(args: &ProbeArgs) -> anyhow::Result<ExitCode> {
+    let report = probe();
+    match args.output {
+        Format::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+        Format::Table => print_report(&report),
+    }
+    Ok(if report.ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn print_report(report: &Report) {
+    println!("kernel {}", report.kernel);
+    let rows: Vec<Vec<String>> = report
+        .features
+        .iter()
+        .map(|s| {
+            vec![
+                s.name.to_string(),
+                s.kind.as_str().to_string(),
+                if s.mandatory { "mandatory" } else { "optional" }.to_string(),
+                if s.present { "present" } else { "MISSING" }.to_string(),
+                s.since.to_string(),
+                match (&s.detail, s.present) {
+                    (_, true) => String::new(),
+                    (Some(d), false) => format!("{}: {}", s.impact, first_line(d)),
+                    (None, false) => s.impact.to_string(),
+                },
+            ]
+        })
+        .collect();
+    print_table(
+        &[
+            "FEATURE",
+            "KIND",
+            "REQUIRED",
+            "STATUS",
+            "SINCE",
+            "IF MISSING",
+        ],
+        &rows,
+    );
+    if report.ok {
+        println!("\nall mandatory features present");
+        if !report.missing_optional.is_empty() {
+            println!(
+                "optional features missing: {}",
+                report.missing_optional.join(", ")
+            );
+        }
+    } else {
+        println!(
+            "\nmissing mandatory features: {}",
+            report.missing_mandatory.join(", ")
+        );
+    }
+}
+
+fn first_line(s: &str) -> &str {
+    let s = s.lines().next().unwrap_or("");
+    if s.len() > 160 {
+        let mut end = 160;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        &s[..end]
+    } else {
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_parse() {
+        assert_eq!(parse_version("5.10.0-32-cloud-amd64"), (5, 10));
+        assert_eq!(parse_version("7.2.13+deb14-cloud-amd64"), (7, 2));
+        assert_eq!(parse_version("6.18.0"), (6, 18));
+    }
+
+    #[test]
+    fn names_are_unique() {
+        for (i, a) in FEATURES.iter().enumerate() {
+            assert!(
+                FEATURES[i + 1..].iter().all(|b| b.name != a.name),
+                "{}",
+                a.name
+            );
+        }
+    }
 }
