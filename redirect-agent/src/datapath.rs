@@ -188,53 +188,14 @@ impl Datapath {
         if pin.exists() {
             return Ok(());
         }
-        let name = hook.program();
-        let prog = self
-            .ebpf
-            .program_mut(name)
-            .ok_or_else(|| DatapathError::Program {
-                program: name,
-                detail: "not in object".into(),
-            })?;
-        let load_err = |e: ProgramError| DatapathError::Program {
-            program: name,
-            detail: verifier_detail(e),
-        };
-        match hook {
-            Hook::Connect4 | Hook::Connect6 | Hook::Bind4 | Hook::Bind6 => {
-                let p: &mut CgroupSockAddr = prog.try_into().map_err(load_err)?;
-                p.load().map_err(load_err)?;
-                p.pin(&pin).map_err(|e| DatapathError::Pin {
-                    path: pin.clone(),
-                    detail: e.to_string(),
-                })?;
-            }
-            Hook::SockOps => {
-                let p: &mut SockOps = prog.try_into().map_err(load_err)?;
-                p.load().map_err(load_err)?;
-                p.pin(&pin).map_err(|e| DatapathError::Pin {
-                    path: pin.clone(),
-                    detail: e.to_string(),
-                })?;
-            }
-            Hook::GetSockopt => {
-                let p: &mut CgroupSockopt = prog.try_into().map_err(load_err)?;
-                p.load().map_err(load_err)?;
-                p.pin(&pin).map_err(|e| DatapathError::Pin {
-                    path: pin.clone(),
-                    detail: e.to_string(),
-                })?;
-            }
-            Hook::SkLookup => {
-                let p: &mut SkLookup = prog.try_into().map_err(load_err)?;
-                p.load().map_err(load_err)?;
-                p.pin(&pin).map_err(|e| DatapathError::Pin {
-                    path: pin.clone(),
-                    detail: e.to_string(),
-                })?;
-            }
-        }
-        Ok(())
+        let program = hook.program();
+        load_unpinned(&mut self.ebpf, hook)
+            .map_err(|detail| DatapathError::Program { program, detail })?;
+        let prog = self.ebpf.program_mut(program).expect("loaded just above");
+        prog.pin(&pin).map_err(|e| DatapathError::Pin {
+            path: pin.clone(),
+            detail: e.to_string(),
+        })
     }
 
     /// Attaches `hook` to a pod (its cgroup, or its netns for sk_lookup) and pins the link at
@@ -369,9 +330,15 @@ pub fn verify_programs() -> Vec<(&'static str, Result<(), String>)> {
         None::<&str>,
     ) {
         let _ = fs::remove_dir(&dir);
-        return all(format!("cannot mount a private bpffs at {}: {e}", dir.display()));
+        return all(format!(
+            "cannot mount a private bpffs at {}: {e}",
+            dir.display()
+        ));
     }
-    let result = match EbpfLoader::new().default_map_pin_directory(&dir).load(OBJECT) {
+    let result = match EbpfLoader::new()
+        .default_map_pin_directory(&dir)
+        .load(OBJECT)
+    {
         Ok(mut ebpf) => Hook::ALL
             .iter()
             .map(|&hook| (hook.program(), load_unpinned(&mut ebpf, hook)))
