@@ -532,3 +532,577 @@ fn excluded_outbound_ports_and_cidrs_bypass_the_proxy() {
     }
     failures.assert_none("outbound exclusions");
 }
+
+/// A client elsewhere reaches the server's wildcard app through the proxy (policy passthrough),
+/// for both families; `Some(why)` otherwise.
+fn captured_inbound(client: &Pod, server: &Pod, proxy: &Proxy) -> Option<String> {
+    let mut why = Vec::new();
+    for f in Family::BOTH {
+        let to = sock(f.pod_ip(server), WILDCARD_PORT);
+        let seen = proxy.entries().len();
+        let got = probe(client, to);
+        let expect = Expect::Echo {
+            local: to,
+            peer: f.passthrough_src(),
+            direct: false,
+        };
+        if let Some(w) = expect.check(&got) {
+            why.push(format!("client -> {to}: {w}"));
+        }
+        let new = proxy.entries().split_off(seen);
+        if new.len() != 1 || new[0].orig_dst != Some(to) {
+            why.push(format!("client -> {to}: proxy log {new:?}"));
+        }
+    }
+    (!why.is_empty()).then(|| why.join("; "))
+}
+
+/// What a client elsewhere gets from the server's wildcard app without any redirection.
+fn direct_inbound(client: &Pod, server: &Pod) -> Option<String> {
+    let mut why = Vec::new();
+    for f in Family::BOTH {
+        let to = sock(f.pod_ip(server), WILDCARD_PORT);
+        let got = probe(client, to);
+        let expect = Expect::Echo {
+            local: to,
+            peer: f.pod_ip(client),
+            direct: true,
+        };
+        if let Some(w) = expect.check(&got) {
+            why.push(format!("client -> {to}: {w}"));
+        }
+    }
+    (!why.is_empty()).then(|| why.join("; "))
+}
+
+/// No inbound listener: the pod's inbound connections are refused (not blackholed, not
+/// delivered around the proxy), for both families.
+fn refused_inbound(client: &Pod, server: &Pod) -> Option<String> {
+    let mut why = Vec::new();
+    for f in Family::BOTH {
+        let to = sock(f.pod_ip(server), WILDCARD_PORT);
+        let got = probe(client, to);
+        if got != Outcome::Refused {
+            why.push(format!("client -> {to}: expected refused, got {got:?}"));
+        }
+    }
+    (!why.is_empty()).then(|| why.join("; "))
+}
+
+/// A proxy that was listening before its pod was enrolled is adopted at enroll.
+#[test]
+fn proxy_listening_before_enroll_is_adopted() {
+    if !root("proxy_listening_before_enroll_is_adopted") {
+        return;
+    }
+    let node = Node::new().unwrap();
+    let server = node.add_pod("server").unwrap();
+    let client = node.add_pod("client").unwrap();
+    let _apps = matrix_apps(&server);
+    let proxy = Proxy::start(&node, &server, "pod-ip", "proxy.log");
+    let agent = Agent::new();
+    let out = agent.enroll(&server, &[]);
+    assert!(
+        out.contains("adopted 2 running proxy listener(s)"),
+        "enroll output: {out}"
+    );
+    if let Some(why) = captured_inbound(&client, &server, &proxy) {
+        panic!("adopted proxy: {why}");
+    }
+    let stats = agent.stats(&server.name);
+    assert_eq!(stats["inbound_captured"], 2, "{stats:?}");
+    assert_eq!(stats["listener_registered"], 0, "{stats:?}");
+}
+
+/// A proxy that starts after enroll is registered when it listens (sock_ops); until then the
+/// pod's inbound connections are refused and counted as `inbound_no_listener`.
+#[test]
+fn proxy_started_after_enroll_is_registered() {
+    if !root("proxy_started_after_enroll_is_registered") {
+        return;
+    }
+    let node = Node::new().unwrap();
+    let server = node.add_pod("server").unwrap();
+    let client = node.add_pod("client").unwrap();
+    let _apps = matrix_apps(&server);
+    let agent = Agent::new();
+    let out = agent.enroll(&server, &[]);
+    assert!(
+        out.contains("proxy not listening yet"),
+        "enroll output: {out}"
+    );
+    if let Some(why) = refused_inbound(&client, &server) {
+        panic!("before the proxy started: {why}");
+    }
+    let proxy = Proxy::start(&node, &server, "pod-ip", "proxy.log");
+    if let Some(why) = captured_inbound(&client, &server, &proxy) {
+        panic!("proxy started after enroll: {why}");
+    }
+    let stats = agent.stats(&server.name);
+    let want = counters(&[
+        ("inbound_no_listener", 2),
+        ("listener_registered", 2),
+        ("inbound_captured", 2),
+        ("orig_dst_local", 2),
+        ("delivered_pod_ip", 2),
+    ]);
+    assert_eq!(stats, want);
+}
+
+/// The proxy restarts (killed, a new process with new listening sockets) twice; capture
+/// follows each new proxy without re-enrolling, inbound and outbound.
+#[test]
+fn proxy_restart_keeps_capture_without_reenroll() {
+    if !root("proxy_restart_keeps_capture_without_reenroll") {
+        return;
+    }
+    let node = Node::new().unwrap();
+    let server = node.add_pod("server").unwrap();
+    let client = node.add_pod("client").unwrap();
+    let _apps = matrix_apps(&server);
+    let _remote = wildcard_echo(&client, &[18089]);
+    let mut proxy = Proxy::start(&node, &server, "pod-ip", "proxy-0.log");
+    let agent = Agent::new();
+    agent.enroll(&server, &[]);
+    if let Some(why) = captured_inbound(&client, &server, &proxy) {
+        panic!("first proxy: {why}");
+    }
+    for generation in 1..=2 {
+        proxy.kill();
+        if let Some(why) = refused_inbound(&client, &server) {
+            panic!("proxy {generation} killed: {why}");
+        }
+        proxy = Proxy::start(&node, &server, "pod-ip", &format!("proxy-{generation}.log"));
+        if let Some(why) = captured_inbound(&client, &server, &proxy) {
+            panic!("proxy generation {generation}: {why}");
+        }
+        for f in Family::BOTH {
+            let to = sock(f.pod_ip(&client), 18089);
+            let got = connect_as(&server, APP_UID, to, None);
+            let expect = Expect::Echo {
+                local: to,
+                peer: f.pod_ip(&server),
+                direct: false,
+            };
+            if let Some(why) = expect.check(&got) {
+                panic!("proxy generation {generation}, app -> {to}: {why}");
+            }
+            assert!(
+                proxy
+                    .entries()
+                    .iter()
+                    .any(|e| e.listener == "outbound" && e.orig_dst == Some(to)),
+                "proxy generation {generation} did not see app -> {to}: {:?}",
+                proxy.entries()
+            );
+        }
+    }
+    let stats = agent.stats(&server.name);
+    assert_eq!(stats["listener_registered"], 4, "{stats:?}");
+    assert_eq!(stats["inbound_no_listener"], 4, "{stats:?}");
+    assert_eq!(stats["inbound_captured"], 6, "{stats:?}");
+}
+
+/// Everything a pod's neighbours, application and proxy-uid processes can observe of it:
+/// used to compare a pod with the plain kernel.
+fn observe(client: &Pod, pod: &Pod) -> Vec<String> {
+    let mut seen = Vec::new();
+    let show = |o: &Outcome| match o {
+        Outcome::Echoed { server, local } => format!(
+            "echoed by {} from {}{}",
+            server.local,
+            server.peer.ip(),
+            if server.peer == *local {
+                " (direct)"
+            } else {
+                " (via another socket)"
+            }
+        ),
+        o => o.result().to_owned(),
+    };
+    for f in Family::BOTH {
+        for port in [POD_IP_PORT, LOOPBACK_PORT, WILDCARD_PORT] {
+            let to = sock(f.pod_ip(pod), port);
+            seen.push(format!("client -> {to}: {}", show(&probe(client, to))));
+        }
+        for (who, uid) in [("app", APP_UID), ("proxy-uid", PROXY_UID)] {
+            for to in [
+                sock(f.pod_ip(client), 18089),
+                sock(f.pod_ip(pod), WILDCARD_PORT),
+                sock(f.pod_ip(pod), LOOPBACK_PORT),
+                sock(f.loopback(), LOOPBACK_PORT),
+                sock(f.loopback(), WILDCARD_PORT),
+            ] {
+                let got = connect_as(pod, uid, to, None);
+                seen.push(format!("{who} -> {to}: {}", show(&got)));
+            }
+        }
+    }
+    seen
+}
+
+/// A pod that is not enrolled behaves exactly as with no redirect at all, while another pod
+/// of the same node is enrolled with the same datapath; its own proxy (running, same uid) sees
+/// nothing.
+#[test]
+fn pod_not_enrolled_behaves_as_plain_kernel() {
+    if !root("pod_not_enrolled_behaves_as_plain_kernel") {
+        return;
+    }
+    let node = Node::new().unwrap();
+    let plain = node.add_pod("plain").unwrap();
+    let enrolled = node.add_pod("enrolled").unwrap();
+    let client = node.add_pod("client").unwrap();
+    let _remote = wildcard_echo(&client, &[18089]);
+    let _apps = matrix_apps(&plain);
+    let _apps2 = matrix_apps(&enrolled);
+    let proxy = Proxy::start(&node, &plain, "pod-ip", "plain.log");
+    let proxy2 = Proxy::start(&node, &enrolled, "pod-ip", "enrolled.log");
+    let lo_before = lo_addresses(&plain);
+
+    let baseline = observe(&client, &plain);
+    let agent = Agent::new();
+    agent.enroll(&enrolled, &[]);
+    if let Some(why) = captured_inbound(&client, &enrolled, &proxy2) {
+        panic!("the enrolled pod is not redirected: {why}");
+    }
+    let now = observe(&client, &plain);
+    let diff: Vec<String> = baseline
+        .iter()
+        .zip(&now)
+        .filter(|(a, b)| a != b)
+        .map(|(a, b)| format!("plain kernel: {a}\n    next to an enrolled pod: {b}"))
+        .collect();
+    assert!(diff.is_empty(), "differences:\n  {}", diff.join("\n  "));
+    assert_eq!(
+        proxy.entries(),
+        vec![],
+        "the not-enrolled pod's proxy saw traffic"
+    );
+    assert_eq!(lo_addresses(&plain), lo_before, "the pod's lo changed");
+    assert!(
+        cgroup_programs(&plain.cgroup).is_empty(),
+        "programs attached to the not-enrolled pod's cgroup:\n{}",
+        cgroup_programs(&plain.cgroup)
+    );
+}
+
+/// After a known sequence of connections, `stats --name X --output json` (and `stats --output
+/// json`) show exactly the expected count of every counter, across a policy update in place.
+#[test]
+fn stats_show_exact_counts_after_known_connections() {
+    if !root("stats_show_exact_counts_after_known_connections") {
+        return;
+    }
+    let node = Node::new().unwrap();
+    let server = node.add_pod("server").unwrap();
+    let client = node.add_pod("client").unwrap();
+    let _apps = matrix_apps(&server);
+    let _excluded_app = wildcard_echo(&server, &[18086]);
+    let _remote = wildcard_echo(&client, &[WILDCARD_PORT, 18090]);
+    let agent = Agent::new();
+    let options = ["--exclude-inbound-ports", "18086"];
+    let options = [&options[..], &["--exclude-outbound-ports", "18090"]].concat();
+    agent.enroll(&server, &options);
+    assert_eq!(agent.stats(&server.name), counters(&[]), "fresh pod");
+    // Registered by sock_ops as it listens: 15006 over IPv4 and IPv6.
+    let mut proxy = Proxy::start(&node, &server, "pod-ip", "proxy.log");
+    let (v4, v6) = (Family::V4, Family::V6);
+    let expect = |what: &str, e: Expect, got: Outcome| {
+        if let Some(why) = e.check(&got) {
+            panic!("{what}: {why}");
+        }
+    };
+    let echo_at = |ip, port| Expect::EchoAt {
+        local: sock(ip, port),
+    };
+
+    // Inbound, captured and delivered to the pod IP: 3 echoed, 1 refused at delivery.
+    for _ in 0..2 {
+        let got = probe(&client, sock(server.ip4, WILDCARD_PORT));
+        expect(
+            "client -> :18080",
+            echo_at(server.ip4.into(), WILDCARD_PORT),
+            got,
+        );
+    }
+    let got = probe(&client, sock(server.ip4, LOOPBACK_PORT));
+    expect("client -> :18084", Expect::NoEcho, got);
+    let got = probe(&client, sock(server.ip6, POD_IP_PORT));
+    expect(
+        "client -> [v6]:18082",
+        echo_at(server.ip6.into(), POD_IP_PORT),
+        got,
+    );
+    // Inbound, excluded.
+    let got = probe(&client, sock(server.ip4, 18086));
+    expect("client -> :18086", echo_at(server.ip4.into(), 18086), got);
+    // The application: captured, excluded, and its own loopback (nothing).
+    let to = sock(client.ip4, WILDCARD_PORT);
+    expect(
+        "app -> client",
+        echo_at(to.ip(), to.port()),
+        connect_as(&server, APP_UID, to, None),
+    );
+    let to = sock(client.ip6, 18090);
+    expect(
+        "app -> client:18090",
+        echo_at(to.ip(), to.port()),
+        connect_as(&server, APP_UID, to, None),
+    );
+    let to = sock(v4.loopback(), LOOPBACK_PORT);
+    expect(
+        "app -> lo",
+        echo_at(to.ip(), to.port()),
+        connect_as(&server, APP_UID, to, None),
+    );
+    // The proxy to its own pod address: through the inbound listener, then delivered.
+    let to = sock(server.ip4, WILDCARD_PORT);
+    expect(
+        "proxy -> own pod",
+        echo_at(to.ip(), to.port()),
+        connect_as(&server, PROXY_UID, to, None),
+    );
+    // Update in place to localhost: counters continue; one delivery to loopback.
+    let localhost = [&options[..], &["--inbound-policy", "localhost"]].concat();
+    agent.enroll(&server, &localhost);
+    let got = probe(&client, sock(server.ip6, LOOPBACK_PORT));
+    expect(
+        "client -> [v6]:18084",
+        echo_at(v6.loopback(), LOOPBACK_PORT),
+        got,
+    );
+    // No proxy: refused.
+    proxy.kill();
+    let got = probe(&client, sock(server.ip4, WILDCARD_PORT));
+    assert_eq!(got, Outcome::Refused, "no proxy");
+
+    let want = counters(&[
+        ("inbound_captured", 5),
+        ("inbound_excluded", 1),
+        ("inbound_no_listener", 1),
+        ("outbound_captured", 1),
+        ("outbound_excluded", 1),
+        ("proxy_self_captured", 1),
+        ("delivered_pod_ip", 5),
+        ("delivered_loopback", 1),
+        ("delivery_refused", 1),
+        ("orig_dst_hit", 2),
+        ("orig_dst_local", 5),
+        ("listener_registered", 2),
+    ]);
+    assert_eq!(agent.stats(&server.name), want, "stats --name");
+    let all: serde_json::Value =
+        serde_json::from_str(&agent.ok(&["stats", "--output", "json"])).unwrap();
+    assert_eq!(
+        all,
+        serde_json::json!({"pods": [{"name": server.name, "counters": want}]}),
+        "stats --output json"
+    );
+}
+
+/// Files and directories under `dir`, relative, sorted (a pin root's layout).
+fn tree(dir: &std::path::Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            out.push(p.strip_prefix(dir).unwrap().display().to_string());
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                stack.push(p);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// `unenroll` restores plain behaviour at once; with two pods enrolled, unenrolling one leaves
+/// the other redirected; the last unenroll removes every pin.
+#[test]
+fn unenroll_restores_plain_behaviour_and_keeps_other_pods() {
+    if !root("unenroll_restores_plain_behaviour_and_keeps_other_pods") {
+        return;
+    }
+    let node = Node::new().unwrap();
+    let a = node.add_pod("a").unwrap();
+    let b = node.add_pod("b").unwrap();
+    let client = node.add_pod("client").unwrap();
+    let _remote = wildcard_echo(&client, &[18089]);
+    let _apps_a = matrix_apps(&a);
+    let _apps_b = matrix_apps(&b);
+    let proxy_a = Proxy::start(&node, &a, "pod-ip", "a.log");
+    let proxy_b = Proxy::start(&node, &b, "pod-ip", "b.log");
+    let lo_a = lo_addresses(&a);
+    let baseline = observe(&client, &a);
+    assert_eq!(proxy_a.entries(), vec![], "plain kernel");
+
+    let agent = Agent::new();
+    agent.enroll(&a, &[]);
+    agent.enroll(&b, &[]);
+    for (pod, proxy) in [(&a, &proxy_a), (&b, &proxy_b)] {
+        if let Some(why) = captured_inbound(&client, pod, proxy) {
+            panic!("{} enrolled: {why}", pod.name);
+        }
+    }
+    assert_ne!(lo_addresses(&a), lo_a, "enroll adds ::6 to lo");
+
+    agent.unenroll(&a.name);
+    let seen = proxy_a.entries().len();
+    let now = observe(&client, &a);
+    let diff: Vec<String> = baseline
+        .iter()
+        .zip(&now)
+        .filter(|(x, y)| x != y)
+        .map(|(x, y)| format!("before enroll: {x}\n    after unenroll: {y}"))
+        .collect();
+    assert!(diff.is_empty(), "differences:\n  {}", diff.join("\n  "));
+    assert_eq!(
+        proxy_a.entries().len(),
+        seen,
+        "a's proxy saw traffic after unenroll"
+    );
+    assert_eq!(lo_addresses(&a), lo_a, "unenroll removes ::6 from lo");
+    assert_eq!(
+        cgroup_programs(&a.cgroup),
+        "",
+        "programs left on a's cgroup"
+    );
+    assert_eq!(agent.listed_names(), vec![b.name.clone()]);
+    assert!(
+        !tree(&agent.pin_root).iter().any(|p| p.contains(&a.name)),
+        "a's pins left: {:?}",
+        tree(&agent.pin_root)
+    );
+
+    // b is untouched: inbound and outbound capture both still work.
+    if let Some(why) = captured_inbound(&client, &b, &proxy_b) {
+        panic!("b after a's unenroll: {why}");
+    }
+    let to = sock(client.ip4, 18089);
+    let got = connect_as(&b, APP_UID, to, None);
+    let expect = Expect::Echo {
+        local: to,
+        peer: b.ip4.into(),
+        direct: false,
+    };
+    if let Some(why) = expect.check(&got) {
+        panic!("b's app -> {to} after a's unenroll: {why}");
+    }
+
+    agent.unenroll(&b.name);
+    if let Some(why) = direct_inbound(&client, &b) {
+        panic!("b after unenroll: {why}");
+    }
+    assert_eq!(agent.listed_names(), Vec::<String>::new());
+    assert_eq!(agent.records(), Vec::<String>::new());
+    assert!(
+        !agent.pin_root.exists(),
+        "the last unenroll leaves {:?}",
+        tree(&agent.pin_root)
+    );
+}
+
+/// Enrolling the same pod twice with the same settings changes nothing: same list, same pins,
+/// same attachments, same `lo`, same behaviour, and the counters keep counting.
+#[test]
+fn enroll_twice_is_idempotent() {
+    if !root("enroll_twice_is_idempotent") {
+        return;
+    }
+    let node = Node::new().unwrap();
+    let server = node.add_pod("server").unwrap();
+    let client = node.add_pod("client").unwrap();
+    let _apps = matrix_apps(&server);
+    let proxy = Proxy::start(&node, &server, "pod-ip", "proxy.log");
+    let agent = Agent::new();
+    let options = [
+        "--inbound-policy",
+        "passthrough",
+        "--port-policy",
+        "18084=localhost",
+        "--exclude-inbound-ports",
+        "18086",
+    ];
+    let first = agent.enroll(&server, &options);
+    assert!(first.starts_with("enrolled "), "{first}");
+    let list = agent.list();
+    let pins = tree(&agent.pin_root);
+    let lo = lo_addresses(&server);
+    let progs = cgroup_programs(&server.cgroup);
+    if let Some(why) = captured_inbound(&client, &server, &proxy) {
+        panic!("after the first enroll: {why}");
+    }
+
+    let second = agent.enroll(&server, &options);
+    assert!(second.starts_with("updated "), "{second}");
+    assert_eq!(agent.list(), list, "list");
+    assert_eq!(tree(&agent.pin_root), pins, "pins");
+    assert_eq!(lo_addresses(&server), lo, "lo");
+    assert_eq!(cgroup_programs(&server.cgroup), progs, "cgroup attachments");
+    if let Some(why) = captured_inbound(&client, &server, &proxy) {
+        panic!("after the second enroll: {why}");
+    }
+    // The per-port policy still holds: loopback app reachable on 18084.
+    let to = sock(server.ip4, LOOPBACK_PORT);
+    let got = probe(&client, to);
+    let expect = Expect::EchoAt {
+        local: sock(Family::V4.loopback(), LOOPBACK_PORT),
+    };
+    if let Some(why) = expect.check(&got) {
+        panic!("client -> {to} with 18084=localhost: {why}");
+    }
+    let stats = agent.stats(&server.name);
+    assert_eq!(stats["inbound_captured"], 5, "{stats:?}");
+}
+
+/// Each CLI command acts once and exits: the enrolling process is gone, the pod stays
+/// redirected through its pinned links, and a new process unenrolls it.
+#[test]
+fn redirection_outlives_the_enrolling_process() {
+    if !root("redirection_outlives_the_enrolling_process") {
+        return;
+    }
+    let node = Node::new().unwrap();
+    let server = node.add_pod("server").unwrap();
+    let client = node.add_pod("client").unwrap();
+    let _apps = matrix_apps(&server);
+    let proxy = Proxy::start(&node, &server, "pod-ip", "proxy.log");
+    let agent = Agent::new();
+
+    let mut args = Agent::enroll_args(&server, &server.name);
+    args.push("--inbound-policy".into());
+    args.push("passthrough".into());
+    let mut child = agent.cmd().args(&args).spawn().unwrap();
+    let pid = child.id();
+    assert!(child.wait().unwrap().success(), "enroll");
+    assert!(
+        !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+        "the enrolling process {pid} is still there"
+    );
+    let links = tree(&agent.pin_root.join("pods").join(&server.name));
+    assert_eq!(links.len(), 7, "pinned links: {links:?}");
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    if let Some(why) = captured_inbound(&client, &server, &proxy) {
+        panic!("after the enrolling process exited: {why}");
+    }
+
+    let out = agent
+        .cmd()
+        .args(["unenroll", "--name", &server.name])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "unenroll by a new process: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if let Some(why) = direct_inbound(&client, &server) {
+        panic!("after unenroll by a new process: {why}");
+    }
+    assert!(
+        !agent.pin_root.exists(),
+        "pins left after the last unenroll"
+    );
+}
