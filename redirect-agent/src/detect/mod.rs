@@ -58,7 +58,6 @@
 //! namespace that could not be entered or read). A namespace that vanished during the scan is
 //! reported with status `vanished` and does not change the exit status.
 
-pub mod enrolled;
 pub mod manifest;
 pub mod procs;
 pub mod report;
@@ -164,7 +163,7 @@ pub enum DetectError {
     Manifest(#[from] manifest::ManifestError),
     /// The enrolled pods could not be read.
     #[error(transparent)]
-    Enrolled(#[from] enrolled::EnrolledError),
+    Enrolled(#[from] crate::state::StateError),
 }
 
 /// Failure to scan one namespace.
@@ -205,7 +204,7 @@ impl Default for Sources {
         Sources {
             proc_root: "/proc".into(),
             netns_dir: "/var/run/netns".into(),
-            state_dir: enrolled::state_dir(),
+            state_dir: crate::state::state_dir(),
         }
     }
 }
@@ -233,7 +232,7 @@ pub fn check_privileges() -> Result<(), DetectError> {
 
 /// Resolves the command line's targets into namespaces, each once by inode, in the order given.
 pub fn resolve_targets(args: &DetectArgs, sources: &Sources) -> Result<Vec<Target>, DetectError> {
-    let pods = enrolled::load(&sources.state_dir)?;
+    let pods = crate::state::list_records(&sources.state_dir)?;
     let pod_of = |inode: u64| pods.iter().find(|p| p.netns_inode == inode).cloned();
     let mut targets: Vec<Target> = Vec::new();
     let mut add = |inode: u64, path: PathBuf, pod: Option<PodRecord>| {

@@ -20,9 +20,7 @@ use crate::state::{PodRecord, Policy};
 pub const SCHEMA_VERSION: u32 = 1;
 
 /// Ports of the proxy and its agent: never captured inbound, never the application's.
-pub const PROXY_PORTS: [u16; 10] = [
-    15000, 15001, 15004, 15006, 15008, 15009, 15020, 15021, 15053, 15090,
-];
+pub use redirect_common::PROXY_PORTS;
 
 /// How serious a finding is. Ordered: `ok` < `info` < `warning` < `error`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
