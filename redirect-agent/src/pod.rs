@@ -55,6 +55,9 @@ pub enum PodError {
     NoSlot,
     #[error(transparent)]
     State(#[from] StateError),
+    /// The kernel lacks a feature the datapath cannot work without.
+    #[error(transparent)]
+    Kernel(#[from] crate::probe::ProbeError),
     #[error(transparent)]
     Datapath(#[from] DatapathError),
     /// Preparing the pod's namespace (`::6` on lo) failed.
@@ -148,6 +151,11 @@ pub fn enroll(store: &StateStore, pin_root: &Path, spec: &PodSpec) -> Result<Enr
         added_lo6: existing.as_ref().is_some_and(|o| o.added_lo6),
     };
 
+    if !pin_root.join("progs").exists() {
+        // First pod on this node: check the kernel before loading anything, so a missing
+        // feature is named with the kernel that brings it instead of surfacing as a verifier log.
+        crate::probe::require_mandatory()?;
+    }
     let mut dp = match Datapath::open(pin_root) {
         Ok(dp) => dp,
         Err(e) => {
