@@ -6,6 +6,7 @@
 mod bench;
 mod bench_detect;
 mod demo;
+mod kernels;
 mod setup;
 mod test;
 mod util;
@@ -36,6 +37,9 @@ enum Command {
         #[command(subcommand)]
         command: bench::Command,
     },
+    /// Boot Debian kernels (5.10, 6.1, 6.12, 7.x) under qemu and run the integration tests in
+    /// each, plus the host kernel natively; prints a kernel x test matrix, writes KERNELS.md.
+    Kernels(kernels::Args),
 }
 
 fn main() {
@@ -45,6 +49,7 @@ fn main() {
         Command::Test(args) => test::run(args),
         Command::Demo(args) => demo::run(args),
         Command::Bench { command } => bench::run(command),
+        Command::Kernels(args) => kernels::run(args),
     };
     if let Err(err) = result {
         eprintln!("\nxtask: error: {err:#}");
