@@ -1106,3 +1106,110 @@ fn redirection_outlives_the_enrolling_process() {
         "pins left after the last unenroll"
     );
 }
+
+/// `--port-policy` overrides the pod's policy for one port, both ways, both families.
+#[test]
+fn port_policy_overrides_the_pod_policy() {
+    if !root("port_policy_overrides_the_pod_policy") {
+        return;
+    }
+    let node = Node::new().unwrap();
+    let server = node.add_pod("server").unwrap();
+    let client = node.add_pod("client").unwrap();
+    let _apps = matrix_apps(&server);
+    let _proxy = Proxy::start(&node, &server, "loopback", "proxy.log");
+    let agent = Agent::new();
+
+    let mut failures = Failures::default();
+    for (policy, port_policy, overridden) in [
+        ("passthrough", "18084=localhost", "localhost"),
+        ("localhost", "18082=passthrough", "passthrough"),
+    ] {
+        agent.enroll(
+            &server,
+            &["--inbound-policy", policy, "--port-policy", port_policy],
+        );
+        for f in Family::BOTH {
+            for port in [POD_IP_PORT, LOOPBACK_PORT, WILDCARD_PORT] {
+                let effective = if port_policy.starts_with(&port.to_string()) {
+                    overridden
+                } else {
+                    policy
+                };
+                let to = sock(f.pod_ip(&server), port);
+                let got = probe(&client, to);
+                let expect = matrix_expect(&server, "loopback", effective, f, port);
+                failures.check(
+                    format!("policy {policy} with {port_policy}: client -> {to}"),
+                    expect,
+                    &got,
+                );
+            }
+        }
+    }
+    failures.assert_none("per-port policies");
+}
+
+/// Enrolling again with another policy updates the pod in place: a connection established
+/// through the proxy before the update keeps working, new connections follow the new policy.
+#[test]
+fn update_in_place_keeps_established_connections() {
+    use std::io::{Read as _, Write as _};
+    if !root("update_in_place_keeps_established_connections") {
+        return;
+    }
+    let node = Node::new().unwrap();
+    let server = node.add_pod("server").unwrap();
+    let client = node.add_pod("client").unwrap();
+    let _apps = matrix_apps(&server);
+    let _proxy = Proxy::start(&node, &server, "pod-ip", "proxy.log");
+    let agent = Agent::new();
+    agent.enroll(&server, &["--inbound-policy", "passthrough"]);
+
+    let mut open = Vec::new();
+    for f in Family::BOTH {
+        let to = sock(f.pod_ip(&server), WILDCARD_PORT);
+        let mut s = client
+            .in_netns(|| std::net::TcpStream::connect_timeout(&to, T))
+            .unwrap()
+            .unwrap_or_else(|e| panic!("connect {to}: {e}"));
+        s.set_read_timeout(Some(T)).unwrap();
+        // The banner: where the proxy delivered it under passthrough.
+        let mut banner = Vec::new();
+        let mut byte = [0u8; 1];
+        while byte[0] != b'\n' {
+            s.read_exact(&mut byte).unwrap();
+            banner.push(byte[0]);
+        }
+        let banner: redirect_testbed::Banner = serde_json::from_slice(&banner).unwrap();
+        assert_eq!(
+            banner.local, to,
+            "delivered to the pod IP before the update"
+        );
+        open.push((to, s));
+    }
+
+    agent.enroll(&server, &["--inbound-policy", "localhost"]);
+
+    for (to, mut s) in open {
+        s.write_all(PAYLOAD).unwrap();
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut back = Vec::new();
+        s.read_to_end(&mut back)
+            .unwrap_or_else(|e| panic!("established connection to {to} after the update: {e}"));
+        assert_eq!(
+            back, PAYLOAD,
+            "echo on the connection to {to} established before"
+        );
+    }
+    for f in Family::BOTH {
+        let to = sock(f.pod_ip(&server), WILDCARD_PORT);
+        let got = probe(&client, to);
+        let expect = Expect::EchoAt {
+            local: sock(f.loopback(), WILDCARD_PORT),
+        };
+        if let Some(why) = expect.check(&got) {
+            panic!("new connection to {to} after the update to localhost: {why}");
+        }
+    }
+}
