@@ -415,9 +415,9 @@ fn repeated_clauses(line: &str) -> Vec<String> {
 
 /// An error line says its cause once.
 ///
-/// PRODUCT BUG (failing when written, at a3e3e7e): error variants whose field is named `source` put
-/// `{source}` in their own message, and thiserror also makes that field the error's source, so
-/// `main.rs`'s `eprintln!("error: {e:#}")` prints the cause twice:
+/// PRODUCT BUG (failing when written, at a3e3e7e): error variants whose field is named
+/// `source` put `{source}` in their own message, and thiserror also makes that field the
+/// error's source, so `main.rs`'s `eprintln!("error: {e:#}")` prints the cause twice:
 /// `error: cannot open network namespace /var/run/netns/X: No such file or directory (os error
 /// 2): No such file or directory (os error 2)` (`NetnsError::Open` in
 /// `redirect-agent/src/netns.rs`), and the same for a missing cgroup directory

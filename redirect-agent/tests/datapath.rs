@@ -428,8 +428,8 @@ fn excluded_inbound_ports_bypass_the_proxy() {
 /// The `inbound_excluded` counter shows every inbound connection that an exclusion let
 /// through: the operator's ports and Istio's default ones (15008, 15020, 15021, 15090).
 ///
-/// PRODUCT BUG (failing when written, at a3e3e7e): `redirect-ebpf/src/sk_lookup.rs` returns `SK_PASS` for
-/// `is_proxy_port(port)` before it looks at the exclusion rules, and
+/// PRODUCT BUG (failing when written, at a3e3e7e): `redirect-ebpf/src/sk_lookup.rs` returns
+/// `SK_PASS` for `is_proxy_port(port)` before it looks at the exclusion rules, and
 /// `redirect_common::PROXY_PORTS` contains the four default excluded ports, so connections to
 /// them pass uncounted: `inbound_excluded` is 4 (the two user-excluded ports, both families)
 /// where 12 are expected. The connections themselves are handled right (see
