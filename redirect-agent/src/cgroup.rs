@@ -13,7 +13,7 @@ const TMPFS_MAGIC: i64 = 0x0102_1994;
 /// Why a path is not usable as a pod's cgroup.
 #[derive(Debug, thiserror::Error)]
 pub enum CgroupError {
-    #[error("cgroup {path}: {source}")]
+    #[error("cgroup {path}")]
     Io { path: PathBuf, source: io::Error },
     /// A cgroup v1 hierarchy: BPF programs attach to cgroup v2 only.
     #[error("cgroup {0} is a cgroup v1 directory; redirect needs a cgroup v2 directory")]

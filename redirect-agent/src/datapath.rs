@@ -77,10 +77,10 @@ impl Hook {
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
     /// bpffs is not mounted and could not be mounted.
-    #[error("cannot mount bpffs at {path}: {source}")]
+    #[error("cannot mount bpffs at {path}")]
     Mount { path: PathBuf, source: io::Error },
     /// A pin directory could not be created or read.
-    #[error("{path}: {source}")]
+    #[error("{path}")]
     Io { path: PathBuf, source: io::Error },
     /// The object could not be loaded (maps created or reused).
     #[error("cannot load the datapath object: {0}")]
@@ -92,7 +92,7 @@ pub enum DatapathError {
         detail: String,
     },
     /// Attaching a program to the pod's cgroup or netns failed.
-    #[error("cannot attach {program} to {target}: {source}")]
+    #[error("cannot attach {program} to {target}")]
     Attach {
         program: &'static str,
         target: PathBuf,

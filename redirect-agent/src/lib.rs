@@ -15,3 +15,17 @@ pub mod probe;
 pub mod spec;
 pub mod state;
 pub mod stats;
+
+/// An error and its causes on one line, `outer: cause: root cause`, as `{:#}` prints an
+/// `anyhow::Error`. Error types here keep their cause in `source()` rather than in their
+/// message, so it is printed once.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(cause) = cur {
+        out.push_str(": ");
+        out.push_str(&cause.to_string());
+        cur = cause.source();
+    }
+    out
+}

@@ -14,10 +14,10 @@ use std::{
 #[derive(Debug, thiserror::Error)]
 pub enum NetnsError {
     /// The namespace file could not be opened (missing, or no permission).
-    #[error("cannot open network namespace {path}: {source}")]
+    #[error("cannot open network namespace {path}")]
     Open { path: PathBuf, source: io::Error },
     /// The file exists but is not a network namespace, or setns was refused.
-    #[error("cannot enter network namespace {path}: {source}")]
+    #[error("cannot enter network namespace {path}")]
     Enter { path: PathBuf, source: io::Error },
 }
 

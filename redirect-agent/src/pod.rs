@@ -226,9 +226,26 @@ fn apply(
     old: Option<&PodRecord>,
     mut record: PodRecord,
 ) -> Result<(PodRecord, usize), PodError> {
+    let mut added_now = false;
     if record.pod_ips.iter().any(|ip| ip.is_ipv6()) && !record.added_lo6 {
-        record.added_lo6 = add_passthrough_src6(&record.netns)?;
+        added_now = add_passthrough_src6(&record.netns)?;
+        record.added_lo6 = added_now;
     }
+    let netns = record.netns.clone();
+    let result = attach_and_write(dp, store, old, record);
+    if result.is_err() && added_now {
+        // The caller's rollback only knows the old record: undo the ::6 this call added.
+        let _ = remove_passthrough_src6(&netns);
+    }
+    result
+}
+
+fn attach_and_write(
+    dp: &mut Datapath,
+    store: &StateStore,
+    old: Option<&PodRecord>,
+    record: PodRecord,
+) -> Result<(PodRecord, usize), PodError> {
     if old.is_none() {
         zero_counters(dp, record.slot)?;
     }

@@ -371,6 +371,16 @@ const BPF_PROG_TYPE_SK_LOOKUP: u32 = 30;
 
 /// Loads `r0 = 1; exit`, the smallest program of a type, for the link probes.
 fn trivial_program(prog_type: u32, attach: AttachType) -> Result<OwnedFd, String> {
+    let load = |retried: bool| trivial_program_once(prog_type, attach, retried);
+    load(false)
+}
+
+fn trivial_program_once(
+    prog_type: u32,
+    attach: AttachType,
+    retried: bool,
+) -> Result<OwnedFd, String> {
+    let load = |retried: bool| trivial_program_once(prog_type, attach, retried);
     // mov64 r0, 1 ; exit
     let insns: [u64; 2] = [
         u64::from_le_bytes([0xb7, 0, 0, 0, 1, 0, 0, 0]),
@@ -396,7 +406,19 @@ fn trivial_program(prog_type: u32, attach: AttachType) -> Result<OwnedFd, String
         )
     };
     if fd < 0 {
-        return Err(format!("program load: {}", std::io::Error::last_os_error()));
+        let err = std::io::Error::last_os_error();
+        // Before 5.11 programs are charged to RLIMIT_MEMLOCK: raise it and retry, as aya does.
+        if err.raw_os_error() == Some(libc::EPERM) && kernel_version() < (5, 11) && !retried {
+            let inf = libc::rlimit {
+                rlim_cur: libc::RLIM_INFINITY,
+                rlim_max: libc::RLIM_INFINITY,
+            };
+            // SAFETY: a valid rlimit.
+            if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &inf) } == 0 {
+                return load(true);
+            }
+        }
+        return Err(format!("program load: {err}"));
     }
     // SAFETY: the kernel returned a new fd that we own.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })

@@ -57,12 +57,12 @@ impl PodRecord {
 /// Failures of the state store.
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
-    #[error("{path}: {source}")]
+    #[error("{path}")]
     Io {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("{path}: corrupt pod record: {source}")]
+    #[error("{path}: corrupt pod record")]
     Corrupt {
         path: PathBuf,
         source: serde_json::Error,

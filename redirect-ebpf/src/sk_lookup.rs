@@ -49,17 +49,20 @@ fn on_lookup(ctx: &SkLookupContext) -> u32 {
     let Some((slot, cfg)) = config(slot) else {
         return SK_PASS;
     };
-    let port = port as u16;
-    if is_proxy_port(cfg, port) {
-        return SK_PASS;
-    }
     // Connections made inside the pod (the application to its own address, the proxy's
     // delivery from 127.0.0.6) are never captured; the connect hooks already decided them.
     if remote.is_loopback() || remote.is_passthrough_src() || pod_of_addr(&remote) == Some(slot) {
         return SK_PASS;
     }
-    if port_rule(slot, port) & port_rule::EXCLUDE_INBOUND != 0 {
+    let port = port as u16;
+    // Exclusions first: Istio's default ones (15008, 15020, ...) are proxy ports too, and an
+    // operator reading `inbound_excluded` expects to see them counted.
+    let rule = port_rule(slot, port);
+    if rule & port_rule::EXCLUDE_INBOUND != 0 {
         count(slot, Counter::InboundExcluded);
+        return SK_PASS;
+    }
+    if is_proxy_port(cfg, port) {
         return SK_PASS;
     }
     let key = ListenerKey { slot, family };

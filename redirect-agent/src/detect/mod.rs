@@ -398,7 +398,7 @@ pub fn build_report(
                     ScanError::Denied(_) => Status::Denied,
                     _ => Status::Failed,
                 },
-                error: Some(e.to_string()),
+                error: Some(crate::error_chain(&e)),
                 listeners: Vec::new(),
                 not_listening: Vec::new(),
             },
@@ -438,7 +438,7 @@ pub fn run(args: &DetectArgs) -> anyhow::Result<ExitCode> {
     let report = match check_privileges().and_then(|()| detect(args, &Sources::default())) {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("error: {e}");
+            eprintln!("error: {}", crate::error_chain(&e));
             return Ok(ExitCode::from(2));
         }
     };
