@@ -62,6 +62,9 @@ const DEFAULT_PROGRAMS: &[&str] = &[
     "/usr/lib/cni/ptp",
 ];
 
+/// Directories of dlopen()ed plugins packed whole.
+const DLOPEN_DIRS: &[&str] = &["/usr/lib/x86_64-linux-gnu/xtables"];
+
 #[derive(clap::Args)]
 pub struct Args {
     /// Kernels to run: 5.10, 6.1, 6.12, 7.x (prefixes work: 7), host. Default: all and host.
@@ -178,8 +181,8 @@ fn clean(line: &str) -> String {
             '\r' => {}
             '\u{1b}' => {
                 // CSI ... final byte
-                if chars.peek() == Some(&'[') {
-                    chars.next();
+                // CSI sequences up to their final letter; other escapes are one character.
+                if chars.next() == Some('[') {
                     for c in chars.by_ref() {
                         if c.is_ascii_alphabetic() {
                             break;
@@ -463,7 +466,22 @@ pub fn run_with_timeout(
                 }
             }
             // panic=-1 reboots at once and -no-reboot makes qemu exit, which ends the streams.
-            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            // The process ended but something it started keeps the pipes open: take what is
+            // buffered and stop.
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                if let Ok(Some(status)) = child.try_wait() {
+                    while let Ok(Some(line)) = rx.recv_timeout(Duration::from_millis(300)) {
+                        if let Some(f) = log_file.as_mut() {
+                            let _ = f.write_all(line.as_bytes());
+                        }
+                        transcript.push_str(&line);
+                    }
+                    break match panic_line.take() {
+                        Some(l) => RunEnd::Panicked(l),
+                        None => RunEnd::Exited(status.to_string()),
+                    };
+                }
+            }
             Err(mpsc::RecvTimeoutError::Disconnected) => {
                 let status = child.wait().map(|s| s.to_string()).unwrap_or_default();
                 break match panic_line.take() {
@@ -475,10 +493,9 @@ pub fn run_with_timeout(
     };
     let _ = child.kill();
     let _ = child.wait();
-    // After a kill the pipes close and the readers end.
-    for r in readers {
-        let _ = r.join();
-    }
+    // The readers end when the pipes close; a grandchild that kept them open must not block
+    // us, so they are not joined.
+    drop(readers);
     let end = match (end, panic_line) {
         (RunEnd::Completed, _) => RunEnd::Completed,
         (RunEnd::TimedOut(_), Some(l)) => RunEnd::Panicked(l),
@@ -667,7 +684,7 @@ impl Apt {
     fn has_lists(&self) -> bool {
         fs::read_dir(self.root.join("lists")).is_ok_and(|d| {
             d.flatten()
-                .any(|e| e.file_name().to_string_lossy().ends_with("_Packages"))
+                .any(|e| e.file_name().to_string_lossy().contains("_Packages"))
         })
     }
 
@@ -1126,6 +1143,12 @@ fn host_payload(bins: &[TestBin], busybox: &Path, scratch: &Path) -> Result<Payl
             }
         }
     }
+    // Plugins loaded with dlopen, which ldd does not see (iptables' extensions).
+    for dir in DLOPEN_DIRS {
+        if let Ok(rd) = fs::read_dir(dir) {
+            executables.extend(rd.flatten().map(|e| e.path()).filter(|p| p.is_file()));
+        }
+    }
     let mut libs = BTreeSet::new();
     for exe in &executables {
         for l in shared_libs(exe) {
@@ -1161,7 +1184,8 @@ fn init_script(kernel_label: &str, bins: &[TestBin], agent: &Path) -> String {
 /busybox --install -s /bbin
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:/bbin
 export HOME=/root RUST_BACKTRACE=0 TERM=dumb
-mkdir -p /proc /sys /dev /tmp /run /root /var/lib /var/run /etc
+mkdir -p /proc /sys /dev /tmp /run /root /var/lib /var/tmp /etc
+ln -sfn /run /var/run
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev 2>/dev/null
@@ -1927,6 +1951,10 @@ test inbound ... ";
     #[test]
     fn clean_console_lines() {
         assert_eq!(clean("\u{1b}[0mtest a ... ok\r"), "test a ... ok");
+        assert_eq!(
+            clean("\u{1b}c\u{1b}[?7l\u{1b}[2J==> BOOTED x"),
+            "==> BOOTED x"
+        );
         assert_eq!(
             parse_test_line("test a::b ... ok"),
             Some(("a::b".into(), Outcome::Pass))
