@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use redirect_testbed::{echo, probe, proxy};
 
 mod demo;
+mod load;
 
 #[derive(Parser)]
 #[command(about = "Stand-ins for the application, the sidecar proxy and a client")]
@@ -40,7 +41,12 @@ enum Cmd {
         /// Append one JSON line per connection to this file.
         #[arg(long)]
         log: Option<PathBuf>,
+        /// Send every connection here instead of its original destination (explicit proxying).
+        #[arg(long)]
+        upstream: Option<SocketAddr>,
     },
+    /// Benchmark load generator: one JSON line of rate, latency percentiles and CPU.
+    Load(load::Args),
     /// Connect, send a payload, half-close, print one JSON outcome.
     Connect {
         #[arg(long)]
@@ -104,6 +110,7 @@ fn main() -> Result<()> {
             outbound_port,
             delivery,
             log,
+            upstream,
         } => proxy::run(proxy::ProxyConfig {
             inbound_port,
             outbound_port,
@@ -112,7 +119,9 @@ fn main() -> Result<()> {
                 DeliveryArg::PodIp => proxy::Delivery::PodIp,
             },
             log,
+            upstream,
         }),
+        Cmd::Load(args) => load::run(args),
         Cmd::Connect {
             to,
             payload,

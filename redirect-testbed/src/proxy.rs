@@ -48,6 +48,10 @@ pub struct ProxyConfig {
     pub delivery: Delivery,
     /// Append one [`ProxyLogEntry`] JSON line per connection here.
     pub log: Option<PathBuf>,
+    /// Send every connection here instead of its original destination: an explicitly
+    /// configured upstream, for clients that dial the proxy itself (no interception). The
+    /// delivery source (`127.0.0.6` for pod-ip) still applies on the inbound side.
+    pub upstream: Option<SocketAddr>,
 }
 
 /// One line of the proxy's `--log`.
@@ -174,23 +178,30 @@ impl Proxy {
             upstream_local: None,
             result: String::new(),
         };
-        let orig = match (original_dst(&client, local.is_ipv6()), side) {
-            (Ok(a), _) => {
-                entry.orig_dst_source = Some("so_original_dst".into());
-                a
-            }
-            (Err(_), Side::Inbound) => {
-                entry.orig_dst_source = Some("getsockname".into());
-                local
-            }
-            (Err(e), Side::Outbound) => {
-                entry.result = format!("no_original_dst: {e}");
-                return self.log(&entry);
+        let orig = if let Some(fixed) = self.cfg.upstream {
+            entry.orig_dst_source = Some("fixed".into());
+            fixed
+        } else {
+            match (original_dst(&client, local.is_ipv6()), side) {
+                (Ok(a), _) => {
+                    entry.orig_dst_source = Some("so_original_dst".into());
+                    a
+                }
+                (Err(_), Side::Inbound) => {
+                    entry.orig_dst_source = Some("getsockname".into());
+                    local
+                }
+                (Err(e), Side::Outbound) => {
+                    entry.result = format!("no_original_dst: {e}");
+                    return self.log(&entry);
+                }
             }
         };
         entry.orig_dst = Some(orig);
         // A connection addressed to the proxy itself would make it connect to itself forever.
-        if [self.cfg.inbound_port, self.cfg.outbound_port].contains(&orig.port()) {
+        if self.cfg.upstream.is_none()
+            && [self.cfg.inbound_port, self.cfg.outbound_port].contains(&orig.port())
+        {
             entry.result = format!("loop: original destination {orig} is a proxy listener");
             return self.log(&entry);
         }

@@ -32,11 +32,8 @@ enum Command {
     Test(test::Args),
     /// setup, build the workspace binaries, then run `redirect-testbed demo`.
     Demo(demo::Args),
-    /// Benchmarks.
-    Bench {
-        #[command(subcommand)]
-        command: bench::Command,
-    },
+    /// Benchmarks: the data path against iptables (default), or `detect`.
+    Bench(bench::Args),
     /// Boot Debian kernels (5.10, 6.1, 6.12, 7.x) under qemu and run the integration tests in
     /// each, plus the host kernel natively; prints a kernel x test matrix, writes KERNELS.md.
     Kernels(kernels::Args),
@@ -48,7 +45,7 @@ fn main() {
         Command::Setup => setup::run(),
         Command::Test(args) => test::run(args),
         Command::Demo(args) => demo::run(args),
-        Command::Bench { command } => bench::run(command),
+        Command::Bench(args) => bench::run(args),
         Command::Kernels(args) => kernels::run(args),
     };
     if let Err(err) = result {
