@@ -166,6 +166,12 @@ pub fn enroll(store: &StateStore, pin_root: &Path, spec: &PodSpec) -> Result<Enr
             return Err(e.into());
         }
     };
+    // What the rollback of a fresh enrolment removes: everything of this pod but the ::6,
+    // which `apply` undoes itself when it added it.
+    let stub = PodRecord {
+        added_lo6: false,
+        ..record.clone()
+    };
     let result = apply(&mut dp, store, existing.as_ref(), record);
     if result.is_err() {
         // Put back exactly what was there: the old pod, or nothing.
@@ -175,10 +181,6 @@ pub fn enroll(store: &StateStore, pin_root: &Path, spec: &PodSpec) -> Result<Enr
                 let _ = store.put(old);
             }
             None => {
-                let stub = PodRecord {
-                    added_lo6: false,
-                    ..stub_record(spec, cgroup_id, netns_inode, slot)
-                };
                 let _ = teardown(&mut dp, &stub);
                 if store.list().map(|l| l.is_empty()).unwrap_or(false) {
                     drop(dp);
@@ -193,31 +195,6 @@ pub fn enroll(store: &StateStore, pin_root: &Path, spec: &PodSpec) -> Result<Enr
         updated: existing.is_some(),
         adopted_listeners,
     })
-}
-
-fn stub_record(spec: &PodSpec, cgroup_id: u64, netns_inode: u64, slot: u32) -> PodRecord {
-    PodRecord {
-        name: spec.name.clone(),
-        cgroup: spec.cgroup.clone(),
-        cgroup_id,
-        netns: spec.netns.clone(),
-        netns_inode,
-        pod_ips: spec.pod_ips.clone(),
-        proxy_uid: spec.proxy_uid,
-        inbound_policy: spec.inbound_policy,
-        port_policies: spec.port_policies.clone(),
-        exclude_inbound_ports: spec.exclude_inbound_ports.clone(),
-        exclude_outbound_ports: spec.exclude_outbound_ports.clone(),
-        exclude_outbound_cidrs: spec
-            .exclude_outbound_cidrs
-            .iter()
-            .map(|c| c.to_string())
-            .collect(),
-        proxy_inbound_port: spec.proxy_inbound_port,
-        proxy_outbound_port: spec.proxy_outbound_port,
-        slot,
-        added_lo6: false,
-    }
 }
 
 fn apply(
