@@ -43,7 +43,8 @@ const DEFAULT_TESTS: &[&str] = &[
 ];
 
 const DEFAULT_MODULES: &str = "veth,bridge,br_netfilter,nf_tables,nft_compat,nft_chain_nat,\
-nft_redir,xt_REDIRECT,xt_tcpudp,xt_owner,xt_conntrack,nf_conntrack,nf_nat";
+nft_nat,nft_redir,nft_counter,nft_ct,xt_REDIRECT,xt_tcpudp,xt_owner,xt_conntrack,xt_addrtype,\
+xt_comment,xt_mark,xt_multiport,nf_conntrack,nf_nat";
 
 /// Host programs the test bed runs (found on PATH, or at the given absolute path), packed with
 /// their libraries. Missing ones are left out with a note.
@@ -56,6 +57,7 @@ const DEFAULT_PROGRAMS: &[&str] = &[
     "xtables-nft-multi",
     "xtables-legacy-multi",
     "nft",
+    "bpftool",
     "/usr/lib/cni/bridge",
     "/usr/lib/cni/host-local",
     "/usr/lib/cni/loopback",
@@ -77,7 +79,7 @@ pub struct Args {
     #[arg(long, default_value = DEFAULT_MODULES)]
     pub modules: String,
     /// Seconds a guest may run before it is killed and its cells fail.
-    #[arg(long, default_value_t = 420)]
+    #[arg(long, default_value_t = 600)]
     pub timeout: u64,
     /// Guests booted at once.
     #[arg(long, default_value_t = 2)]
@@ -1107,6 +1109,8 @@ fn stripped(bin: &Path, scratch: &Path) -> Result<Vec<u8>> {
 /// The files every guest gets, as (guest path, mode, contents), and the programs left out.
 struct Payload {
     files: Vec<(String, u32, Vec<u8>)>,
+    /// Empty directories the tests run in.
+    dirs: Vec<String>,
     notes: Vec<String>,
 }
 
@@ -1169,7 +1173,11 @@ fn host_payload(bins: &[TestBin], busybox: &Path, scratch: &Path) -> Result<Payl
     for (alias, canon) in aliases {
         files.push((alias, 0o120777, canon.into_bytes()));
     }
-    Ok(Payload { files, notes })
+    let dirs = bins
+        .iter()
+        .map(|b| b.cwd.to_string_lossy().into_owned())
+        .collect();
+    Ok(Payload { files, dirs, notes })
 }
 
 /// Host paths through the merged-/usr links (/lib -> usr/lib): the guest has the same links.
@@ -1263,6 +1271,9 @@ fn build_initramfs(
     c.char_dev("/dev/console", 5, 1)?;
     c.char_dev("/dev/null", 1, 3)?;
     c.file("/init", 0o755, init.as_bytes())?;
+    for dir in &payload.dirs {
+        c.dir(dir)?;
+    }
     let order: Vec<&str> = modules.iter().map(|(n, _)| n.as_str()).collect();
     c.file("/modules/order", 0o644, order.join("\n").as_bytes())?;
     for (n, data) in modules {
