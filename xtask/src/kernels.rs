@@ -206,6 +206,7 @@ pub fn parse_console(text: &str) -> Parsed {
     let mut fail_block: Option<(String, Vec<String>)> = None;
     let mut fail_msgs: HashMap<(String, String), String> = HashMap::new();
     let mut probe: Option<String> = None;
+    let mut pending: Option<String> = None;
     for raw in text.lines() {
         let line = clean(raw);
         if let Some(buf) = probe.as_mut() {
@@ -252,7 +253,26 @@ pub fn parse_console(text: &str) -> Parsed {
             }
             if let Some((name, outcome)) = parse_test_line(&line) {
                 p.results.entry(bin).or_default().insert(name, outcome);
+                pending = None;
                 continue;
+            }
+            // A test's child wrote onto the harness's line: the verdict follows on its own line.
+            if let Some(name) = line
+                .strip_prefix("test ")
+                .and_then(|r| r.split_once(" ... "))
+                .map(|(n, _)| n.trim().to_string())
+            {
+                pending = Some(name);
+                continue;
+            }
+            if let Some(name) = pending.take() {
+                match parse_verdict(line.trim()) {
+                    Some(outcome) => {
+                        p.results.entry(bin).or_default().insert(name, outcome);
+                        continue;
+                    }
+                    None => pending = Some(name),
+                }
             }
             if line.starts_with("failures:") || line.starts_with("test result:") {
                 if let Some((prev, lines)) = fail_block.take() {
@@ -285,7 +305,10 @@ pub fn parse_console(text: &str) -> Parsed {
 fn parse_test_line(line: &str) -> Option<(String, Outcome)> {
     let rest = line.strip_prefix("test ")?;
     let (name, verdict) = rest.split_once(" ... ")?;
-    let verdict = verdict.trim();
+    Some((name.trim().to_string(), parse_verdict(verdict.trim())?))
+}
+
+fn parse_verdict(verdict: &str) -> Option<Outcome> {
     let outcome = if verdict == "ok" {
         Outcome::Pass
     } else if verdict == "FAILED" {
@@ -300,7 +323,7 @@ fn parse_test_line(line: &str) -> Option<(String, Outcome)> {
     } else {
         return None;
     };
-    Some((name.trim().to_string(), outcome))
+    Some(outcome)
 }
 
 /// The panic message of a failed test: the lines after `panicked at FILE:LINE:`.
@@ -1896,7 +1919,8 @@ test result: FAILED. 1 passed; 1 failed; 1 ignored; 0 measured; 0 filtered out\r
 ==> TEST-END redirect-agent:probe 101\r
 ==> TEST-BEGIN redirect-agent:datapath\r
 running 2 tests\r
-test enroll_connect ... ok\r
+test enroll_connect ... enrolled web (slot 0)\r
+ok\r
 test inbound ... ";
 
     fn expected() -> Vec<(String, Vec<String>)> {
@@ -1933,6 +1957,11 @@ test inbound ... ";
         assert_eq!(p.ended["redirect-agent:probe"], 101);
         // A test still running when the console stops is not a result.
         assert!(!p.results["redirect-agent:datapath"].contains_key("inbound"));
+        // A verdict pushed to the next line by a child's output still counts.
+        assert_eq!(
+            p.results["redirect-agent:datapath"]["enroll_connect"],
+            Outcome::Pass
+        );
     }
 
     #[test]
