@@ -72,6 +72,8 @@ pub struct LoadReport {
     /// Operations completed in the window (bytes for bulk).
     pub ops: u64,
     pub errors: u64,
+    /// Operations of the warm-up before the window (bytes for bulk).
+    pub warmup_ops: u64,
     pub secs: f64,
     /// ops / secs.
     pub rate: f64,
@@ -141,9 +143,11 @@ struct Window {
     mark: CpuMark,
 }
 
+#[allow(clippy::too_many_arguments)]
 fn report(
     args: &Args,
     hist: Option<&Histogram<u64>>,
+    warmup_ops: u64,
     ops: u64,
     errors: u64,
     first_error: Option<String>,
@@ -160,6 +164,7 @@ fn report(
         size: args.size,
         ops,
         errors,
+        warmup_ops,
         secs,
         rate: ops as f64 / secs,
         p50_us: pct(0.50),
@@ -189,8 +194,10 @@ fn rr(args: &Args) -> Result<LoadReport> {
     let mut resp = vec![0; req.len()];
     let mut s = connect(args).with_context(|| format!("connecting to {}", args.to))?;
     let warm_end = Instant::now() + Duration::from_millis(args.warmup_ms);
+    let mut warm = 0;
     while Instant::now() < warm_end {
         exchange(&mut s, &req, &mut resp).context("warm-up exchange")?;
+        warm += 1;
     }
     let mut hist = histogram();
     let window = Window {
@@ -208,7 +215,7 @@ fn rr(args: &Args) -> Result<LoadReport> {
         hist.saturating_record(t0.elapsed().as_nanos() as u64);
         ops += 1;
     }
-    report(args, Some(&hist), ops, 0, None, window)
+    report(args, Some(&hist), warm, ops, 0, None, window)
 }
 
 fn crr_once(args: &Args, req: &[u8], resp: &mut [u8]) -> io::Result<()> {
@@ -222,9 +229,11 @@ fn crr(args: &Args) -> Result<LoadReport> {
     let req = vec![b'x'; args.size.max(1)];
     let mut resp = vec![0; req.len()];
     let warm_end = Instant::now() + Duration::from_millis(args.warmup_ms);
+    let mut warm = 0;
     while Instant::now() < warm_end {
         crr_once(args, &req, &mut resp)
             .with_context(|| format!("warm-up connection to {}", args.to))?;
+        warm += 1;
     }
     let mut hist = histogram();
     let window = Window {
@@ -252,7 +261,7 @@ fn crr(args: &Args) -> Result<LoadReport> {
             }
         }
     }
-    report(args, Some(&hist), ops, errors, first_error, window)
+    report(args, Some(&hist), warm, ops, errors, first_error, window)
 }
 
 fn bulk(args: &Args) -> Result<LoadReport> {
@@ -295,7 +304,7 @@ fn bulk(args: &Args) -> Result<LoadReport> {
     let before = received.load(Ordering::Relaxed);
     std::thread::sleep(Duration::from_millis(args.duration_ms));
     let bytes = received.load(Ordering::Relaxed) - before;
-    let rep = report(args, None, bytes, 0, None, window)?;
+    let rep = report(args, None, before, bytes, 0, None, window)?;
     stop.store(true, Ordering::Relaxed);
     let werr = w.join().map_err(|_| anyhow::anyhow!("writer panicked"))?;
     let rerr = r.join().map_err(|_| anyhow::anyhow!("reader panicked"))?;

@@ -404,7 +404,9 @@ pub fn run(opts: Opts) -> Result<()> {
                 let s =
                     bed.measure("bpf-stats", cfg, *wl, 0, Scale::default(), timing, &running)?;
                 let after = bed.bpf_stats()?;
-                let ops = s.load["ops"].as_u64().unwrap_or(0);
+                // The statistics also count the warm-up, so divide by every operation.
+                let ops = s.load["ops"].as_u64().unwrap_or(0)
+                    + s.load["warmup_ops"].as_u64().unwrap_or(0);
                 for (prog, (cnt, ns)) in &after {
                     let (c0, n0) = before.get(prog).copied().unwrap_or_default();
                     bpf.push(BpfStat {
@@ -578,6 +580,8 @@ fn meta(
         "pinned_cpu": cpu,
         "timing": timing,
         "elapsed_s": elapsed_s,
+        // Other work on the machine during the run (the benchmark's own CPU is one of them).
+        "loadavg_end": fs::read_to_string("/proc/loadavg").unwrap_or_default().trim(),
         "profile": if opts.debug || opts.quick { "debug" } else { "release" },
     }))
 }

@@ -222,6 +222,11 @@ pub fn write(results: &Value, out_dir: &Path, md_path: &Path) -> Result<()> {
     writeln!(w, "| iptables | {} |", s(&meta["iptables"]))?;
     writeln!(w, "| nginx | {} |", s(&meta["nginx"]))?;
     writeln!(w, "| binaries | {} profile |", s(&meta["profile"]))?;
+    writeln!(
+        w,
+        "| load average at the end | {} (other work on the machine during the run) |",
+        s(&meta["loadavg_end"])
+    )?;
     let t = &meta["timing"];
     writeln!(
         w,
@@ -370,7 +375,7 @@ fn full_tables(w: &mut String, results: &Value, g: &Groups) -> Result<()> {
                 a("p90"),
                 a("p99"),
                 a("cpu_per_op"),
-                fmt_num(g.agg("main", c, wl, 0, 0, "conntrack").med),
+                format!("{:.0}", g.agg("main", c, wl, 0, 0, "conntrack").med),
             )?;
         }
         writeln!(w)?;
@@ -388,7 +393,7 @@ fn full_tables(w: &mut String, results: &Value, g: &Groups) -> Result<()> {
             "| `{c}` | {} | {} | {} |",
             a("gib_s"),
             a("cpu_s_per_gib"),
-            fmt_num(g.agg("main", c, "bulk", 0, 0, "conntrack").med)
+            format!("{:.0}", g.agg("main", c, "bulk", 0, 0, "conntrack").med)
         )?;
     }
     writeln!(w)?;
@@ -573,7 +578,9 @@ fn bpf(w: &mut String, results: &Value) -> Result<()> {
     writeln!(
         w,
         "One pass per workload with statistics on. Calls per operation count both pods' \
-         programs; ns per call is `run_time_ns / run_cnt`. For bulk an operation is one byte.\n"
+         programs over every operation of the pass (warm-up included); ns per call is \
+         `run_time_ns / run_cnt`. rr and bulk run on one kept connection, so their programs \
+         run only at connection setup; for bulk an operation is one byte.\n"
     )?;
     writeln!(
         w,
