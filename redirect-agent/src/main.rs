@@ -226,17 +226,15 @@ fn stats_cmd(cli: &Cli, name: Option<&str>, output: Format) -> anyhow::Result<Ex
             );
         }
         Format::Table => {
-            let mut header = vec!["NAME"];
-            header.extend(redirect_common::Counter::ALL.iter().map(|c| c.name()));
-            let table: Vec<Vec<String>> = rows
+            // One column per pod, one row per counter: 14 counters fit a terminal's height
+            // better than its width.
+            let mut header = vec!["COUNTER"];
+            header.extend(rows.iter().map(|(n, _)| n.as_str()));
+            let table: Vec<Vec<String>> = redirect_common::Counter::ALL
                 .iter()
-                .map(|(n, c)| {
-                    let mut r = vec![n.clone()];
-                    r.extend(
-                        redirect_common::Counter::ALL
-                            .iter()
-                            .map(|k| c[k.name()].to_string()),
-                    );
+                .map(|k| {
+                    let mut r = vec![k.name().to_owned()];
+                    r.extend(rows.iter().map(|(_, c)| c[k.name()].to_string()));
                     r
                 })
                 .collect();
