@@ -949,12 +949,12 @@ pub fn modinfo_depends(ko: &[u8]) -> Vec<String> {
         .collect()
 }
 
+/// Module names with their (decompressed) contents, in insmod order.
+type Modules = Vec<(String, Vec<u8>)>;
+
 /// The modules to insmod, dependencies first, with their (decompressed) contents; and the
 /// requested ones that are neither modules nor built in.
-fn module_plan(
-    modules_dir: &Path,
-    wanted: &[String],
-) -> Result<(Vec<(String, Vec<u8>)>, Vec<String>)> {
+fn module_plan(modules_dir: &Path, wanted: &[String]) -> Result<(Modules, Vec<String>)> {
     let mut files: HashMap<String, PathBuf> = HashMap::new();
     let mut stack = vec![modules_dir.join("kernel")];
     while let Some(d) = stack.pop() {
