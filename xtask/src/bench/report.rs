@@ -632,7 +632,7 @@ fn path_checks(w: &mut String, results: &Value) -> Result<()> {
          by at least one per connection, and conntrack has entries; in the ebpf mode redirect's \
          per-pod counters `outbound_captured`, `inbound_captured` and `delivered_pod_ip` grew by \
          at least one per connection, and both pods have **zero** conntrack entries; `direct` \
-         and `explicit` have zero conntrack entries; no operation failed.\n"
+         and `explicit` have zero conntrack entries.\n"
     )?;
     if bad.is_empty() {
         writeln!(w, "All {} measurements passed. Examples:\n", samples.len())?;
@@ -656,6 +656,27 @@ fn path_checks(w: &mut String, results: &Value) -> Result<()> {
                 s["path"].as_str().unwrap_or("")
             )?;
         }
+    }
+    let errs: Vec<String> = samples
+        .iter()
+        .filter(|s| s["load"]["errors"].as_u64().unwrap_or(0) > 0)
+        .map(|s| {
+            format!(
+                "- `{}` {} rep {}: {} failed operations ({})",
+                s["config"].as_str().unwrap_or(""),
+                s["workload"].as_str().unwrap_or(""),
+                s["rep"],
+                s["load"]["errors"],
+                s["load"]["first_error"].as_str().unwrap_or("")
+            )
+        })
+        .collect();
+    if !errs.is_empty() {
+        writeln!(
+            w,
+            "\nOperations that failed (timed out after 10 s) inside otherwise valid measurements:\n"
+        )?;
+        writeln!(w, "{}", errs.join("\n"))?;
     }
     writeln!(w)?;
     Ok(())
