@@ -50,5 +50,5 @@ fn on_bind(ctx: &SockAddrContext, family: u16) {
         slot,
         family: family as u32,
     };
-    let _ = LISTENER_TAGS.insert(&cookie, &key, 0);
+    let _ = LISTENER_TAGS.insert(cookie, key, 0);
 }

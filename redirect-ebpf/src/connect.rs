@@ -149,7 +149,7 @@ fn remember_quiet(ctx: &SockAddrContext, slot: u32, dst: Addr, port: u16, kind: 
         slot,
         kind: kind as u32,
     };
-    PENDING.insert(&cookie, &orig, 0).is_ok()
+    PENDING.insert(cookie, orig, 0).is_ok()
 }
 
 #[inline(always)]

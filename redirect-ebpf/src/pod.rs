@@ -19,7 +19,7 @@ const MAX_ANCESTOR_LEVELS: i32 = 16;
 #[inline(always)]
 pub fn current_pod() -> Option<(u32, &'static PodConfig)> {
     let id = unsafe { bpf_get_current_cgroup_id() };
-    if let Some(slot) = unsafe { POD_CGROUPS.get(&id) } {
+    if let Some(slot) = unsafe { POD_CGROUPS.get(id) } {
         return config(*slot);
     }
     // The task sits below the pod's cgroup (a container's cgroup): walk down from the root.
@@ -28,7 +28,7 @@ pub fn current_pod() -> Option<(u32, &'static PodConfig)> {
         if id == 0 {
             return None;
         }
-        if let Some(slot) = unsafe { POD_CGROUPS.get(&id) } {
+        if let Some(slot) = unsafe { POD_CGROUPS.get(id) } {
             return config(*slot);
         }
     }
@@ -39,7 +39,7 @@ pub fn current_pod() -> Option<(u32, &'static PodConfig)> {
 #[inline(always)]
 pub fn current_pod_exact() -> Option<(u32, &'static PodConfig)> {
     let id = unsafe { bpf_get_current_cgroup_id() };
-    let slot = unsafe { POD_CGROUPS.get(&id) }?;
+    let slot = unsafe { POD_CGROUPS.get(id) }?;
     config(*slot)
 }
 
@@ -59,7 +59,7 @@ pub fn pod_of_addr(addr: &Addr) -> Option<u32> {
         addr: addr.words,
         family: addr.family as u32,
     };
-    unsafe { POD_ADDRS.get(&key) }.copied()
+    unsafe { POD_ADDRS.get(key) }.copied()
 }
 
 /// The port's rule bits for a pod, 0 when it has none.
@@ -70,7 +70,7 @@ pub fn port_rule(slot: u32, port: u16) -> u32 {
         port,
         _pad: 0,
     };
-    unsafe { PORT_RULES.get(&key) }.copied().unwrap_or(0)
+    unsafe { PORT_RULES.get(key) }.copied().unwrap_or(0)
 }
 
 /// The delivery policy for `port`: its own, else the pod's.

@@ -44,10 +44,10 @@ fn cookie(ctx: &SockOpsContext) -> u64 {
 #[inline(always)]
 fn on_listen(ctx: &SockOpsContext) {
     let cookie = cookie(ctx);
-    let Some(key) = (unsafe { LISTENER_TAGS.get(&cookie) }).copied() else {
+    let Some(key) = (unsafe { LISTENER_TAGS.get(cookie) }).copied() else {
         return;
     };
-    let _ = LISTENER_TAGS.remove(&cookie);
+    let _ = LISTENER_TAGS.remove(cookie);
     let mut key = key;
     if LISTENERS
         .update(&mut key, unsafe { &mut *ctx.ops }, 0)
@@ -63,7 +63,7 @@ fn on_listen(ctx: &SockOpsContext) {
 /// when it closes, and a refused delivery is counted.
 #[inline(always)]
 fn on_connect(ctx: &SockOpsContext) {
-    if unsafe { PENDING.get(&cookie(ctx)) }.is_some() {
+    if unsafe { PENDING.get(cookie(ctx)) }.is_some() {
         let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
     }
 }
@@ -73,16 +73,16 @@ fn on_connect(ctx: &SockOpsContext) {
 #[inline(always)]
 fn on_established(ctx: &SockOpsContext) {
     let cookie = cookie(ctx);
-    let Some(orig) = (unsafe { PENDING.get(&cookie) }).copied() else {
+    let Some(orig) = (unsafe { PENDING.get(cookie) }).copied() else {
         return;
     };
-    let _ = PENDING.remove(&cookie);
+    let _ = PENDING.remove(cookie);
     if orig.kind == ConnKind::Delivery as u32 {
         // Deliveries need no bookkeeping once connected; stop the per-state callbacks.
         let _ = ctx.set_cb_flags((ctx.cb_flags() & !BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
         return;
     }
-    if ORIG_DST.insert(&tuple(ctx), &orig, 0).is_err() {
+    if ORIG_DST.insert(tuple(ctx), orig, 0).is_err() {
         count(orig.slot, Counter::MapFull);
     }
 }
@@ -93,14 +93,14 @@ fn on_state(ctx: &SockOpsContext) {
         return;
     }
     let cookie = cookie(ctx);
-    if let Some(orig) = unsafe { PENDING.get(&cookie) } {
+    if let Some(orig) = unsafe { PENDING.get(cookie) } {
         if orig.kind == ConnKind::Delivery as u32 && ctx.arg(0) == BPF_TCP_SYN_SENT {
             count(orig.slot, Counter::DeliveryRefused);
         }
-        let _ = PENDING.remove(&cookie);
+        let _ = PENDING.remove(cookie);
         return;
     }
-    let _ = ORIG_DST.remove(&tuple(ctx));
+    let _ = ORIG_DST.remove(tuple(ctx));
 }
 
 /// The connection's four-tuple from the client socket's point of view.

@@ -48,7 +48,7 @@ fn on_getsockopt(ctx: &SockoptContext) {
         dst_port: local_port,
         family: family as u32,
     };
-    if let Some(orig) = unsafe { ORIG_DST.get(&key) } {
+    if let Some(orig) = unsafe { ORIG_DST.get(key) } {
         if answer(ctx, orig) {
             count(orig.slot, Counter::OrigDstHit);
         }

@@ -22,7 +22,8 @@ pub fn run(args: Args) -> Result<()> {
     build.push("--bins");
     let mut clippy = ws(&["clippy", "--all-targets"]);
     clippy.extend(["--", "-D", "warnings"]);
-    let mut test = ws(&["test"]);
+    // --no-fail-fast: one failing test binary must not hide the others' results.
+    let mut test = ws(&["test", "--no-fail-fast"]);
     test.extend(args.cargo_test_args.iter().map(String::as_str));
     let steps: [(&str, Vec<&str>); 4] = [
         ("build binaries", build),
@@ -30,7 +31,7 @@ pub fn run(args: Args) -> Result<()> {
         ("clippy", clippy),
         ("tests", test),
     ];
-    let total = steps.len() + 1;
+    let total = steps.len() + 2;
 
     header(&format!("[1/{total}] setup"));
     crate::setup::run().context("step 'setup' failed")?;
@@ -47,6 +48,21 @@ pub fn run(args: Args) -> Result<()> {
         util::run(&mut cmd).with_context(|| format!("step '{name}' failed"))?;
         println!("  ok ({:.1}s)", step_start.elapsed().as_secs_f64());
     }
+    // The kernel programs only build for the bpf target, so the host clippy above cannot see
+    // them: lint them on their own target with the nightly toolchain aya-build uses.
+    let mut ebpf = std::process::Command::new("rustup");
+    ebpf.current_dir(util::workspace_root())
+        .args(["run", "nightly", "cargo", "clippy", "-p", "redirect-ebpf"])
+        .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core", "--release"])
+        .args(["--", "-D", "warnings"])
+        .env_remove("RUSTC")
+        .env_remove("RUSTC_WORKSPACE_WRAPPER")
+        .env_remove("CARGO");
+    header(&format!("[{total}/{total}] clippy (eBPF): {}", util::display(&ebpf)));
+    let step_start = Instant::now();
+    util::run(&mut ebpf).context("step 'clippy (eBPF)' failed")?;
+    println!("  ok ({:.1}s)", step_start.elapsed().as_secs_f64());
+
     header(&format!(
         "all {total} steps passed in {:.0}s",
         start.elapsed().as_secs_f64()
