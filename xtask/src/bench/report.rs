@@ -235,6 +235,10 @@ pub fn write(results: &Value, out_dir: &Path, md_path: &Path) -> Result<()> {
     )?;
 
     method(w)?;
+    // Hand-written reading of the figures, kept beside the results so a rewrite keeps it.
+    if let Ok(notes) = fs::read_to_string(out_dir.join("notes.md")) {
+        writeln!(w, "## What this run shows\n\n{}\n", notes.trim())?;
+    }
     headline(w, results, &groups)?;
     writeln!(w, "### Latency per mode\n")?;
     for c in &charts.latency {
