@@ -28,7 +28,7 @@ struct Cli {
 enum Command {
     /// Install what this machine lacks (Debian packages, nightly + rust-src, bpf-linker). Idempotent.
     Setup,
-    /// setup, build the workspace binaries, fmt check, clippy -D warnings, cargo test --workspace.
+    /// Everything CI checks: setup, build, fmt, clippy (host and eBPF), every test, bench --quick, the kernel matrix.
     Test(test::Args),
     /// setup, build the workspace binaries, then run `redirect-testbed demo`.
     Demo(demo::Args),

@@ -9,6 +9,10 @@ use crate::util::{self, header};
 
 #[derive(clap::Args)]
 pub struct Args {
+    /// Skip the kernel matrix (`cargo xtask kernels`, about 17 minutes under qemu), for quick
+    /// local iterations. CI runs it.
+    #[arg(long)]
+    pub no_kernels: bool,
     /// Extra arguments appended to `cargo test --workspace` (after `--`).
     #[arg(last = true)]
     pub cargo_test_args: Vec<String>,
@@ -31,7 +35,7 @@ pub fn run(args: Args) -> Result<()> {
         ("clippy", clippy),
         ("tests", test),
     ];
-    let total = steps.len() + 3;
+    let total = steps.len() + 3 + usize::from(!args.no_kernels);
 
     header(&format!("[1/{total}] setup"));
     crate::setup::run().context("step 'setup' failed")?;
@@ -66,7 +70,7 @@ pub fn run(args: Args) -> Result<()> {
         .env_remove("CARGO");
     header(&format!(
         "[{}/{total}] clippy (eBPF): {}",
-        total - 1,
+        steps.len() + 2,
         util::display(&ebpf)
     ));
     let step_start = Instant::now();
@@ -85,6 +89,24 @@ pub fn run(args: Args) -> Result<()> {
     let step_start = Instant::now();
     util::run(&mut bench).context("step 'bench --quick' failed")?;
     println!("  ok ({:.1}s)", step_start.elapsed().as_secs_f64());
+
+    if !args.no_kernels {
+        // The datapath and probe tests on 5.10, 6.1, 6.12 and 7.x under qemu, and the host.
+        // The report goes under target/ so a test run never rewrites the committed KERNELS.md.
+        let report = util::workspace_root().join("target/kernels/KERNELS.md");
+        let mut kernels = std::process::Command::new(std::env::current_exe()?);
+        kernels
+            .current_dir(util::workspace_root())
+            .args(["kernels", "--markdown"])
+            .arg(&report);
+        header(&format!(
+            "[{total}/{total}] kernels: cargo xtask kernels --markdown {}",
+            report.display()
+        ));
+        let step_start = Instant::now();
+        util::run(&mut kernels).context("step 'kernels' failed")?;
+        println!("  ok ({:.1}s)", step_start.elapsed().as_secs_f64());
+    }
 
     header(&format!(
         "all {total} steps passed in {:.0}s",
