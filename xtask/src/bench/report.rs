@@ -373,13 +373,13 @@ fn full_tables(w: &mut String, results: &Value, g: &Groups) -> Result<()> {
             let a = |m: &str| cell(g.agg("main", c, wl, 0, 0, m));
             writeln!(
                 w,
-                "| `{c}` | {} | {} | {} | {} | {} | {} |",
+                "| `{c}` | {} | {} | {} | {} | {} | {:.0} |",
                 a("rate"),
                 a("p50"),
                 a("p90"),
                 a("p99"),
                 a("cpu_per_op"),
-                format!("{:.0}", g.agg("main", c, wl, 0, 0, "conntrack").med),
+                g.agg("main", c, wl, 0, 0, "conntrack").med,
             )?;
         }
         writeln!(w)?;
@@ -394,10 +394,10 @@ fn full_tables(w: &mut String, results: &Value, g: &Groups) -> Result<()> {
         let a = |m: &str| cell(g.agg("main", c, "bulk", 0, 0, m));
         writeln!(
             w,
-            "| `{c}` | {} | {} | {} |",
+            "| `{c}` | {} | {} | {:.0} |",
             a("gib_s"),
             a("cpu_s_per_gib"),
-            format!("{:.0}", g.agg("main", c, "bulk", 0, 0, "conntrack").med)
+            g.agg("main", c, "bulk", 0, 0, "conntrack").med
         )?;
     }
     writeln!(w)?;
