@@ -32,6 +32,10 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
     "qemu-system-x86",
     "zstd",
     "cpio",
+    // bench datapath: conntrack counts, nginx's stream proxy, the charts' font
+    "conntrack",
+    "libnginx-mod-stream",
+    "fonts-dejavu-core",
 ];
 
 pub fn run() -> Result<()> {
@@ -55,7 +59,7 @@ fn installed(item: &str) {
 // ---------------------------------------------------------------------------------------------
 // Debian packages
 
-fn debian_packages(packages: &[&str]) -> Result<()> {
+pub fn debian_packages(packages: &[&str]) -> Result<()> {
     let missing = missing_packages(packages)?;
     for p in packages.iter().filter(|p| !missing.contains(*p)) {
         present(&format!("apt {p}"));

@@ -515,22 +515,7 @@ fn ensure_root() -> Result<()> {
 }
 
 fn packages() -> Result<()> {
-    let missing = crate::setup::missing_packages(PACKAGES)?;
-    if missing.is_empty() {
-        return Ok(());
-    }
-    println!("  installing {} ...", missing.join(" "));
-    util::run(
-        Command::new("apt-get")
-            .arg("update")
-            .env("DEBIAN_FRONTEND", "noninteractive"),
-    )?;
-    util::run(
-        Command::new("apt-get")
-            .args(["install", "-y", "--no-install-recommends"])
-            .args(&missing)
-            .env("DEBIAN_FRONTEND", "noninteractive"),
-    )
+    crate::setup::debian_packages(PACKAGES)
 }
 
 fn meta(
