@@ -166,9 +166,9 @@ pub fn enroll(store: &StateStore, pin_root: &Path, spec: &PodSpec) -> Result<Enr
             return Err(e.into());
         }
     };
-    // What the rollback of a fresh enrolment removes: everything of this pod but the ::6,
-    // which `apply` undoes itself when it added it.
-    let stub = PodRecord {
+    // What a rollback must undo: the rows this attempt wrote (the ::6 on lo is undone by
+    // `apply` itself when it added it).
+    let attempted = PodRecord {
         added_lo6: false,
         ..record.clone()
     };
@@ -177,11 +177,11 @@ pub fn enroll(store: &StateStore, pin_root: &Path, spec: &PodSpec) -> Result<Enr
         // Put back exactly what was there: the old pod, or nothing.
         match &existing {
             Some(old) => {
-                let _ = write_maps(&mut dp, Some(old), old, true);
+                let _ = write_maps(&mut dp, Some(&attempted), old);
                 let _ = store.put(old);
             }
             None => {
-                let _ = teardown(&mut dp, &stub);
+                let _ = teardown(&mut dp, &attempted);
                 if store.list().map(|l| l.is_empty()).unwrap_or(false) {
                     drop(dp);
                     let _ = Datapath::remove_shared_pins(pin_root);
@@ -226,7 +226,7 @@ fn attach_and_write(
     if old.is_none() {
         zero_counters(dp, record.slot)?;
     }
-    write_maps(dp, old, &record, old.is_none())?;
+    write_maps(dp, old, &record)?;
     // Record first: if attaching fails half-way, the rollback finds the record to undo.
     store.put(&record)?;
     let dir = dp.root().join("pods").join(&record.name);
@@ -256,14 +256,10 @@ fn attach_and_write(
     Ok((record, adopted))
 }
 
-/// Writes the pod's rows. With `old`, rows the new record no longer has are removed, and the
-/// pod stays visible throughout (its established connections are not touched).
-fn write_maps(
-    dp: &mut Datapath,
-    old: Option<&PodRecord>,
-    rec: &PodRecord,
-    fresh: bool,
-) -> Result<(), PodError> {
+/// Writes the pod's rows. With `old` (the rows written before), rows `rec` no longer has are
+/// removed, and the pod stays visible throughout (its established connections are not
+/// touched). A rollback is the same call with the two records swapped.
+fn write_maps(dp: &mut Datapath, old: Option<&PodRecord>, rec: &PodRecord) -> Result<(), PodError> {
     let slot = rec.slot;
     // Rows the hooks consult after finding the pod go first; the pod becomes findable last.
     let new_rules = port_rules(rec);
@@ -319,12 +315,9 @@ fn write_maps(
     let mut pods = dp.pods()?;
     pods.set(slot, pod_config(rec), 0)
         .map_err(map_err("PODS"))?;
-    let mut cgroups = dp.pod_cgroups()?;
-    if fresh || old.is_some() {
-        cgroups
-            .insert(rec.cgroup_id, slot, 0)
-            .map_err(map_err("POD_CGROUPS"))?;
-    }
+    dp.pod_cgroups()?
+        .insert(rec.cgroup_id, slot, 0)
+        .map_err(map_err("POD_CGROUPS"))?;
     Ok(())
 }
 
