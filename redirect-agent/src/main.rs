@@ -189,9 +189,17 @@ fn enroll(cli: &Cli, a: &EnrollArgs) -> anyhow::Result<ExitCode> {
     let store = StateStore::open(&cli.state_dir)?;
     let done = pod::enroll(&store, &cli.pin_root, &spec)?;
     let verb = if done.updated { "updated" } else { "enrolled" };
-    let listener = match done.adopted_listeners {
-        0 => "proxy not listening yet: it is captured as soon as it listens".to_owned(),
-        n => format!("adopted {n} running proxy listener(s)"),
+    let listener = match &done.adopted_listeners {
+        Ok(0) => "proxy not listening yet: it is captured as soon as it listens".to_owned(),
+        Ok(n) => format!("adopted {n} running proxy listener(s)"),
+        Err(e) => {
+            eprintln!(
+                "warning: could not adopt the running proxy's inbound listener ({e}); \
+                 inbound capture starts when the proxy listens again (adoption needs \
+                 pidfd_getfd, Linux 5.6)"
+            );
+            "proxy listener not adopted".to_owned()
+        }
     };
     println!(
         "{verb} {} (slot {}); {listener}",

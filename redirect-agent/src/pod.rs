@@ -71,8 +71,8 @@ pub struct Enrolled {
     pub record: PodRecord,
     /// True when the name was enrolled before and was updated in place.
     pub updated: bool,
-    /// Inbound listeners of an already running proxy that were adopted for capture.
-    pub adopted_listeners: usize,
+    /// Inbound listeners of an already running proxy adopted for capture, or why none could be.
+    pub adopted_listeners: Result<usize, String>,
 }
 
 pub fn require_root() -> Result<(), PodError> {
@@ -197,12 +197,15 @@ pub fn enroll(store: &StateStore, pin_root: &Path, spec: &PodSpec) -> Result<Enr
     })
 }
 
+/// The record written, and the outcome of adopting a running proxy's listener.
+type Applied = (PodRecord, Result<usize, String>);
+
 fn apply(
     dp: &mut Datapath,
     store: &StateStore,
     old: Option<&PodRecord>,
     mut record: PodRecord,
-) -> Result<(PodRecord, usize), PodError> {
+) -> Result<Applied, PodError> {
     let mut added_now = false;
     if record.pod_ips.iter().any(|ip| ip.is_ipv6()) && !record.added_lo6 {
         added_now = add_passthrough_src6(&record.netns)?;
@@ -222,7 +225,7 @@ fn attach_and_write(
     store: &StateStore,
     old: Option<&PodRecord>,
     record: PodRecord,
-) -> Result<(PodRecord, usize), PodError> {
+) -> Result<Applied, PodError> {
     if old.is_none() {
         zero_counters(dp, record.slot)?;
     }
@@ -246,13 +249,9 @@ fn attach_and_write(
         };
         dp.attach(hook, target, &pin)?;
     }
-    let adopted = listener::adopt(dp, &record).unwrap_or_else(|e| {
-        log::warn!(
-            "pod {}: could not adopt the running proxy's listener: {e}",
-            record.name
-        );
-        0
-    });
+    // Optional (pidfd_getfd, 5.6): without it a running proxy is captured from its next
+    // listen() on. Reported, never fatal.
+    let adopted = listener::adopt(dp, &record).map_err(|e| e.to_string());
     Ok((record, adopted))
 }
 
