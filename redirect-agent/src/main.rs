@@ -18,7 +18,7 @@ use redirect_agent::{
 ///
 /// Enroll a pod (its cgroup v2 directory and network namespace) and its proxy's traffic is
 /// redirected as Istio's iptables rules would do, with no iptables rule, no NAT and no
-/// conntrack. Every command needs root except `--help`.
+/// conntrack. Every command but `list` needs root.
 #[derive(Debug, Parser)]
 #[command(version, about, long_about)]
 struct Cli {
