@@ -1223,7 +1223,8 @@ mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev 2>/dev/null
 mkdir -p /dev/pts /dev/shm
 mount -t devpts devpts /dev/pts
-mount -t tmpfs tmpfs /tmp
+# /tmp stays on the (writable) initramfs: the test binaries are packed at their host paths,
+# which may be under /tmp (a CI checkout), and a tmpfs there would hide them.
 mount -t tmpfs tmpfs /run
 mount -t tmpfs tmpfs /dev/shm
 mkdir -p /sys/fs/cgroup /sys/fs/bpf /run/netns
