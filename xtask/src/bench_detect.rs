@@ -230,7 +230,7 @@ impl Bed {
         let batch: String = names.iter().map(|n| format!("netns add {n}\n")).collect();
         // Record the names first, so that a failure halfway still removes what was made.
         bed.names = names;
-        ip_batch(&batch)?;
+        util::ip_batch(&batch)?;
         let mut holder = Command::new("python3")
             .args(["-c", HOLDER_PY])
             .stdin(Stdio::piped())
@@ -264,29 +264,10 @@ impl Drop for Bed {
             .iter()
             .map(|n| format!("netns del {n}\n"))
             .collect();
-        if let Err(e) = ip_batch(&batch) {
+        if let Err(e) = util::ip_batch(&batch) {
             eprintln!("bench detect: removing namespaces: {e:#}");
         }
     }
-}
-
-fn ip_batch(commands: &str) -> Result<()> {
-    if commands.is_empty() {
-        return Ok(());
-    }
-    let mut child = Command::new("ip")
-        .args(["-force", "-batch", "-"])
-        .stdin(Stdio::piped())
-        .spawn()
-        .context("starting ip -batch")?;
-    child
-        .stdin
-        .take()
-        .context("ip stdin")?
-        .write_all(commands.as_bytes())?;
-    let status = child.wait()?;
-    ensure!(status.success(), "ip -batch failed ({status})");
-    Ok(())
 }
 
 /// Removes namespaces that a killed run of this benchmark left behind.
@@ -305,5 +286,5 @@ fn remove_stale() {
         })
         .map(|n| format!("netns del {n}\n"))
         .collect();
-    let _ = ip_batch(&stale);
+    let _ = util::ip_batch(&stale);
 }

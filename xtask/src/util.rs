@@ -108,3 +108,37 @@ pub fn build_workspace_bins() -> Result<()> {
         .args(["build", "--workspace", "--bins"])
         .args(HOST_EXCLUDE))
 }
+
+/// Runs `cmd` with `input` on its stdin; fails with its stderr when it exits non-zero.
+pub fn run_with_input(cmd: &mut Command, input: &str) -> Result<()> {
+    use std::process::Stdio;
+    let what = display(cmd);
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting `{what}`"))?;
+    child
+        .stdin
+        .take()
+        .context("stdin")?
+        .write_all(input.as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!(
+            "`{what}` failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// `ip -force -batch -`: many namespace and link commands in one process.
+pub fn ip_batch(commands: &str) -> Result<()> {
+    if commands.is_empty() {
+        return Ok(());
+    }
+    run_with_input(Command::new("ip").args(["-force", "-batch", "-"]), commands)
+}

@@ -130,15 +130,7 @@ fn latency_chart(results: &Value, g: &Groups, wl: &str, path: &Path) -> Result<(
 
 /// crr-1B p50 against N (log scale), one line per mode, min–max as error bars.
 fn scale_chart(results: &Value, g: &Groups, path: &Path) -> Result<bool> {
-    let mut ns: Vec<u64> = results["samples"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|s| s["phase"] == "rules")
-        .filter_map(|s| s["rules"].as_u64())
-        .collect();
-    ns.sort_unstable();
-    ns.dedup();
+    let ns = super::report::rule_counts(results);
     if ns.is_empty() {
         return Ok(false);
     }

@@ -23,7 +23,7 @@
 use std::{
     collections::BTreeMap,
     fs,
-    io::{Read as _, Write as _},
+    io::Read as _,
     net::{Ipv4Addr, SocketAddr},
     os::fd::{FromRawFd as _, OwnedFd},
     path::{Path, PathBuf},
@@ -813,25 +813,11 @@ impl Bed {
             running.iptables = Some(backend);
             let input = istio::restore_input(generation, &excl);
             for pod in [&self.client, &self.server] {
-                let mut child = in_netns(&pod.name, &format!("iptables-{backend}-restore"))
-                    .arg("--noflush")
-                    .stdin(Stdio::piped())
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::piped())
-                    .spawn()
-                    .context("starting iptables-restore")?;
-                child
-                    .stdin
-                    .take()
-                    .expect("piped")
-                    .write_all(input.as_bytes())?;
-                let out = child.wait_with_output()?;
-                ensure!(
-                    out.status.success(),
-                    "iptables-{backend}-restore in {} failed: {}",
-                    pod.name,
-                    String::from_utf8_lossy(&out.stderr).trim()
-                );
+                util::run_with_input(
+                    in_netns(&pod.name, &format!("iptables-{backend}-restore")).arg("--noflush"),
+                    &input,
+                )
+                .with_context(|| format!("installing the iptables rules in {}", pod.name))?;
             }
         }
         if cfg.mode == Mode::Ebpf {
@@ -1382,7 +1368,7 @@ impl Crowd {
             batch.push_str(&format!("netns add {name}\n"));
             fs::create_dir_all(crowd.cgroup_root.join(name))?;
         }
-        ip_batch(&batch)?;
+        util::ip_batch(&batch)?;
         let chunks: Vec<_> = crowd
             .names
             .chunks(crowd.names.len().div_ceil(4).max(1))
@@ -1447,27 +1433,6 @@ impl Drop for Crowd {
     }
 }
 
-fn ip_batch(batch: &str) -> Result<()> {
-    let mut child = Command::new("ip")
-        .args(["-force", "-batch", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    child
-        .stdin
-        .take()
-        .expect("piped")
-        .write_all(batch.as_bytes())?;
-    let out = child.wait_with_output()?;
-    ensure!(
-        out.status.success(),
-        "ip -batch failed: {}",
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
-    Ok(())
-}
-
 /// Removes the crowd pods, cgroups, pins and state of benchmark process `pid`.
 fn remove_crowd(pid: u32) {
     let prefix = format!("{CROWD_PREFIX}{pid}-");
@@ -1480,7 +1445,7 @@ fn remove_crowd(pid: u32) {
         .map(|n| format!("netns del {n}\n"))
         .collect();
     if !batch.is_empty() {
-        let _ = ip_batch(&batch);
+        let _ = util::ip_batch(&batch);
     }
     if let Ok(cg) = redirect_testbed::cgroup2_mount() {
         let root = cg.join(format!("redirect-bench-{pid}"));

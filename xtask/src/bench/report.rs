@@ -446,13 +446,8 @@ fn ratios(w: &mut String, results: &Value, g: &Groups) -> Result<()> {
     Ok(())
 }
 
-fn scale(
-    w: &mut String,
-    results: &Value,
-    g: &Groups,
-    charts: &super::charts::Charts,
-    rel: &dyn Fn(&Path) -> String,
-) -> Result<()> {
+/// The N values of the scale sweep present in the results, ascending.
+pub fn rule_counts(results: &Value) -> Vec<u64> {
     let mut ns: Vec<u64> = results["samples"]
         .as_array()
         .into_iter()
@@ -462,6 +457,17 @@ fn scale(
         .collect();
     ns.sort_unstable();
     ns.dedup();
+    ns
+}
+
+fn scale(
+    w: &mut String,
+    results: &Value,
+    g: &Groups,
+    charts: &super::charts::Charts,
+    rel: &dyn Fn(&Path) -> String,
+) -> Result<()> {
+    let ns = rule_counts(results);
     if ns.is_empty() {
         return Ok(());
     }
