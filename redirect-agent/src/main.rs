@@ -5,11 +5,12 @@ use std::{net::IpAddr, path::PathBuf, process::ExitCode};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+use redirect_common::InboundPolicy;
 use redirect_agent::{
     datapath::{self, Datapath},
     output::{print_table, Format},
     pod, spec,
-    state::{self, Policy, StateStore},
+    state::{self, StateStore},
     stats,
 };
 
@@ -86,11 +87,11 @@ struct EnrollArgs {
     proxy_uid: u32,
     /// Where inbound traffic ends: passthrough = POD_IP:P from 127.0.0.6 (Istio >= 1.10),
     /// localhost = 127.0.0.1:P (Istio < 1.10).
-    #[arg(long, value_enum, default_value_t = Policy::Passthrough)]
-    inbound_policy: Policy,
+    #[arg(long, default_value_t = InboundPolicy::Passthrough)]
+    inbound_policy: InboundPolicy,
     /// A per-port override of --inbound-policy, PORT=passthrough|localhost (repeatable).
     #[arg(long = "port-policy", value_parser = spec::parse_port_policy)]
-    port_policies: Vec<(u16, Policy)>,
+    port_policies: Vec<(u16, InboundPolicy)>,
     /// Inbound ports never captured, comma-separated (15008,15020,15021,15090 always are).
     #[arg(long, value_delimiter = ',', value_parser = spec::parse_port)]
     exclude_inbound_ports: Vec<u16>,

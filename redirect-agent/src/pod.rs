@@ -10,7 +10,7 @@ use std::{
 
 use aya::maps::PerCpuValues;
 use redirect_common::{
-    port_rule, AddrKey, CidrKey4, CidrKey6, Counter, Delivery, ListenerKey, PodConfig, PortKey,
+    port_rule, AddrKey, CidrKey4, CidrKey6, Counter, InboundPolicy, ListenerKey, PodConfig, PortKey,
     AF_INET, AF_INET6, COUNTERS_PER_POD, DEFAULT_EXCLUDED_INBOUND_PORTS, MAX_PODS,
 };
 
@@ -19,7 +19,7 @@ use crate::{
     datapath::{Datapath, DatapathError, Hook},
     listener, netns,
     spec::{Cidr, PodSpec, SpecError},
-    state::{PodRecord, Policy, StateError, StateStore},
+    state::{PodRecord, StateError, StateStore},
 };
 
 /// Why enrolling or unenrolling failed. Whatever the variant, nothing was left half-applied.
@@ -405,7 +405,7 @@ fn zero_config() -> PodConfig {
         ip6: [0; 4],
         proxy_inbound_port: 0,
         proxy_outbound_port: 0,
-        delivery: 0,
+        policy: InboundPolicy::Passthrough,
         _pad: [0; 3],
     }
 }
@@ -426,17 +426,11 @@ fn pod_config(rec: &PodRecord) -> PodConfig {
         ip6: ip6.unwrap_or([0; 4]),
         proxy_inbound_port: rec.proxy_inbound_port,
         proxy_outbound_port: rec.proxy_outbound_port,
-        delivery: delivery(rec.inbound_policy) as u8,
+        policy: rec.inbound_policy,
         _pad: [0; 3],
     }
 }
 
-fn delivery(p: Policy) -> Delivery {
-    match p {
-        Policy::Passthrough => Delivery::Passthrough,
-        Policy::Localhost => Delivery::Localhost,
-    }
-}
 
 /// The kernel's view of an address: network-order words, IPv4 in word 0.
 pub fn addr_words(ip: IpAddr) -> [u32; 4] {
@@ -474,8 +468,8 @@ fn port_rules(rec: &PodRecord) -> Vec<(u16, u32)> {
     }
     for (p, policy) in &rec.port_policies {
         let bits = match policy {
-            Policy::Passthrough => port_rule::DELIVERY_OVERRIDE,
-            Policy::Localhost => port_rule::DELIVERY_OVERRIDE | port_rule::DELIVERY_LOCALHOST,
+            InboundPolicy::Passthrough => port_rule::DELIVERY_OVERRIDE,
+            InboundPolicy::Localhost => port_rule::DELIVERY_OVERRIDE | port_rule::DELIVERY_LOCALHOST,
         };
         *ports.entry(*p).or_default() |= bits;
     }

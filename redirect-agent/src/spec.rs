@@ -2,7 +2,7 @@
 
 use std::{collections::BTreeMap, net::IpAddr, path::PathBuf, str::FromStr};
 
-use crate::state::Policy;
+use redirect_common::InboundPolicy;
 
 /// An IP network, `ADDR/LEN` (a bare address means the host route).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,20 +64,14 @@ pub fn parse_cidr_list(s: &str) -> Result<Vec<Cidr>, String> {
 }
 
 /// `PORT=passthrough|localhost`.
-pub fn parse_port_policy(s: &str) -> Result<(u16, Policy), String> {
+pub fn parse_port_policy(s: &str) -> Result<(u16, InboundPolicy), String> {
     let (p, pol) = s
         .split_once('=')
         .ok_or_else(|| format!("invalid port policy {s:?}: expected PORT=passthrough|localhost"))?;
     let port = parse_port(p)?;
-    let policy = match pol.trim() {
-        "passthrough" => Policy::Passthrough,
-        "localhost" => Policy::Localhost,
-        other => {
-            return Err(format!(
-                "invalid policy {other:?} for port {port}: expected passthrough or localhost"
-            ))
-        }
-    };
+    let policy: InboundPolicy = pol.parse().map_err(|e| {
+        format!("invalid policy {:?} for port {port}: {e}", pol.trim())
+    })?;
     Ok((port, policy))
 }
 
@@ -89,8 +83,8 @@ pub struct PodSpec {
     pub netns: PathBuf,
     pub pod_ips: Vec<IpAddr>,
     pub proxy_uid: u32,
-    pub inbound_policy: Policy,
-    pub port_policies: BTreeMap<u16, Policy>,
+    pub inbound_policy: InboundPolicy,
+    pub port_policies: BTreeMap<u16, InboundPolicy>,
     pub exclude_inbound_ports: Vec<u16>,
     pub exclude_outbound_ports: Vec<u16>,
     pub exclude_outbound_cidrs: Vec<Cidr>,
@@ -129,7 +123,7 @@ pub fn check_name(name: &str) -> Result<(), SpecError> {
 }
 
 /// Builds the per-port policy table, refusing a port named twice.
-pub fn port_policies(list: &[(u16, Policy)]) -> Result<BTreeMap<u16, Policy>, SpecError> {
+pub fn port_policies(list: &[(u16, InboundPolicy)]) -> Result<BTreeMap<u16, InboundPolicy>, SpecError> {
     let mut out = BTreeMap::new();
     for (port, policy) in list {
         if out.insert(*port, *policy).is_some() {
@@ -185,11 +179,11 @@ mod tests {
     fn policies() {
         assert_eq!(
             parse_port_policy("80=localhost").unwrap(),
-            (80, Policy::Localhost)
+            (80, InboundPolicy::Localhost)
         );
         assert!(parse_port_policy("80=other").is_err());
         assert_eq!(
-            port_policies(&[(80, Policy::Localhost), (80, Policy::Passthrough)]),
+            port_policies(&[(80, InboundPolicy::Localhost), (80, InboundPolicy::Passthrough)]),
             Err(SpecError::PortTwoPolicies(80))
         );
     }

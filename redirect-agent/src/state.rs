@@ -6,18 +6,8 @@
 
 use std::{collections::BTreeMap, net::IpAddr, path::PathBuf};
 
+use redirect_common::InboundPolicy;
 use serde::{Deserialize, Serialize};
-
-/// Where inbound traffic is finally delivered inside the pod.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum Policy {
-    /// Istio >= 1.10: the application sees the connection at POD_IP:P, from 127.0.0.6 / ::6.
-    #[default]
-    Passthrough,
-    /// Istio < 1.10: the application sees the connection at 127.0.0.1:P / ::1.
-    Localhost,
-}
 
 /// One enrolled pod, as `enroll` recorded it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -30,8 +20,8 @@ pub struct PodRecord {
     pub netns_inode: u64,
     pub pod_ips: Vec<IpAddr>,
     pub proxy_uid: u32,
-    pub inbound_policy: Policy,
-    pub port_policies: BTreeMap<u16, Policy>,
+    pub inbound_policy: InboundPolicy,
+    pub port_policies: BTreeMap<u16, InboundPolicy>,
     pub exclude_inbound_ports: Vec<u16>,
     pub exclude_outbound_ports: Vec<u16>,
     pub exclude_outbound_cidrs: Vec<String>,
@@ -46,7 +36,7 @@ pub struct PodRecord {
 
 impl PodRecord {
     /// The policy that applies to inbound port `port`: the per-port override or the pod's.
-    pub fn policy_for(&self, port: u16) -> Policy {
+    pub fn policy_for(&self, port: u16) -> InboundPolicy {
         self.port_policies
             .get(&port)
             .copied()

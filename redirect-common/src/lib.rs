@@ -34,14 +34,60 @@ pub const DEFAULT_EXCLUDED_INBOUND_PORTS: [u16; 4] = [15008, 15020, 15021, 15090
 pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;
 
-/// Where the proxy's delivery of inbound traffic ends.
+/// Where the proxy's delivery of inbound traffic to the application ends: the one type for
+/// this concept, from the map row to the CLI, the records, the test bed and the demo.
+/// See `docs/DESIGN.md`, "Reference semantics".
 #[repr(u8)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Delivery {
-    /// POD_IP:P from 127.0.0.6 / ::6 (Istio >= 1.10).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "lowercase"))]
+pub enum InboundPolicy {
+    /// `POD_IP:P` from `127.0.0.6` / `::6` (Istio >= 1.10, the default).
+    #[default]
     Passthrough = 0,
-    /// 127.0.0.1:P / ::1 (Istio < 1.10).
+    /// `127.0.0.1:P` / `[::1]:P` (Istio < 1.10, `inboundTrafficPolicy.mode: LOCALHOST`).
     Localhost = 1,
+}
+
+impl InboundPolicy {
+    /// Every policy, default first.
+    pub const ALL: [InboundPolicy; 2] = [InboundPolicy::Passthrough, InboundPolicy::Localhost];
+
+    /// The name on the command line, in records and in annotations.
+    pub const fn name(self) -> &'static str {
+        match self {
+            InboundPolicy::Passthrough => "passthrough",
+            InboundPolicy::Localhost => "localhost",
+        }
+    }
+}
+
+impl core::fmt::Display for InboundPolicy {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// An inbound policy name that is neither `passthrough` nor `localhost`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UnknownPolicy;
+
+impl core::fmt::Display for UnknownPolicy {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str("expected passthrough or localhost")
+    }
+}
+
+impl core::error::Error for UnknownPolicy {}
+
+impl core::str::FromStr for InboundPolicy {
+    type Err = UnknownPolicy;
+    fn from_str(s: &str) -> Result<Self, UnknownPolicy> {
+        InboundPolicy::ALL
+            .into_iter()
+            .find(|p| p.name() == s.trim())
+            .ok_or(UnknownPolicy)
+    }
 }
 
 /// Per-pod configuration, one row per enrolled pod in the `PODS` array, indexed by slot.
@@ -58,8 +104,8 @@ pub struct PodConfig {
     pub ip6: [u32; 4],
     pub proxy_inbound_port: u16,
     pub proxy_outbound_port: u16,
-    /// [`Delivery`] for ports without a per-port rule.
-    pub delivery: u8,
+    /// Policy for ports without a per-port rule.
+    pub policy: InboundPolicy,
     pub _pad: [u8; 3],
 }
 
@@ -252,8 +298,11 @@ pub fn is_proxy_port(port: u16) -> bool {
 #[cfg(feature = "user")]
 mod user {
     use super::*;
-    // SAFETY: all of these are repr(C), padding-free and valid for any bit pattern.
+    // SAFETY: PodConfig is repr(C) and padding-free. Its `policy` byte is valid only as 0 or 1:
+    // PODS is written by the agent alone, from this type, and a pin set of another layout is
+    // refused by the datapath's compatibility check before any row is read.
     unsafe impl aya::Pod for PodConfig {}
+    // SAFETY: the rest are repr(C), padding-free and valid for any bit pattern.
     unsafe impl aya::Pod for AddrKey {}
     unsafe impl aya::Pod for PortKey {}
     unsafe impl aya::Pod for CidrKey4 {}

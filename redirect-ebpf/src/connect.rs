@@ -15,7 +15,7 @@ use aya_ebpf::{
     EbpfContext as _,
 };
 use redirect_common::{
-    port_rule, CidrKey4, CidrKey6, ConnKind, Counter, Delivery, OrigDst, PodConfig, AF_INET,
+    port_rule, CidrKey4, CidrKey6, ConnKind, Counter, InboundPolicy, OrigDst, PodConfig, AF_INET,
     AF_INET6,
 };
 
@@ -105,7 +105,7 @@ fn proxy_connect(ctx: &SockAddrContext, slot: u32, cfg: &PodConfig, dst: Addr, p
     // A delivery, dialled the old way (127.0.0.1:P) or the new way (POD_IP:P from 127.0.0.6):
     // the pod's policy, not the proxy's configuration, decides where it ends.
     match delivery(cfg, rule) {
-        Delivery::Passthrough => {
+        InboundPolicy::Passthrough => {
             let Some(pod_ip) = pod_addr(cfg, dst.family) else {
                 return;
             };
@@ -117,7 +117,7 @@ fn proxy_connect(ctx: &SockAddrContext, slot: u32, cfg: &PodConfig, dst: Addr, p
             }
             count(slot, Counter::DeliveredPodIp);
         }
-        Delivery::Localhost => {
+        InboundPolicy::Localhost => {
             if to_pod {
                 write_dst(ctx.sock_addr, loopback(dst.family), port);
             }

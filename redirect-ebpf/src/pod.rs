@@ -1,7 +1,7 @@
 //! Finding the pod a hook runs for, and counting what happened to it.
 
 use aya_ebpf::helpers::{bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id};
-use redirect_common::{port_rule, AddrKey, Counter, Delivery, PodConfig, PortKey};
+use redirect_common::{port_rule, AddrKey, Counter, InboundPolicy, PodConfig, PortKey};
 
 use crate::{
     addr::Addr,
@@ -75,16 +75,13 @@ pub fn port_rule(slot: u32, port: u16) -> u32 {
 
 /// The delivery policy for `port`: its own, else the pod's.
 #[inline(always)]
-pub fn delivery(cfg: &PodConfig, rule: u32) -> Delivery {
-    let localhost = if rule & port_rule::DELIVERY_OVERRIDE != 0 {
-        rule & port_rule::DELIVERY_LOCALHOST != 0
+pub fn delivery(cfg: &PodConfig, rule: u32) -> InboundPolicy {
+    if rule & port_rule::DELIVERY_OVERRIDE == 0 {
+        cfg.policy
+    } else if rule & port_rule::DELIVERY_LOCALHOST != 0 {
+        InboundPolicy::Localhost
     } else {
-        cfg.delivery == Delivery::Localhost as u8
-    };
-    if localhost {
-        Delivery::Localhost
-    } else {
-        Delivery::Passthrough
+        InboundPolicy::Passthrough
     }
 }
 

@@ -14,7 +14,9 @@ use super::{
     procs::{Owner, Owners},
     sockdiag::{DiagSocket, Protocol},
 };
-use crate::state::{PodRecord, Policy};
+use redirect_common::InboundPolicy;
+
+use crate::state::PodRecord;
 
 /// Version of the JSON schema; bumped only on incompatible changes.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -126,7 +128,7 @@ pub enum Status {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct PodRef {
     pub name: String,
-    pub policy: Policy,
+    pub policy: InboundPolicy,
 }
 
 /// One network namespace.
@@ -162,7 +164,7 @@ pub struct Listener {
     /// What exposes it, when a manifest or `--ports` said so.
     pub exposed_by: Vec<String>,
     /// The enrolled pod's policy for this port; `null` for a namespace that is not enrolled.
-    pub policy: Option<Policy>,
+    pub policy: Option<InboundPolicy>,
     pub level: Level,
     pub verdict: Verdict,
     pub message: String,
@@ -265,7 +267,7 @@ pub fn judge(
         (Ok, Wildcard, format!("Port {port} listens on all addresses ({addr}); it is reachable under either policy."))
     } else {
         match (scope, policy) {
-            (Scope::Loopback, Some(Policy::Localhost)) => (
+            (Scope::Loopback, Some(InboundPolicy::Localhost)) => (
                 Ok,
                 LoopbackDelivered,
                 format!("Port {port} listens on localhost ({addr}) only; the pod's localhost policy delivers to it, but it becomes unreachable if the policy changes to passthrough."),
@@ -276,12 +278,12 @@ pub fn judge(
                 LoopbackOnly,
                 format!("Port {port} listens on localhost ({addr}) only. If it is exposed in a Service, it will not be reachable from other pods once inbound traffic is delivered to the pod IP."),
             ),
-            (_, Some(Policy::Passthrough)) => (
+            (_, Some(InboundPolicy::Passthrough)) => (
                 Ok,
                 PodIpDelivered,
                 format!("Port {port} listens on the pod IP ({addr}) only; the pod's passthrough policy delivers to it."),
             ),
-            (_, Some(Policy::Localhost)) if is_exposed => (
+            (_, Some(InboundPolicy::Localhost)) if is_exposed => (
                 Error,
                 PodIpUnreachable,
                 format!("Port {port} listens on the pod IP ({addr}) only, but the pod's inbound policy for it is localhost: inbound traffic is delivered to localhost and will not reach it."),
