@@ -18,6 +18,15 @@ use crate::bed::{in_netns, Bed, Running, APP_UID, OUTBOUND_PORT, PROGRAMS};
 use crate::istio::{self, Generation};
 use crate::modes::{Config, Mode, Sample, Scale, Timing, Workload};
 
+/// `pod name -> counter -> value` of redirect's enrolled bench pods.
+type Counters = BTreeMap<String, BTreeMap<String, u64>>;
+/// What [`Bed::path_checks`] finds: iptables and redirect counter deltas, and the checks.
+type PathChecks = (
+    Option<BTreeMap<&'static str, u64>>,
+    Option<BTreeMap<String, u64>>,
+    Vec<(bool, String)>,
+);
+
 impl Bed {
     fn conntrack(&self) -> Result<u64> {
         let mut n = 0;
@@ -169,27 +178,50 @@ impl Bed {
                 json!({ "error": format!("load generator failed ({status}): {why}") })
             }
         };
-        if let Some(e) = load["error"].as_str() {
-            return Ok(Sample {
-                phase,
-                config: cfg.label(),
-                mode: cfg.mode,
-                proxy: cfg.proxy,
-                workload: wl.name,
-                rep,
-                rules: scale.rules,
-                extra_pods: scale.extra_pods,
-                conntrack: self.conntrack()?,
-                load: load.clone(),
-                iptables: None,
-                redirect: None,
-                path_ok: false,
-                path: e.to_owned(),
-            });
-        }
         let conntrack = self.conntrack()?;
-        let ops = load["ops"].as_u64().unwrap_or(0);
+        let (iptables, redirect, path_ok, path) = match load["error"].as_str() {
+            Some(e) => (None, None, false, e.to_owned()),
+            None => {
+                let ops = load["ops"].as_u64().unwrap_or(0);
+                let (iptables, redirect, checks) =
+                    self.path_checks(cfg, wl, ops, conntrack, ipt_before, rd_before)?;
+                let path = checks
+                    .iter()
+                    .map(|(ok, s)| format!("{}{s}", if *ok { "" } else { "FAILED " }))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                (iptables, redirect, checks.iter().all(|(ok, _)| *ok), path)
+            }
+        };
+        Ok(Sample {
+            phase,
+            config: cfg.label(),
+            mode: cfg.mode,
+            proxy: cfg.proxy,
+            workload: wl.name,
+            rep,
+            rules: scale.rules,
+            extra_pods: scale.extra_pods,
+            load,
+            conntrack,
+            iptables,
+            redirect,
+            path_ok,
+            path,
+        })
+    }
 
+    /// Whether the traffic of a measurement took the path its mode claims, from the counters
+    /// before it and now: the checks (passed, evidence), and the counter deltas for the JSON.
+    fn path_checks(
+        &self,
+        cfg: Config,
+        wl: Workload,
+        ops: u64,
+        conntrack: u64,
+        ipt_before: Option<[Vec<(String, u64)>; 2]>,
+        rd_before: Option<Counters>,
+    ) -> Result<PathChecks> {
         let mut iptables = None;
         let mut redirect = None;
         let mut checks: Vec<(bool, String)> = Vec::new();
@@ -273,25 +305,6 @@ impl Bed {
             checks.push((conntrack == 0, format!("conntrack {conntrack}")));
         }
         checks.push((ops > 0, format!("ops {ops}")));
-        Ok(Sample {
-            phase,
-            config: cfg.label(),
-            mode: cfg.mode,
-            proxy: cfg.proxy,
-            workload: wl.name,
-            rep,
-            rules: scale.rules,
-            extra_pods: scale.extra_pods,
-            load,
-            conntrack,
-            iptables,
-            redirect,
-            path_ok: checks.iter().all(|(ok, _)| *ok),
-            path: checks
-                .iter()
-                .map(|(ok, s)| format!("{}{s}", if *ok { "" } else { "FAILED " }))
-                .collect::<Vec<_>>()
-                .join(", "),
-        })
+        Ok((iptables, redirect, checks))
     }
 }
