@@ -5,6 +5,7 @@
 
 pub mod bpf_sys;
 pub mod cgroup;
+pub mod conntrack;
 pub mod datapath;
 pub mod detect;
 pub mod listener;

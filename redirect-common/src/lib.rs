@@ -8,10 +8,15 @@
 
 /// Number of pods one node can enroll: rows in the configuration and counter maps.
 pub const MAX_PODS: u32 = 4096;
-/// Connections whose original destination is remembered at once (connect -> established).
-pub const MAX_PENDING_ORIG_DST: u32 = 65536;
-/// Established redirected connections whose original destination the proxy can still ask for.
-pub const MAX_ORIG_DST: u32 = 131072;
+/// Redirected connections whose original destination waits in `ORIG_DST` at once, over all
+/// pods: from the client's SYN until the proxy's side of the connection is established and takes
+/// its copy (see `docs/PER-CONNECTION.md`). A connection that finds it full is not redirected.
+pub const MAX_ORIG_DST: u32 = 262144;
+/// The share of [`MAX_ORIG_DST`] one pod may hold: its connections beyond it are not redirected
+/// (`map_full` of that pod), so no pod can exhaust the node's map. The kernel enforces it with
+/// a plain read and an atomic add, so concurrent connects can pass it by at most a few entries
+/// per CPU.
+pub const MAX_ORIG_DST_PER_POD: u32 = 8192;
 /// Port rules (exclusions, per-port policies) over all pods.
 pub const MAX_PORT_RULES: u32 = 262144;
 /// Outbound CIDR exclusions over all pods, per address family.
@@ -173,9 +178,13 @@ pub enum ConnKind {
     ProxySelf = 2,
     /// The proxy's delivery of inbound traffic to the application.
     Delivery = 3,
+    /// An inbound connection sk_lookup handed to the proxy: never rewritten, so the accepted
+    /// socket's own address is the original destination (`orig_dst_local`).
+    Inbound = 4,
 }
 
-/// The original destination of a redirected connection.
+/// The original destination of a redirected connection: the value of `ORIG_DST` and of the
+/// per-socket storage maps.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct OrigDst {
@@ -183,8 +192,7 @@ pub struct OrigDst {
     pub port: u16,
     pub family: u16,
     pub slot: u32,
-    /// A [`ConnKind`] as `u32`.
-    pub kind: u32,
+    pub kind: ConnKind,
 }
 
 /// The four-tuple of a connection as its client sees it (client address first).
@@ -302,13 +310,16 @@ mod user {
     // PODS is written by the agent alone, from this type, and a pin set of another layout is
     // refused by the datapath's compatibility check before any row is read.
     unsafe impl aya::Pod for PodConfig {}
+    // SAFETY: OrigDst is repr(C) and padding-free. Its `kind` is valid only as a ConnKind:
+    // ORIG_DST is written by the datapath alone, from this type, under the same compatibility
+    // check as PODS.
+    unsafe impl aya::Pod for OrigDst {}
     // SAFETY: the rest are repr(C), padding-free and valid for any bit pattern.
     unsafe impl aya::Pod for AddrKey {}
     unsafe impl aya::Pod for PortKey {}
     unsafe impl aya::Pod for CidrKey4 {}
     unsafe impl aya::Pod for CidrKey6 {}
     unsafe impl aya::Pod for ListenerKey {}
-    unsafe impl aya::Pod for OrigDst {}
     unsafe impl aya::Pod for SockTuple {}
 }
 

@@ -1,17 +1,15 @@
 //! cgroup/bind4 and cgroup/bind6: notice the proxy binding its inbound port.
 //!
 //! sock_ops, which sees the socket start listening, cannot tell which pod it belongs to on older
-//! kernels (no cgroup or netns helpers there before 5.15), so the pod is noted here, by socket
-//! cookie, for sock_ops to find.
+//! kernels (no cgroup or netns helpers there before 5.15), so the pod is noted here, in the
+//! socket's own storage, for sock_ops to find. The note dies with the socket: a socket that binds
+//! and never listens holds nothing anywhere else, however many there are.
 //!
 //! # Minimum kernel version
-//! 5.7 (cgroup helpers in sock_addr programs).
+//! 5.7 (cgroup helpers in sock_addr programs); socket storage needs 5.3.
 
 use aya_ebpf::{
-    helpers::{bpf_get_current_uid_gid, bpf_get_socket_cookie},
-    macros::cgroup_sock_addr,
-    programs::SockAddrContext,
-    EbpfContext as _,
+    helpers::bpf_get_current_uid_gid, macros::cgroup_sock_addr, programs::SockAddrContext,
 };
 use redirect_common::{ListenerKey, AF_INET, AF_INET6};
 
@@ -35,20 +33,28 @@ pub fn rd_bind6(ctx: SockAddrContext) -> i32 {
 #[inline(always)]
 fn on_bind(ctx: &SockAddrContext, family: u16) {
     let sa = ctx.sock_addr;
-    if unsafe { (*sa).type_ } != SOCK_STREAM {
+    // SAFETY: `sa` is the context's own `bpf_sock_addr`; `type` and `user_port` are readable
+    // in bind hooks.
+    let (type_, user_port) = unsafe { ((*sa).type_, (*sa).user_port) };
+    if type_ != SOCK_STREAM {
         return;
     }
-    let port = u16::from_be(unsafe { (*sa).user_port } as u16);
+    let port = u16::from_be(user_port as u16);
     let Some((slot, cfg)) = current_pod() else {
         return;
     };
     if port != cfg.proxy_inbound_port || bpf_get_current_uid_gid() as u32 != cfg.proxy_uid {
         return;
     }
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let key = ListenerKey {
         slot,
         family: family as u32,
     };
-    let _ = LISTENER_TAGS.insert(cookie, key, 0);
+    const SK: usize = core::mem::offset_of!(aya_ebpf::bindings::bpf_sock_addr, __bindgen_anon_1);
+    // SAFETY: `sa` is the context; `sk` is a readable pointer field, loaded at a fixed offset
+    // (see `ctx`), and a full socket (PTR_TO_SOCKET, never null) as the storage needs.
+    let _ = unsafe {
+        let sk = crate::ctx::load_ptr::<SK, _>(sa as *const _);
+        LISTENER_TAGS.set(sk, key)
+    };
 }

@@ -4,15 +4,19 @@
 //! uid, or the application) is taken here, before the SYN exists: rewriting the destination
 //! of a connect() costs no NAT and leaves no conntrack entry.
 //!
+//! Per-connection state lives in the socket (`CONN_ORIG`, socket-local storage) and is freed
+//! with it: a connect() that fails before its SYN leaves nothing behind anywhere else. What a
+//! pod may hold in the node-wide `ORIG_DST` is capped per pod (`orig_dst`).
+//!
 //! # Minimum kernel version
-//! 5.7: the cgroup helpers in sock_addr programs (4.17 for the hooks themselves).
+//! 5.7: the cgroup helpers in sock_addr programs (4.17 for the hooks themselves); socket-local
+//! storage needs 5.3 (`storage`).
 
 use aya_ebpf::{
     bindings::bpf_sock_addr,
-    helpers::{bpf_bind, bpf_get_current_uid_gid, bpf_get_socket_cookie},
+    helpers::{bpf_bind, bpf_get_current_uid_gid},
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
-    EbpfContext as _,
 };
 use redirect_common::{
     port_rule, CidrKey4, CidrKey6, ConnKind, Counter, InboundPolicy, OrigDst, PodConfig, AF_INET,
@@ -21,7 +25,8 @@ use redirect_common::{
 
 use crate::{
     addr::{loopback, Addr, SockaddrIn, SockaddrIn6},
-    maps::{CIDR4, CIDR6, PENDING},
+    maps::{CIDR4, CIDR6, CONN_ORIG},
+    orig_dst,
     pod::{count, current_pod, delivery, is_proxy_port, pod_of_addr, port_rule},
 };
 
@@ -44,6 +49,8 @@ pub fn rd_connect6(ctx: SockAddrContext) -> i32 {
 #[inline(always)]
 fn on_connect(ctx: &SockAddrContext, family: u16) {
     let sa = ctx.sock_addr;
+    // SAFETY: `sa` is the context's own `bpf_sock_addr`; `type` is readable in every sock_addr
+    // hook.
     if unsafe { (*sa).type_ } != SOCK_STREAM {
         return;
     }
@@ -51,6 +58,7 @@ fn on_connect(ctx: &SockAddrContext, family: u16) {
         return;
     };
     let dst = read_dst(sa, family);
+    // SAFETY: `sa` is the context's own `bpf_sock_addr`; user_port is readable in connect hooks.
     let port = u16::from_be(unsafe { (*sa).user_port } as u16);
     let uid = bpf_get_current_uid_gid() as u32;
     if uid == cfg.proxy_uid {
@@ -72,8 +80,25 @@ fn app_connect(ctx: &SockAddrContext, slot: u32, cfg: &PodConfig, dst: Addr, por
         return;
     }
     if remember(ctx, slot, dst, port, ConnKind::Outbound) {
+        bind_pod_src(ctx, cfg, dst.family);
         write_dst(ctx.sock_addr, loopback(dst.family), cfg.proxy_outbound_port);
         count(slot, Counter::OutboundCaptured);
+    }
+}
+
+/// Binds an unbound socket to the pod's own address (port chosen at connect), as routing would
+/// have for the original destination: the application's getsockname() and the proxy's
+/// getpeername() show the pod address as with iptables REDIRECT, and the connection's four-tuple
+/// is unique on the node (pod addresses are), so `ORIG_DST` entries of two pods never share a
+/// key even though their proxies both listen on loopback. A socket already bound keeps its
+/// address; a failed bind leaves it unbound (loopback source).
+#[inline(always)]
+fn bind_pod_src(ctx: &SockAddrContext, cfg: &PodConfig, family: u16) {
+    if !bound_src(ctx.sock_addr, family).is_unspecified() {
+        return;
+    }
+    if let Some(pod_ip) = pod_addr(cfg, family) {
+        let _ = bind_src(ctx, pod_ip);
     }
 }
 
@@ -97,6 +122,7 @@ fn proxy_connect(ctx: &SockAddrContext, slot: u32, cfg: &PodConfig, dst: Addr, p
         // The proxy's outbound side calling its own pod (a Service whose endpoint is this pod):
         // through the inbound listener, so inbound policy applies (iptables: uid 1337, -o lo).
         if remember(ctx, slot, dst, port, ConnKind::ProxySelf) {
+            bind_pod_src(ctx, cfg, dst.family);
             write_dst(ctx.sock_addr, loopback(dst.family), cfg.proxy_inbound_port);
             count(slot, Counter::ProxySelfCaptured);
         }
@@ -110,7 +136,7 @@ fn proxy_connect(ctx: &SockAddrContext, slot: u32, cfg: &PodConfig, dst: Addr, p
                 return;
             };
             if to_loopback {
-                if bound.is_unspecified() && !bind_passthrough_src(ctx, dst.family) {
+                if bound.is_unspecified() && !bind_src(ctx, passthrough_src(dst.family)) {
                     return;
                 }
                 write_dst(ctx.sock_addr, pod_ip, port);
@@ -128,11 +154,13 @@ fn proxy_connect(ctx: &SockAddrContext, slot: u32, cfg: &PodConfig, dst: Addr, p
     let _ = remember_quiet(ctx, slot, dst, port, ConnKind::Delivery);
 }
 
-/// Records the original destination under the socket's cookie. On a full map the connection
-/// is counted and left alone: better unproxied than blackholed.
+/// Records the original destination in the socket's own storage, for sock_ops to file in
+/// `ORIG_DST` when the SYN leaves. A pod over its `ORIG_DST` share, or a socket whose storage
+/// cannot be allocated, is counted (`map_full`) and left alone: better unproxied than
+/// blackholed, and no other pod is affected.
 #[inline(always)]
 fn remember(ctx: &SockAddrContext, slot: u32, dst: Addr, port: u16, kind: ConnKind) -> bool {
-    if remember_quiet(ctx, slot, dst, port, kind) {
+    if orig_dst::has_room(slot) && remember_quiet(ctx, slot, dst, port, kind) {
         return true;
     }
     count(slot, Counter::MapFull);
@@ -141,15 +169,29 @@ fn remember(ctx: &SockAddrContext, slot: u32, dst: Addr, port: u16, kind: ConnKi
 
 #[inline(always)]
 fn remember_quiet(ctx: &SockAddrContext, slot: u32, dst: Addr, port: u16, kind: ConnKind) -> bool {
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let orig = OrigDst {
         addr: dst.words,
         port,
         family: dst.family,
         slot,
-        kind: kind as u32,
+        kind,
     };
-    PENDING.insert(cookie, orig, 0).is_ok()
+    // SAFETY: `sk` of a sock_addr context is a full socket (PTR_TO_SOCKET, never null).
+    unsafe { CONN_ORIG.set(sock(ctx), orig) }
+}
+
+/// The context's socket (PTR_TO_SOCKET, never null in sock_addr programs).
+#[inline(always)]
+fn sock(ctx: &SockAddrContext) -> *mut aya_ebpf::bindings::bpf_sock {
+    sock_of(ctx.sock_addr)
+}
+
+#[inline(always)]
+fn sock_of(sa: *mut bpf_sock_addr) -> *mut aya_ebpf::bindings::bpf_sock {
+    const SK: usize = core::mem::offset_of!(bpf_sock_addr, __bindgen_anon_1);
+    // SAFETY: `sa` is the context; `sk` is a readable pointer field of sock_addr contexts.
+    // Loaded at a fixed offset (see `ctx`): LLVM would otherwise reuse a moved ctx pointer.
+    unsafe { crate::ctx::load_ptr::<SK, _>(sa as *const _) }
 }
 
 #[inline(always)]
@@ -186,17 +228,28 @@ fn pod_addr(cfg: &PodConfig, family: u16) -> Option<Addr> {
     }
 }
 
-/// Binds the socket to 127.0.0.6:0 / [::6]:0 so the application sees Istio's passthrough source
-/// and sk_lookup knows not to capture the delivery again.
+/// 127.0.0.6 / ::6: the source the application sees on a delivery (Istio's passthrough
+/// source), which also tells sk_lookup not to capture the delivery again.
 #[inline(always)]
-fn bind_passthrough_src(ctx: &SockAddrContext, family: u16) -> bool {
-    let ret = if family == AF_INET {
+fn passthrough_src(family: u16) -> Addr {
+    if family == AF_INET {
+        Addr::v4(u32::from_be(0x7f00_0006))
+    } else {
+        Addr::v6([0, 0, 0, u32::from_be(6)])
+    }
+}
+
+/// Binds the socket to `addr`, port 0 (the port is chosen with the four-tuple at connect).
+#[inline(always)]
+fn bind_src(ctx: &SockAddrContext, addr: Addr) -> bool {
+    let ret = if addr.family == AF_INET {
         let mut sa = SockaddrIn {
             family: AF_INET,
             port_be: 0,
-            addr: u32::from_be(0x7f00_0006),
+            addr: addr.words[0],
             zero: [0; 8],
         };
+        // SAFETY: `sa` is a complete sockaddr_in on the stack, its length passed with it.
         unsafe {
             bpf_bind(
                 ctx.sock_addr,
@@ -209,9 +262,10 @@ fn bind_passthrough_src(ctx: &SockAddrContext, family: u16) -> bool {
             family: AF_INET6,
             port_be: 0,
             flowinfo: 0,
-            addr: [0, 0, 0, u32::from_be(6)],
+            addr: addr.words,
             scope_id: 0,
         };
+        // SAFETY: `sa` is a complete sockaddr_in6 on the stack, its length passed with it.
         unsafe {
             bpf_bind(
                 ctx.sock_addr,
@@ -225,36 +279,34 @@ fn bind_passthrough_src(ctx: &SockAddrContext, family: u16) -> bool {
 
 #[inline(always)]
 fn read_dst(sa: *mut bpf_sock_addr, family: u16) -> Addr {
-    unsafe {
-        if family == AF_INET {
-            Addr::v4((*sa).user_ip4)
-        } else {
-            Addr::v6(crate::load_ip6!(sa, bpf_sock_addr, user_ip6))
-        }
+    if family == AF_INET {
+        // SAFETY: `sa` is the context; user_ip4 is readable in connect4.
+        Addr::v4(unsafe { (*sa).user_ip4 })
+    } else {
+        Addr::v6(crate::load_ip6!(sa, bpf_sock_addr, user_ip6))
     }
 }
 
 #[inline(always)]
 fn write_dst(sa: *mut bpf_sock_addr, addr: Addr, port: u16) {
-    unsafe {
-        if addr.family == AF_INET {
-            (*sa).user_ip4 = addr.words[0];
-        } else {
-            crate::store_ip6!(sa, bpf_sock_addr, user_ip6, addr.words);
-        }
-        (*sa).user_port = port.to_be() as u32;
+    if addr.family == AF_INET {
+        // SAFETY: `sa` is the context; user_ip4 is writable in connect4.
+        unsafe { (*sa).user_ip4 = addr.words[0] };
+    } else {
+        crate::store_ip6!(sa, bpf_sock_addr, user_ip6, addr.words);
     }
+    // SAFETY: `sa` is the context; user_port is writable in connect hooks.
+    unsafe { (*sa).user_port = port.to_be() as u32 };
 }
 
 /// The address the socket is already bound to (unspecified if none).
 #[inline(always)]
 fn bound_src(sa: *mut bpf_sock_addr, family: u16) -> Addr {
-    unsafe {
-        let sk = (*sa).__bindgen_anon_1.sk;
-        if family == AF_INET {
-            Addr::v4((*sk).src_ip4)
-        } else {
-            Addr::v6(crate::load_ip6!(sk, aya_ebpf::bindings::bpf_sock, src_ip6))
-        }
+    let sk = sock_of(sa);
+    if family == AF_INET {
+        // SAFETY: `sk` is a full socket (PTR_TO_SOCKET, never null); src_ip4 is readable.
+        Addr::v4(unsafe { (*sk).src_ip4 })
+    } else {
+        Addr::v6(crate::load_ip6!(sk, aya_ebpf::bindings::bpf_sock, src_ip6))
     }
 }

@@ -10,10 +10,12 @@ mod bind;
 mod connect;
 mod ctx;
 mod maps;
+mod orig_dst;
 mod pod;
 mod sk_lookup;
 mod sock_ops;
 mod sockopt;
+mod storage;
 
 #[cfg(not(test))]
 #[panic_handler]

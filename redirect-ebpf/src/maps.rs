@@ -2,13 +2,16 @@
 //! or a restarted agent, reuses them instead of creating new ones.
 
 use aya_ebpf::{
-    macros::map,
-    maps::{lpm_trie::LpmTrie, Array, HashMap, LruHashMap, PerCpuArray, SockHash},
+    bindings::BPF_F_NO_PREALLOC,
+    macros::{btf_map, map},
+    maps::{lpm_trie::LpmTrie, Array, HashMap, PerCpuArray, SockHash},
 };
 use redirect_common::{
     AddrKey, CidrKey4, CidrKey6, ListenerKey, OrigDst, PodConfig, PortKey, SockTuple,
-    COUNTERS_PER_POD, MAX_CIDR_RULES, MAX_ORIG_DST, MAX_PENDING_ORIG_DST, MAX_PODS, MAX_PORT_RULES,
+    COUNTERS_PER_POD, MAX_CIDR_RULES, MAX_ORIG_DST, MAX_PODS, MAX_PORT_RULES,
 };
+
+use crate::storage::SkStorage;
 
 /// Pod configuration by slot.
 #[map]
@@ -39,20 +42,35 @@ pub static CIDR6: LpmTrie<CidrKey6, u32> = LpmTrie::pinned(MAX_CIDR_RULES, 0);
 #[map]
 pub static LISTENERS: SockHash<ListenerKey> = SockHash::pinned(MAX_PODS * 2, 0);
 
-/// Sockets the proxy bound to its inbound port, by socket cookie, until they listen.
-/// LRU: a socket that binds and never listens must not hold an entry forever.
-#[map]
-pub static LISTENER_TAGS: LruHashMap<u64, ListenerKey> = LruHashMap::pinned(MAX_PODS * 4, 0);
+/// A socket the proxy bound to its inbound port, until it listens: the pod and family it will
+/// serve. Socket-local storage, freed with the socket, so a socket that binds and never listens
+/// holds nothing anywhere else.
+#[btf_map]
+pub static LISTENER_TAGS: SkStorage<ListenerKey> = SkStorage::new();
 
-/// Original destination of a redirected connection by socket cookie, from connect() until the
-/// connection is established and its four-tuple is known.
-#[map]
-pub static PENDING: HashMap<u64, OrigDst> = HashMap::pinned(MAX_PENDING_ORIG_DST, 0);
+/// A redirected socket's original destination, from connect() to close: read by sock_ops when
+/// the SYN leaves (to file it in `ORIG_DST`) and when the socket closes. Freed with the socket,
+/// whatever happens to it (a connect() that fails before its SYN leaves it here until then).
+#[btf_map]
+pub static CONN_ORIG: SkStorage<OrigDst> = SkStorage::new();
 
-/// Original destination of an established redirected connection by its four-tuple, which the
-/// proxy's accepted socket can name (its peer is the client).
+/// The original destination on the proxy's side of a redirected connection (the accepted
+/// socket), copied there from `ORIG_DST` when that side is established; `SO_ORIGINAL_DST`
+/// answers from it for as long as the socket lives.
+#[btf_map]
+pub static ACCEPTED_ORIG: SkStorage<OrigDst> = SkStorage::new();
+
+/// Original destination of a redirected connection by its four-tuple (client address first),
+/// from the client's SYN until the proxy's side takes its copy into `ACCEPTED_ORIG` (or the
+/// client closes): the four-tuple is the only name both sides of a connection know. Each pod may
+/// hold `MAX_ORIG_DST_PER_POD` of them (`ORIG_DST_USED`). Allocated on insert.
 #[map]
-pub static ORIG_DST: HashMap<SockTuple, OrigDst> = HashMap::pinned(MAX_ORIG_DST, 0);
+pub static ORIG_DST: HashMap<SockTuple, OrigDst> = HashMap::pinned(MAX_ORIG_DST, BPF_F_NO_PREALLOC);
+
+/// `ORIG_DST` entries each pod holds, by slot: raised on insert and lowered on removal with
+/// atomic adds. The agent zeroes a slot's row when it sweeps the slot's entries.
+#[map]
+pub static ORIG_DST_USED: Array<u32> = Array::pinned(MAX_PODS, 0);
 
 /// Per-pod event counters, `Counter::index(slot)`.
 #[map]

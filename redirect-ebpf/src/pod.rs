@@ -18,16 +18,20 @@ const MAX_ANCESTOR_LEVELS: i32 = 16;
 /// 5.7 (`bpf_get_current_ancestor_cgroup_id` in cgroup sock_addr programs).
 #[inline(always)]
 pub fn current_pod() -> Option<(u32, &'static PodConfig)> {
+    // SAFETY: a helper without arguments.
     let id = unsafe { bpf_get_current_cgroup_id() };
+    // SAFETY: a hash map value, read at once.
     if let Some(slot) = unsafe { POD_CGROUPS.get(id) } {
         return config(*slot);
     }
     // The task sits below the pod's cgroup (a container's cgroup): walk down from the root.
     for level in 1..MAX_ANCESTOR_LEVELS {
+        // SAFETY: a helper taking a plain level number.
         let id = unsafe { bpf_get_current_ancestor_cgroup_id(level) };
         if id == 0 {
             return None;
         }
+        // SAFETY: a hash map value, read at once.
         if let Some(slot) = unsafe { POD_CGROUPS.get(id) } {
             return config(*slot);
         }
@@ -38,7 +42,9 @@ pub fn current_pod() -> Option<(u32, &'static PodConfig)> {
 /// The enrolled pod that owns the current cgroup exactly; for hooks without the ancestor helper.
 #[inline(always)]
 pub fn current_pod_exact() -> Option<(u32, &'static PodConfig)> {
+    // SAFETY: a helper without arguments.
     let id = unsafe { bpf_get_current_cgroup_id() };
+    // SAFETY: a hash map value, read at once.
     let slot = unsafe { POD_CGROUPS.get(id) }?;
     config(*slot)
 }
@@ -59,6 +65,7 @@ pub fn pod_of_addr(addr: &Addr) -> Option<u32> {
         addr: addr.words,
         family: addr.family as u32,
     };
+    // SAFETY: a hash map value, copied at once.
     unsafe { POD_ADDRS.get(key) }.copied()
 }
 
@@ -70,6 +77,7 @@ pub fn port_rule(slot: u32, port: u16) -> u32 {
         port,
         _pad: 0,
     };
+    // SAFETY: a hash map value, copied at once.
     unsafe { PORT_RULES.get(key) }.copied().unwrap_or(0)
 }
 
@@ -96,7 +104,8 @@ pub fn is_proxy_port(cfg: &PodConfig, port: u16) -> bool {
 #[inline(always)]
 pub fn count(slot: u32, counter: Counter) {
     if let Some(value) = COUNTERS.get_ptr_mut(counter.index(slot)) {
-        // Per-CPU: no other CPU writes this slot, a plain add is enough.
+        // SAFETY: a per-CPU array value, valid for this run; no other CPU writes this copy, so
+        // a plain add is enough.
         unsafe { *value += 1 };
     }
 }

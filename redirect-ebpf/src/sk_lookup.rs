@@ -30,10 +30,12 @@ pub fn rd_sk_lookup(ctx: SkLookupContext) -> u32 {
 #[inline(always)]
 fn on_lookup(ctx: &SkLookupContext) -> u32 {
     let l = ctx.lookup;
+    // SAFETY: `l` is the context's own `bpf_sk_lookup`; these fields are readable.
     let (protocol, family, port) = unsafe { ((*l).protocol, (*l).family, (*l).local_port) };
     if protocol != IPPROTO_TCP {
         return SK_PASS;
     }
+    // SAFETY: as above (the IPv6 words are read at fixed offsets by `load_ip6!`).
     let (local, remote) = unsafe {
         if family == AF_INET as u32 {
             (Addr::v4((*l).local_ip4), Addr::v4((*l).remote_ip4))

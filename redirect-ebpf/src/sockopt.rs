@@ -1,18 +1,22 @@
 //! cgroup/getsockopt: answers `SO_ORIGINAL_DST` for sockets the datapath redirected, so an
 //! unmodified proxy (Envoy's original_dst listener filter) works without conntrack.
 //!
+//! The answer for a connection the datapath redirected is in the accepted socket's own storage
+//! (`ACCEPTED_ORIG`, moved there by sock_ops), or still in `ORIG_DST` under its four-tuple.
+//!
 //! # Minimum kernel version
-//! 5.3 (`BPF_PROG_TYPE_CGROUP_SOCKOPT`).
+//! 5.3 (`BPF_PROG_TYPE_CGROUP_SOCKOPT`, with socket storage from the start).
 
 use aya_ebpf::{
     bindings::bpf_sock, helpers::bpf_get_current_uid_gid, macros::cgroup_sockopt,
     programs::SockoptContext,
 };
-use redirect_common::{Counter, OrigDst, SockTuple, AF_INET, AF_INET6};
+use redirect_common::{ConnKind, Counter, OrigDst, SockTuple, AF_INET, AF_INET6};
 
 use crate::{
     addr::{Addr, SockaddrIn, SockaddrIn6},
-    maps::ORIG_DST,
+    maps::ACCEPTED_ORIG,
+    orig_dst,
     pod::{config, count, current_pod_exact, pod_of_addr},
 };
 
@@ -30,14 +34,24 @@ pub fn rd_getsockopt(ctx: SockoptContext) -> i32 {
 #[inline(always)]
 fn on_getsockopt(ctx: &SockoptContext) {
     let so = ctx.sockopt;
+    // SAFETY: `so` is the context's own `bpf_sockopt`; level and optname are readable.
     let (level, optname) = unsafe { ((*so).level, (*so).optname) };
     let family = match (level, optname) {
         (SOL_IP, SO_ORIGINAL_DST) => AF_INET,
         (SOL_IPV6, SO_ORIGINAL_DST) => AF_INET6,
         _ => return,
     };
+    // SAFETY: as above; `sk` is the socket the option is asked of (PTR_TO_SOCKET).
     let sk = unsafe { (*so).__bindgen_anon_1.sk };
+    // SAFETY: `sk` checked for null first; `family` is readable.
     if sk.is_null() || unsafe { (*sk).family } != family as u32 {
+        return;
+    }
+    // SAFETY: `sk` is the context's full socket, checked for null.
+    if let Some(orig) = unsafe { ACCEPTED_ORIG.get(sk) } {
+        if orig.family == family && answer(ctx, &orig) {
+            count(orig.slot, Counter::OrigDstHit);
+        }
         return;
     }
     let (local, local_port, peer, peer_port) = endpoints(sk, family);
@@ -48,8 +62,8 @@ fn on_getsockopt(ctx: &SockoptContext) {
         dst_port: local_port,
         family: family as u32,
     };
-    if let Some(orig) = unsafe { ORIG_DST.get(key) } {
-        if answer(ctx, orig) {
+    if let Some(orig) = orig_dst::peek(&key) {
+        if answer(ctx, &orig) {
             count(orig.slot, Counter::OrigDstHit);
         }
         return;
@@ -80,7 +94,7 @@ fn on_getsockopt(ctx: &SockoptContext) {
         port: local_port,
         family,
         slot,
-        kind: 0,
+        kind: ConnKind::Inbound,
     };
     if answer(ctx, &orig) {
         count(slot, Counter::OrigDstLocal);
@@ -90,30 +104,30 @@ fn on_getsockopt(ctx: &SockoptContext) {
 /// The socket's local and peer addresses and ports (host order).
 #[inline(always)]
 fn endpoints(sk: *mut bpf_sock, family: u16) -> (Addr, u16, Addr, u16) {
-    unsafe {
-        let (local, peer) = if family == AF_INET {
-            (Addr::v4((*sk).src_ip4), Addr::v4((*sk).dst_ip4))
-        } else {
-            let s = crate::load_ip6!(sk, bpf_sock, src_ip6);
-            let d = crate::load_ip6!(sk, bpf_sock, dst_ip6);
-            (Addr::v6(s), Addr::v6(d))
-        };
-        // dst_port is read as the 4-byte field older kernels define; the port is its low half.
-        const DST_PORT: usize = core::mem::offset_of!(bpf_sock, dst_port);
-        let dst_port = crate::ctx::load_u32::<DST_PORT>(sk as *const _);
-        (
-            local,
-            (*sk).src_port as u16,
-            peer,
-            u16::from_be(dst_port as u16),
-        )
-    }
+    let (local, peer) = if family == AF_INET {
+        // SAFETY: `sk` is a non-null full socket; its address fields are readable.
+        unsafe { (Addr::v4((*sk).src_ip4), Addr::v4((*sk).dst_ip4)) }
+    } else {
+        let s = crate::load_ip6!(sk, bpf_sock, src_ip6);
+        let d = crate::load_ip6!(sk, bpf_sock, dst_ip6);
+        (Addr::v6(s), Addr::v6(d))
+    };
+    // dst_port is read as the 4-byte field older kernels define; the port is its low half.
+    const DST_PORT: usize = core::mem::offset_of!(bpf_sock, dst_port);
+    // SAFETY: as above; a 4-byte load at the field's offset is what every kernel accepts.
+    let dst_port = unsafe { crate::ctx::load_u32::<DST_PORT>(sk as *const _) };
+    // SAFETY: as above.
+    let src_port = unsafe { (*sk).src_port };
+    (local, src_port as u16, peer, u16::from_be(dst_port as u16))
 }
 
 /// Writes `orig` as the sockaddr the caller expects and clears the kernel's error.
 #[inline(always)]
 fn answer(ctx: &SockoptContext, orig: &OrigDst) -> bool {
     let so = ctx.sockopt;
+    // SAFETY: `so` is the context. optval..optval_end is the caller's buffer as the kernel
+    // copied it; every store below is checked against optval_end first, as the verifier
+    // demands. optlen and retval are writable in getsockopt.
     unsafe {
         let optval = (*so).__bindgen_anon_2.optval as *mut u8;
         let optval_end = (*so).__bindgen_anon_3.optval_end as *mut u8;

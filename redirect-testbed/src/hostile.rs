@@ -44,6 +44,9 @@ pub struct Args {
     /// Sockets kept bound (never listening) at once.
     #[arg(long, default_value_t = 1000)]
     binds: usize,
+    /// New held connections per round (a round takes at least 5 ms).
+    #[arg(long, default_value_t = 100)]
+    burst: usize,
     /// The proxy's inbound port, to listen on as a non-proxy uid.
     #[arg(long, default_value_t = 15006)]
     proxy_inbound_port: u16,
@@ -61,6 +64,9 @@ pub struct HostileReport {
     pub reset: u64,
     pub refused_attempts: u64,
     pub binds: u64,
+    /// Sockets bound to another pod's address with IP_FREEBIND.
+    pub freebind_binds: u64,
+    /// Of those, connects that got under way (routing usually refuses them).
     pub freebind_connects: u64,
     pub held_connects: u64,
     pub proxy_port_listens: u64,
@@ -143,10 +149,14 @@ pub fn run(args: Args) -> Result<()> {
                     };
                     if freebind.is_ok()
                         && s.bind(&SockAddr::from(SocketAddr::new(foreign, 0))).is_ok()
-                        && start_connect(&s, t, &mut report)
                     {
-                        report.freebind_connects += 1;
-                        held.push_back(s);
+                        report.freebind_binds += 1;
+                        // Without IP_TRANSPARENT routing refuses the foreign source (EINVAL):
+                        // another connect that fails before its SYN.
+                        if start_connect(&s, t, &mut report) {
+                            report.freebind_connects += 1;
+                            held.push_back(s);
+                        }
                     }
                 }
             }
@@ -163,8 +173,8 @@ pub fn run(args: Args) -> Result<()> {
             }
         }
 
-        // Many connections held open, a hundred new ones a round, oldest replaced.
-        for i in 0..100 {
+        // Many connections held open, `burst` new ones a round, oldest replaced.
+        for i in 0..args.burst {
             let t = args.target[(round as usize + i) % args.target.len()];
             if let Ok(s) = socket_for(t) {
                 if start_connect(&s, t, &mut report) {
@@ -193,7 +203,10 @@ fn unspecified(ip: IpAddr) -> IpAddr {
 }
 
 fn same_family(targets: &[SocketAddr], ip: IpAddr) -> Option<SocketAddr> {
-    targets.iter().copied().find(|t| t.is_ipv4() == ip.is_ipv4())
+    targets
+        .iter()
+        .copied()
+        .find(|t| t.is_ipv4() == ip.is_ipv4())
 }
 
 fn other_target(targets: &[SocketAddr], t: SocketAddr) -> Option<SocketAddr> {
