@@ -9,9 +9,14 @@ pub mod datapath;
 pub mod detect;
 pub mod listener;
 pub mod netns;
+pub mod enroll;
+pub mod gc;
 pub mod output;
-pub mod pod;
+pub mod paths;
 pub mod probe;
+pub mod rows;
+#[doc(hidden)]
+pub mod shim;
 pub mod spec;
 pub mod state;
 pub mod stats;
