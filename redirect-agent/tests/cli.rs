@@ -131,9 +131,7 @@ fn enroll_args(pod: &Pod, replace: &[(&str, Option<&str>)], extra: &[&str]) -> V
 
 #[test]
 fn missing_netns_path() {
-    if !root("missing_netns_path") {
-        return;
-    }
+    require!(Need::Root);
     let node = Node::new().unwrap();
     let pod = node.add_pod("pod").unwrap();
     let agent = Agent::new();
@@ -161,13 +159,17 @@ fn cgroup_v1_dir() -> Option<PathBuf> {
 
 #[test]
 fn cgroup_v1_directory() {
-    if !root("cgroup_v1_directory") {
-        return;
-    }
-    let Some(v1) = cgroup_v1_dir() else {
-        eprintln!("skipping cgroup_v1_directory: no cgroup v1 hierarchy mounted here");
-        return;
-    };
+    let v1 = cgroup_v1_dir();
+    require!(
+        Need::Root,
+        Need::machine(
+            "a cgroup v1 hierarchy",
+            v1.as_ref()
+                .map(drop)
+                .ok_or_else(|| "none is mounted here".into())
+        )
+    );
+    let v1 = v1.expect("required above");
     let node = Node::new().unwrap();
     let pod = node.add_pod("pod").unwrap();
     let agent = Agent::new();
@@ -179,9 +181,7 @@ fn cgroup_v1_directory() {
 
 #[test]
 fn path_that_is_not_a_cgroup() {
-    if !root("path_that_is_not_a_cgroup") {
-        return;
-    }
+    require!(Need::Root);
     let node = Node::new().unwrap();
     let pod = node.add_pod("pod").unwrap();
     let agent = Agent::new();
@@ -199,9 +199,7 @@ fn path_that_is_not_a_cgroup() {
 
 #[test]
 fn invalid_pod_ip() {
-    if !root("invalid_pod_ip") {
-        return;
-    }
+    require!(Need::Root);
     let node = Node::new().unwrap();
     let pod = node.add_pod("pod").unwrap();
     let agent = Agent::new();
@@ -228,9 +226,7 @@ fn invalid_pod_ip() {
 
 #[test]
 fn pod_ip_not_assigned_in_the_netns() {
-    if !root("pod_ip_not_assigned_in_the_netns") {
-        return;
-    }
+    require!(Need::Root);
     let node = Node::new().unwrap();
     let pod = node.add_pod("pod").unwrap();
     let other = node.add_pod("other").unwrap();
@@ -258,9 +254,7 @@ fn pod_ip_not_assigned_in_the_netns() {
 
 #[test]
 fn port_out_of_range() {
-    if !root("port_out_of_range") {
-        return;
-    }
+    require!(Need::Root);
     let node = Node::new().unwrap();
     let pod = node.add_pod("pod").unwrap();
     let agent = Agent::new();
@@ -294,9 +288,7 @@ fn port_out_of_range() {
 
 #[test]
 fn port_given_two_policies() {
-    if !root("port_given_two_policies") {
-        return;
-    }
+    require!(Need::Root);
     let node = Node::new().unwrap();
     let pod = node.add_pod("pod").unwrap();
     let agent = Agent::new();
@@ -319,9 +311,7 @@ fn port_given_two_policies() {
 /// An enrolled name given another pod's cgroup is refused, and the enrolled pod is untouched.
 #[test]
 fn existing_name_with_a_different_cgroup() {
-    if !root("existing_name_with_a_different_cgroup") {
-        return;
-    }
+    require!(Need::Root);
     let node = Node::new().unwrap();
     let first = node.add_pod("first").unwrap();
     let second = node.add_pod("second").unwrap();
@@ -346,9 +336,7 @@ fn existing_name_with_a_different_cgroup() {
 
 #[test]
 fn unenroll_of_an_unknown_name() {
-    if !root("unenroll_of_an_unknown_name") {
-        return;
-    }
+    require!(Need::Root);
     let agent = Agent::new();
     let out = agent.run(&["unenroll", "--name", "never-enrolled"]);
     check_error(&out, &["unenroll"], &["never-enrolled"]);
@@ -370,9 +358,7 @@ fn unenroll_of_an_unknown_name() {
 
 #[test]
 fn not_root() {
-    if !root("not_root") {
-        return;
-    }
+    require!(Need::Root);
     let node = Node::new().unwrap();
     let pod = node.add_pod("pod").unwrap();
     let agent = Agent::new();
@@ -426,9 +412,7 @@ fn repeated_clauses(line: &str) -> Vec<String> {
 /// already appends the source chain).
 #[test]
 fn errors_name_their_cause_once() {
-    if !root("errors_name_their_cause_once") {
-        return;
-    }
+    require!(Need::Root);
     let node = Node::new().unwrap();
     let pod = node.add_pod("pod").unwrap();
     let agent = Agent::new();

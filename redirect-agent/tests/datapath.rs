@@ -43,10 +43,8 @@ fn matrix_expect(server: &Pod, delivery: &str, policy: &str, f: Family, app_port
 
 /// Runs the 12 cells of one proxy configuration (2 policies x 2 families x 3 apps), changing
 /// the policy by re-enrolling in place, and reports every failing cell at once.
-fn conformance_matrix(test: &str, delivery: &str) {
-    if !root(test) {
-        return;
-    }
+fn conformance_matrix(delivery: &str) {
+    require!(Need::Root, datapath());
     let node = Node::new().unwrap();
     let server = node.add_pod("server").unwrap();
     let client = node.add_pod("client").unwrap();
@@ -91,12 +89,12 @@ fn conformance_matrix(test: &str, delivery: &str) {
 
 #[test]
 fn conformance_matrix_proxy_dials_loopback() {
-    conformance_matrix("conformance_matrix_proxy_dials_loopback", "loopback");
+    conformance_matrix("loopback");
 }
 
 #[test]
 fn conformance_matrix_proxy_dials_pod_ip() {
-    conformance_matrix("conformance_matrix_proxy_dials_pod_ip", "pod-ip");
+    conformance_matrix("pod-ip");
 }
 
 /// An echo application (uid 1000) on the wildcard addresses of both families, on each port.
@@ -113,9 +111,7 @@ fn wildcard_echo(pod: &Pod, ports: &[u16]) -> PodProcess {
 /// proxy sees nothing.
 #[test]
 fn app_reaches_loopback_and_own_pod_ip_directly() {
-    if !root("app_reaches_loopback_and_own_pod_ip_directly") {
-        return;
-    }
+    require!(Need::Root, datapath());
     let node = Node::new().unwrap();
     let server = node.add_pod("server").unwrap();
     let _apps = matrix_apps(&server);
@@ -159,9 +155,7 @@ fn app_reaches_loopback_and_own_pod_ip_directly() {
 /// at POD_IP:P and is not captured again (no proxy log entry), under the passthrough policy.
 #[test]
 fn proxy_delivery_from_passthrough_source_is_not_captured_again() {
-    if !root("proxy_delivery_from_passthrough_source_is_not_captured_again") {
-        return;
-    }
+    require!(Need::Root, datapath());
     let node = Node::new().unwrap();
     let server = node.add_pod("server").unwrap();
     let _apps = matrix_apps(&server);
@@ -205,9 +199,7 @@ fn proxy_delivery_from_passthrough_source_is_not_captured_again() {
 /// POD_IP:P from SO_ORIGINAL_DST, and the pod's policy then applies to the delivery.
 #[test]
 fn proxy_to_own_pod_ip_goes_through_inbound_listener() {
-    if !root("proxy_to_own_pod_ip_goes_through_inbound_listener") {
-        return;
-    }
+    require!(Need::Root, datapath());
     let node = Node::new().unwrap();
     let server = node.add_pod("server").unwrap();
     let _apps = matrix_apps(&server);
@@ -279,9 +271,7 @@ fn proxy_to_own_pod_ip_goes_through_inbound_listener() {
 /// on 127.0.0.1:15000), whoever dials them.
 #[test]
 fn proxy_off_pod_and_proxy_ports_are_not_captured() {
-    if !root("proxy_off_pod_and_proxy_ports_are_not_captured") {
-        return;
-    }
+    require!(Need::Root, datapath());
     let node = Node::new().unwrap();
     let server = node.add_pod("server").unwrap();
     let other = node.add_pod("other").unwrap();
@@ -333,9 +323,7 @@ fn proxy_off_pod_and_proxy_ports_are_not_captured() {
 /// address and port; the proxy then reaches the real server.
 #[test]
 fn app_outbound_is_captured_with_exact_original_destination() {
-    if !root("app_outbound_is_captured_with_exact_original_destination") {
-        return;
-    }
+    require!(Need::Root, datapath());
     let node = Node::new().unwrap();
     let server = node.add_pod("server").unwrap();
     let other = node.add_pod("other").unwrap();
@@ -393,9 +381,7 @@ fn app_outbound_is_captured_with_exact_original_destination() {
 /// never captured: a client elsewhere reaches the application directly.
 #[test]
 fn excluded_inbound_ports_bypass_the_proxy() {
-    if !root("excluded_inbound_ports_bypass_the_proxy") {
-        return;
-    }
+    require!(Need::Root, datapath());
     let node = Node::new().unwrap();
     let server = node.add_pod("server").unwrap();
     let client = node.add_pod("client").unwrap();
@@ -436,9 +422,7 @@ fn excluded_inbound_ports_bypass_the_proxy() {
 /// `excluded_inbound_ports_bypass_the_proxy`); only `stats` does not show them.
 #[test]
 fn excluded_inbound_connections_are_counted() {
-    if !root("excluded_inbound_connections_are_counted") {
-        return;
-    }
+    require!(Need::Root, datapath());
     let node = Node::new().unwrap();
     let server = node.add_pod("server").unwrap();
     let client = node.add_pod("client").unwrap();
@@ -469,9 +453,7 @@ fn excluded_inbound_connections_are_counted() {
 /// application's connections go straight to their destination; the rest is still captured.
 #[test]
 fn excluded_outbound_ports_and_cidrs_bypass_the_proxy() {
-    if !root("excluded_outbound_ports_and_cidrs_bypass_the_proxy") {
-        return;
-    }
+    require!(Need::Root, datapath());
     let node = Node::new().unwrap();
     let server = node.add_pod("server").unwrap();
     let kept = node.add_pod("kept").unwrap();
@@ -592,9 +574,7 @@ fn refused_inbound(client: &Pod, server: &Pod) -> Option<String> {
 /// A proxy that was listening before its pod was enrolled is adopted at enroll.
 #[test]
 fn proxy_listening_before_enroll_is_adopted() {
-    if !root("proxy_listening_before_enroll_is_adopted") {
-        return;
-    }
+    require!(Need::Root, datapath());
     let node = Node::new().unwrap();
     let server = node.add_pod("server").unwrap();
     let client = node.add_pod("client").unwrap();
@@ -618,9 +598,7 @@ fn proxy_listening_before_enroll_is_adopted() {
 /// pod's inbound connections are refused and counted as `inbound_no_listener`.
 #[test]
 fn proxy_started_after_enroll_is_registered() {
-    if !root("proxy_started_after_enroll_is_registered") {
-        return;
-    }
+    require!(Need::Root, datapath());
     let node = Node::new().unwrap();
     let server = node.add_pod("server").unwrap();
     let client = node.add_pod("client").unwrap();
@@ -653,9 +631,7 @@ fn proxy_started_after_enroll_is_registered() {
 /// follows each new proxy without re-enrolling, inbound and outbound.
 #[test]
 fn proxy_restart_keeps_capture_without_reenroll() {
-    if !root("proxy_restart_keeps_capture_without_reenroll") {
-        return;
-    }
+    require!(Need::Root, datapath());
     let node = Node::new().unwrap();
     let server = node.add_pod("server").unwrap();
     let client = node.add_pod("client").unwrap();
@@ -746,9 +722,7 @@ fn observe(client: &Pod, pod: &Pod) -> Vec<String> {
 /// nothing.
 #[test]
 fn pod_not_enrolled_behaves_as_plain_kernel() {
-    if !root("pod_not_enrolled_behaves_as_plain_kernel") {
-        return;
-    }
+    require!(Need::Root, datapath());
     let node = Node::new().unwrap();
     let plain = node.add_pod("plain").unwrap();
     let enrolled = node.add_pod("enrolled").unwrap();
@@ -791,9 +765,7 @@ fn pod_not_enrolled_behaves_as_plain_kernel() {
 /// json`) show exactly the expected count of every counter, across a policy update in place.
 #[test]
 fn stats_show_exact_counts_after_known_connections() {
-    if !root("stats_show_exact_counts_after_known_connections") {
-        return;
-    }
+    require!(Need::Root, datapath());
     let node = Node::new().unwrap();
     let server = node.add_pod("server").unwrap();
     let client = node.add_pod("client").unwrap();
@@ -922,9 +894,7 @@ fn tree(dir: &std::path::Path) -> Vec<String> {
 /// the other redirected; the last unenroll removes every pin.
 #[test]
 fn unenroll_restores_plain_behaviour_and_keeps_other_pods() {
-    if !root("unenroll_restores_plain_behaviour_and_keeps_other_pods") {
-        return;
-    }
+    require!(Need::Root, datapath());
     let node = Node::new().unwrap();
     let a = node.add_pod("a").unwrap();
     let b = node.add_pod("b").unwrap();
@@ -1008,9 +978,7 @@ fn unenroll_restores_plain_behaviour_and_keeps_other_pods() {
 /// same attachments, same `lo`, same behaviour, and the counters keep counting.
 #[test]
 fn enroll_twice_is_idempotent() {
-    if !root("enroll_twice_is_idempotent") {
-        return;
-    }
+    require!(Need::Root, datapath());
     let node = Node::new().unwrap();
     let server = node.add_pod("server").unwrap();
     let client = node.add_pod("client").unwrap();
@@ -1061,9 +1029,7 @@ fn enroll_twice_is_idempotent() {
 /// redirected through its pinned links, and a new process unenrolls it.
 #[test]
 fn redirection_outlives_the_enrolling_process() {
-    if !root("redirection_outlives_the_enrolling_process") {
-        return;
-    }
+    require!(Need::Root, datapath());
     let node = Node::new().unwrap();
     let server = node.add_pod("server").unwrap();
     let client = node.add_pod("client").unwrap();
@@ -1110,9 +1076,7 @@ fn redirection_outlives_the_enrolling_process() {
 /// `--port-policy` overrides the pod's policy for one port, both ways, both families.
 #[test]
 fn port_policy_overrides_the_pod_policy() {
-    if !root("port_policy_overrides_the_pod_policy") {
-        return;
-    }
+    require!(Need::Root, datapath());
     let node = Node::new().unwrap();
     let server = node.add_pod("server").unwrap();
     let client = node.add_pod("client").unwrap();
@@ -1155,9 +1119,7 @@ fn port_policy_overrides_the_pod_policy() {
 #[test]
 fn update_in_place_keeps_established_connections() {
     use std::io::{Read as _, Write as _};
-    if !root("update_in_place_keeps_established_connections") {
-        return;
-    }
+    require!(Need::Root, datapath());
     let node = Node::new().unwrap();
     let server = node.add_pod("server").unwrap();
     let client = node.add_pod("client").unwrap();

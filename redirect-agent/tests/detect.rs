@@ -12,7 +12,7 @@ use std::{
 };
 
 use redirect_agent::detect::{self, DetectArgs, Level, Status};
-use redirect_testbed::{Node, Pod, PodProcess};
+use redirect_testbed::{require, Need, Node, Pod, PodProcess};
 use serde_json::{json, Value};
 
 const APP_UID: u32 = 1000;
@@ -43,10 +43,6 @@ print(json.dumps({"children": children}), flush=True)
 while True:
     time.sleep(3600)
 "#;
-
-fn root(test: &str) -> bool {
-    redirect_testbed::require_root(test)
-}
 
 struct Listeners {
     process: PodProcess,
@@ -166,9 +162,7 @@ fn wildcard(port: u16, addr: &str) -> String {
 
 #[test]
 fn every_kind_of_listener_exact_json() {
-    if !root("every_kind_of_listener_exact_json") {
-        return;
-    }
+    require!(Need::Root);
     let node = Node::new().unwrap();
     let pod = node.add_pod("kinds").unwrap();
     let (ip4, ip6) = (pod.ip4.to_string(), pod.ip6.to_string());
@@ -291,9 +285,7 @@ fn every_kind_of_listener_exact_json() {
 
 #[test]
 fn manifest_named_target_port_and_port_nobody_listens_on() {
-    if !root("manifest_named_target_port_and_port_nobody_listens_on") {
-        return;
-    }
+    require!(Need::Root);
     let node = Node::new().unwrap();
     let pod = node.add_pod("manifest").unwrap();
     let l = spawn_listeners(
@@ -427,9 +419,7 @@ fn pod_record(pod: &Pod, policy: &str, port_policies: Value, exclude: &[u16]) ->
 
 #[test]
 fn enrolled_pods_follow_their_policy() {
-    if !root("enrolled_pods_follow_their_policy") {
-        return;
-    }
+    require!(Need::Root);
     let node = Node::new().unwrap();
     let pass = node.add_pod("pass").unwrap();
     let local = node.add_pod("local").unwrap();
@@ -541,9 +531,7 @@ fn enrolled_pods_follow_their_policy() {
 
 #[test]
 fn vanished_namespace_and_exited_owner_are_reported_not_fatal() {
-    if !root("vanished_namespace_and_exited_owner_are_reported_not_fatal") {
-        return;
-    }
+    require!(Need::Root);
     let node = Node::new().unwrap();
     let stays = node.add_pod("stays").unwrap();
     let goes = node.add_pod("goes").unwrap();
@@ -595,9 +583,7 @@ fn vanished_namespace_and_exited_owner_are_reported_not_fatal() {
 
 #[test]
 fn all_counts_each_namespace_once_under_its_name() {
-    if !root("all_counts_each_namespace_once_under_its_name") {
-        return;
-    }
+    require!(Need::Root);
     let node = Node::new().unwrap();
     let pod = node.add_pod("all").unwrap();
     let _l = spawn_listeners(&pod, json!([{"addr": "0.0.0.0", "port": 8080}]));
@@ -635,9 +621,7 @@ fn all_counts_each_namespace_once_under_its_name() {
 
 #[test]
 fn permission_and_usage_problems_exit_2() {
-    if !root("permission_and_usage_problems_exit_2") {
-        return;
-    }
+    require!(Need::Root);
     let bin = env!("CARGO_BIN_EXE_redirect-agent");
     // Not root: a clear message, before any scanning.
     let out = Command::new("setpriv")

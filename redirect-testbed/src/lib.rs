@@ -28,6 +28,7 @@
 
 mod cgroup;
 pub mod echo;
+pub mod needs;
 mod netns;
 mod node;
 pub mod probe;
@@ -38,6 +39,7 @@ mod sweep;
 use std::path::PathBuf;
 
 pub use cgroup::cgroup2_mount;
+pub use needs::Need;
 pub use node::{cni_plugin_dir, Node, Pod, PodProcess};
 pub use probe::{probe, probe_from, Banner, Outcome};
 pub use proxy::{Delivery, ProxyLogEntry};
@@ -66,19 +68,4 @@ pub fn testbed_bin() -> anyhow::Result<PathBuf> {
         p.display()
     );
     Ok(p)
-}
-
-/// Whether this process may build pods; tests call it to skip (or, under `CI=true`, fail)
-/// when not root.
-pub fn require_root(test: &str) -> bool {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
-        return true;
-    }
-    let why = format!("{test}: needs root (network namespaces, cgroups, CNI)");
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("{why}; a skip is a failure under CI=true");
-    }
-    eprintln!("skipping {why}");
-    false
 }

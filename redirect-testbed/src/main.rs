@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use redirect_testbed::{echo, probe, proxy};
 
 mod demo;
+mod hostile;
 mod load;
 
 #[derive(Parser)]
@@ -61,6 +62,8 @@ enum Cmd {
     },
     /// The conformance matrix end to end on this machine: pods, proxy, `redirect-agent` (root).
     Demo,
+    /// An unprivileged application trying to fill the datapath's maps (tests/hostile.rs).
+    Hostile(hostile::Args),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -138,5 +141,6 @@ fn main() -> Result<()> {
             Ok(())
         }
         Cmd::Demo => demo::run(),
+        Cmd::Hostile(args) => hostile::run(args),
     }
 }

@@ -10,7 +10,7 @@ use std::{
     time::Duration,
 };
 
-use redirect_testbed::{proxy, require_root, Node, Outcome, Pod, PodProcess};
+use redirect_testbed::{proxy, require, Need, Node, Outcome, Pod, PodProcess};
 
 const T: Duration = Duration::from_secs(5);
 const PROXY_UID: u32 = 1337;
@@ -76,9 +76,7 @@ fn assert_direct(o: &Outcome, server_local: SocketAddr, peer_ip: IpAddr) {
 
 #[test]
 fn pods_reach_each_other_over_v4_and_v6() {
-    if !require_root("pods_reach_each_other_over_v4_and_v6") {
-        return;
-    }
+    require!(Need::Root);
     let node = Node::new().unwrap();
     let a = node.add_pod("a").unwrap();
     let b = node.add_pod("b").unwrap();
@@ -135,9 +133,7 @@ fn pods_reach_each_other_over_v4_and_v6() {
 
 #[test]
 fn spawned_process_has_uid_netns_and_cgroup() {
-    if !require_root("spawned_process_has_uid_netns_and_cgroup") {
-        return;
-    }
+    require!(Need::Root);
     let node = Node::new().unwrap();
     let pod = node.add_pod("uid").unwrap();
     let mut cmd = Command::new("sleep");
@@ -181,9 +177,7 @@ fn spawned_process_has_uid_netns_and_cgroup() {
 
 #[test]
 fn exec_and_connect_binary_run_in_the_pod() {
-    if !require_root("exec_and_connect_binary_run_in_the_pod") {
-        return;
-    }
+    require!(Need::Root);
     let node = Node::new().unwrap();
     let a = node.add_pod("cli").unwrap();
     let b = node.add_pod("srv").unwrap();
@@ -240,9 +234,7 @@ fn exec_and_connect_binary_run_in_the_pod() {
 
 #[test]
 fn proxy_falls_back_to_getsockname_without_so_original_dst() {
-    if !require_root("proxy_falls_back_to_getsockname_without_so_original_dst") {
-        return;
-    }
+    require!(Need::Root);
     let node = Node::new().unwrap();
     let pod = node.add_pod("envoy").unwrap();
     let client = node.add_pod("client").unwrap();
@@ -289,9 +281,7 @@ fn proxy_falls_back_to_getsockname_without_so_original_dst() {
 /// connection reaches the proxy's 15001, whose SO_ORIGINAL_DST names the real server.
 #[test]
 fn proxy_outbound_follows_iptables_redirect() {
-    if !require_root("proxy_outbound_follows_iptables_redirect") {
-        return;
-    }
+    require!(Need::Root);
     let node = Node::new().unwrap();
     let server = node.add_pod("server").unwrap();
     let client = node.add_pod("client").unwrap();
@@ -375,9 +365,7 @@ fn proxy_outbound_follows_iptables_redirect() {
 /// 127.0.0.1, the 1.10 way (from 127.0.0.6 to the pod IP) only the app bound to the pod IP.
 #[test]
 fn proxy_inbound_delivery_modes_with_iptables_redirect() {
-    if !require_root("proxy_inbound_delivery_modes_with_iptables_redirect") {
-        return;
-    }
+    require!(Need::Root);
     let node = Node::new().unwrap();
     let server = node.add_pod("server").unwrap();
     let client = node.add_pod("client").unwrap();
@@ -546,9 +534,7 @@ fn build_and_fill() -> (Node, Pod, Pod, PodProcess, Footprint) {
 
 #[test]
 fn drop_removes_everything() {
-    if !require_root("drop_removes_everything") {
-        return;
-    }
+    require!(Need::Root);
     let (node, a, b, p, f) = build_and_fill();
     // Dropping the node first keeps it alive until its pods are gone.
     drop(node);
@@ -559,9 +545,7 @@ fn drop_removes_everything() {
 
 #[test]
 fn drop_removes_everything_after_a_panic() {
-    if !require_root("drop_removes_everything_after_a_panic") {
-        return;
-    }
+    require!(Need::Root);
     let footprint = std::sync::Mutex::new(None);
     let r = std::panic::catch_unwind(|| {
         let (_node, _a, _b, _p, f) = build_and_fill();
@@ -594,9 +578,7 @@ fn sweep_removes_what_a_killed_run_left() {
         std::io::stdout().flush().unwrap();
         std::process::abort();
     }
-    if !require_root("sweep_removes_what_a_killed_run_left") {
-        return;
-    }
+    require!(Need::Root);
     let out = Command::new(std::env::current_exe().unwrap())
         .args([
             "--exact",
@@ -631,9 +613,7 @@ fn sweep_removes_what_a_killed_run_left() {
 
 #[test]
 fn echo_modes_readiness_and_connect_as() {
-    if !require_root("echo_modes_readiness_and_connect_as") {
-        return;
-    }
+    require!(Need::Root);
     let node = Node::new().unwrap();
     let a = node.add_pod("echoer").unwrap();
     let b = node.add_pod("caller").unwrap();

@@ -1,15 +1,16 @@
 //! `cargo xtask`: developer tasks for the redirect workspace.
 //!
 //! One module per subcommand. This crate must build with plain stable cargo and no
-//! bpf-linker (`setup` is what installs it), so it never depends on the eBPF crates.
+//! bpf-linker (`setup` is what installs it), so it never depends on the eBPF crates, and it
+//! builds fast: `bench` and `kernels` are workspace crates of their own (`redirect-bench`,
+//! `redirect-kernels`) that xtask only starts, with their arguments unchanged.
 
-mod bench;
-mod bench_detect;
 mod demo;
-mod kernels;
 mod setup;
 mod test;
 mod util;
+
+use std::ffi::OsString;
 
 use clap::{Parser, Subcommand};
 
@@ -33,10 +34,19 @@ enum Command {
     /// setup, build the workspace binaries, then run `redirect-testbed demo`.
     Demo(demo::Args),
     /// Benchmarks: the data path against iptables (default), or `detect`.
-    Bench(bench::Args),
+    #[command(disable_help_flag = true)]
+    Bench(Passthrough),
     /// Boot Debian kernels (5.10, 6.1, 6.12, 7.x) under qemu and run the integration tests in
     /// each, plus the host kernel natively; prints a kernel x test matrix, writes KERNELS.md.
-    Kernels(kernels::Args),
+    #[command(disable_help_flag = true)]
+    Kernels(Passthrough),
+}
+
+/// Arguments handed to the tool as they are (its own `--help` lists them).
+#[derive(clap::Args)]
+struct Passthrough {
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    args: Vec<OsString>,
 }
 
 fn main() {
@@ -45,8 +55,8 @@ fn main() {
         Command::Setup => setup::run(),
         Command::Test(args) => test::run(args),
         Command::Demo(args) => demo::run(args),
-        Command::Bench(args) => bench::run(args),
-        Command::Kernels(args) => kernels::run(args),
+        Command::Bench(p) => util::exec_tool("redirect-bench", &p.args),
+        Command::Kernels(p) => util::exec_tool("redirect-kernels", &p.args),
     };
     if let Err(err) = result {
         eprintln!("\nxtask: error: {err:#}");

@@ -305,8 +305,8 @@ pub fn scan_one(target: &Target) -> (PathBuf, Result<Vec<sockdiag::DiagSocket>, 
 }
 
 fn is_denied(e: &netns::NetnsError) -> bool {
-    let (netns::NetnsError::Open { source, .. } | netns::NetnsError::Enter { source, .. }) = e;
-    source.kind() == io::ErrorKind::PermissionDenied
+    e.io_source()
+        .is_some_and(|source| source.kind() == io::ErrorKind::PermissionDenied)
 }
 
 /// Scans every target, a few namespaces at a time, and returns the results in target order.

@@ -18,12 +18,12 @@ use std::{
     process::{Command, Output, Stdio},
     sync::{
         atomic::{AtomicU32, Ordering},
-        Once,
+        Once, OnceLock,
     },
     time::Duration,
 };
 
-pub use redirect_testbed::{proxy::ProxyLogEntry, Node, Outcome, Pod, PodProcess};
+pub use redirect_testbed::{proxy::ProxyLogEntry, require, Need, Node, Outcome, Pod, PodProcess};
 use serde_json::Value;
 
 /// Budget of one probe connection (connect, payload, echo). Refusals come back at once; only a
@@ -43,9 +43,25 @@ pub const WILDCARD_PORT: u16 = 18080;
 pub const V4_PASSTHROUGH_SRC: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 6));
 pub const V6_PASSTHROUGH_SRC: IpAddr = IpAddr::V6(Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6));
 
-/// Whether the test may run: root, or a skip that says why (a failure under `CI=true`).
-pub fn root(test: &str) -> bool {
-    redirect_testbed::require_root(test)
+/// Whether the test may run as root, or a skip that says why (a failure under `CI=true`).
+/// Kept for tests not yet written with [`require!`]; the name is no longer needed (libtest's
+/// is used).
+pub fn root(_test: &str) -> bool {
+    redirect_testbed::needs::check(&[Need::Root])
+}
+
+/// The datapath's mandatory kernel features (`redirect-agent probe`'s mandatory list), probed
+/// once per test binary. Only probed as root; `require!(Need::Root, datapath())` says "needs
+/// root" first.
+pub fn datapath() -> Need {
+    static PROBE: OnceLock<Result<(), String>> = OnceLock::new();
+    let found = PROBE.get_or_init(|| {
+        if !redirect_testbed::needs::is_root() {
+            return Err("cannot be probed without root".into());
+        }
+        redirect_agent::probe::require_mandatory().map_err(|e| redirect_agent::error_chain(&e))
+    });
+    Need::kernel("of the datapath (mandatory)", found.clone())
 }
 
 pub fn agent_bin() -> PathBuf {

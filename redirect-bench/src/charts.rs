@@ -7,7 +7,7 @@ use anyhow::{anyhow, Context as _, Result};
 use plotters::prelude::*;
 use serde_json::Value;
 
-use super::report::Groups;
+use crate::report::Groups;
 
 const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
 
@@ -130,7 +130,7 @@ fn latency_chart(results: &Value, g: &Groups, wl: &str, path: &Path) -> Result<(
 
 /// crr-1B p50 against N (log scale), one line per mode, min–max as error bars.
 fn scale_chart(results: &Value, g: &Groups, path: &Path) -> Result<bool> {
-    let ns = super::report::rule_counts(results);
+    let ns = crate::report::rule_counts(results);
     if ns.is_empty() {
         return Ok(false);
     }

@@ -157,7 +157,7 @@ pub fn rewrite(from: &Path) -> Result<()> {
     let text = fs::read_to_string(from).with_context(|| format!("reading {}", from.display()))?;
     let results: Value = serde_json::from_str(&text)?;
     let dir = from.parent().unwrap_or(Path::new("."));
-    let root = crate::util::workspace_root();
+    let root = redirect_devtools::workspace_root();
     let md = if dir.canonicalize().ok() == root.join("bench").canonicalize().ok() {
         root.join("BENCHMARKS.md")
     } else {
@@ -170,7 +170,7 @@ pub fn rewrite(from: &Path) -> Result<()> {
 
 pub fn write(results: &Value, out_dir: &Path, md_path: &Path) -> Result<()> {
     let groups = Groups::new(results);
-    let charts = super::charts::draw(results, &groups, out_dir)?;
+    let charts = crate::charts::draw(results, &groups, out_dir)?;
     let rel = |p: &Path| -> String {
         let base = md_path.parent().unwrap_or(Path::new("."));
         p.strip_prefix(base)
@@ -464,7 +464,7 @@ fn scale(
     w: &mut String,
     results: &Value,
     g: &Groups,
-    charts: &super::charts::Charts,
+    charts: &crate::charts::Charts,
     rel: &dyn Fn(&Path) -> String,
 ) -> Result<()> {
     let ns = rule_counts(results);

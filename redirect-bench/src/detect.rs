@@ -16,9 +16,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{bail, ensure, Context as _, Result};
+use anyhow::{ensure, Context as _, Result};
 
-use crate::util;
+use redirect_devtools as dev;
+
+use crate::sys::{ensure_root, ip_batch};
 
 const PREFIX: &str = "rdt-bench-detect-";
 const LISTENERS: usize = 10;
@@ -77,7 +79,7 @@ for c in children:
 "#;
 
 pub fn run() -> Result<()> {
-    ensure_root()?;
+    ensure_root("bench detect needs root: it creates network namespaces and detect enters them")?;
     let sizes: Vec<usize> = match std::env::var("BENCH_DETECT_N") {
         Ok(v) => v
             .split(',')
@@ -88,15 +90,15 @@ pub fn run() -> Result<()> {
     };
     remove_stale();
 
-    util::header("build redirect-agent (release)");
-    let mut build = util::cargo();
+    dev::header("build redirect-agent (release)");
+    let mut build = dev::cargo();
     build.args(["build", "--release", "-p", "redirect-agent"]);
-    util::run(&mut build)?;
-    let agent = util::target_dir()?.join("release/redirect-agent");
+    dev::run(&mut build)?;
+    let agent = dev::target_dir()?.join("release/redirect-agent");
 
     let mut rows = Vec::new();
     for &n in &sizes {
-        util::header(&format!("{n} namespaces x {LISTENERS} listeners"));
+        dev::header(&format!("{n} namespaces x {LISTENERS} listeners"));
         let setup = Instant::now();
         let bed = Bed::new(n)?;
         println!("set up in {:.1} s", setup.elapsed().as_secs_f64());
@@ -132,7 +134,7 @@ pub fn run() -> Result<()> {
         rows.push((n, times[RUNS / 2], times[0], total));
         drop(bed);
     }
-    util::header("summary: redirect-agent detect --all");
+    dev::header("summary: redirect-agent detect --all");
     println!(
         "{:>6} {:>12} {:>12} {:>12}",
         "pods", "median ms", "min ms", "namespaces"
@@ -200,19 +202,6 @@ fn report_namespaces(agent: &std::path::Path) -> Result<u64> {
     Ok(report["summary"]["namespaces"].as_u64().unwrap_or(0))
 }
 
-fn ensure_root() -> Result<()> {
-    let status = std::fs::read_to_string("/proc/self/status")?;
-    let euid = status
-        .lines()
-        .find_map(|l| l.strip_prefix("Uid:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .unwrap_or("");
-    if euid != "0" {
-        bail!("bench detect needs root: it creates network namespaces and detect enters them");
-    }
-    Ok(())
-}
-
 /// N namespaces and the process that holds their sockets; all removed on drop.
 struct Bed {
     names: Vec<String>,
@@ -230,7 +219,7 @@ impl Bed {
         let batch: String = names.iter().map(|n| format!("netns add {n}\n")).collect();
         // Record the names first, so that a failure halfway still removes what was made.
         bed.names = names;
-        util::ip_batch(&batch)?;
+        ip_batch(&batch)?;
         let mut holder = Command::new("python3")
             .args(["-c", HOLDER_PY])
             .stdin(Stdio::piped())
@@ -264,7 +253,7 @@ impl Drop for Bed {
             .iter()
             .map(|n| format!("netns del {n}\n"))
             .collect();
-        if let Err(e) = util::ip_batch(&batch) {
+        if let Err(e) = ip_batch(&batch) {
             eprintln!("bench detect: removing namespaces: {e:#}");
         }
     }
@@ -286,5 +275,5 @@ fn remove_stale() {
         })
         .map(|n| format!("netns del {n}\n"))
         .collect();
-    let _ = util::ip_batch(&stale);
+    let _ = ip_batch(&stale);
 }

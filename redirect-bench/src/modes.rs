@@ -1,0 +1,162 @@
+//! What the data-path benchmark measures: how traffic reaches the proxies (the modes), which
+//! proxy, the workloads, and one measurement as written to the results JSON.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::istio::Generation;
+
+/// How traffic reaches the proxies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    Direct,
+    Explicit,
+    IptablesNft,
+    IptablesLegacy,
+    IptablesLocalhost,
+    Ebpf,
+}
+
+impl Mode {
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Direct => "direct",
+            Mode::Explicit => "explicit",
+            Mode::IptablesNft => "iptables-nft",
+            Mode::IptablesLegacy => "iptables-legacy",
+            Mode::IptablesLocalhost => "iptables-localhost",
+            Mode::Ebpf => "ebpf",
+        }
+    }
+
+    pub fn iptables(self) -> Option<(&'static str, Generation)> {
+        match self {
+            Mode::IptablesNft => Some(("nft", Generation::Passthrough)),
+            Mode::IptablesLegacy => Some(("legacy", Generation::Passthrough)),
+            Mode::IptablesLocalhost => Some(("nft", Generation::Localhost)),
+            _ => None,
+        }
+    }
+
+    /// Whether the server proxy delivers to 127.0.0.1:P (else POD_IP:P from 127.0.0.6).
+    pub fn loopback_delivery(self) -> bool {
+        self == Mode::IptablesLocalhost
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ProxyKind {
+    /// `redirect-testbed proxy`: thread per connection, SO_ORIGINAL_DST else getsockname.
+    TestProxy,
+    /// nginx stream module.
+    Nginx,
+}
+
+impl ProxyKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            ProxyKind::TestProxy => "test-proxy",
+            ProxyKind::Nginx => "nginx",
+        }
+    }
+}
+
+/// One way of running the path: a mode and, except for `direct`, a proxy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Config {
+    pub mode: Mode,
+    pub proxy: Option<ProxyKind>,
+}
+
+impl Config {
+    pub fn label(&self) -> String {
+        match self.proxy {
+            None => self.mode.name().to_owned(),
+            Some(p) => format!("{}/{}", self.mode.name(), p.name()),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct Workload {
+    pub name: &'static str,
+    pub kind: &'static str,
+    pub size: usize,
+}
+
+pub const RR_1B: Workload = Workload {
+    name: "rr-1B",
+    kind: "rr",
+    size: 1,
+};
+pub const RR_1K: Workload = Workload {
+    name: "rr-1KiB",
+    kind: "rr",
+    size: 1024,
+};
+pub const CRR: Workload = Workload {
+    name: "crr-1B",
+    kind: "crr",
+    size: 1,
+};
+pub const BULK: Workload = Workload {
+    name: "bulk",
+    kind: "bulk",
+    size: 0,
+};
+
+/// Windows of one measurement.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct Timing {
+    pub warmup_ms: u64,
+    pub duration_ms: u64,
+    pub bulk_ms: u64,
+}
+
+/// The scale dimension of one measurement.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Scale {
+    /// Excluded outbound CIDRs and excluded inbound ports, each (0: Istio's defaults only).
+    pub rules: usize,
+    /// Pods enrolled with redirect on the node besides the two measured ones.
+    pub extra_pods: usize,
+}
+
+/// One measurement, as written to the JSON.
+#[derive(Debug, Serialize)]
+pub struct Sample {
+    pub phase: &'static str,
+    pub config: String,
+    pub mode: Mode,
+    pub proxy: Option<ProxyKind>,
+    pub workload: &'static str,
+    pub rep: usize,
+    pub rules: usize,
+    pub extra_pods: usize,
+    /// The load generator's report (rate, percentiles, CPU).
+    pub load: Value,
+    /// Conntrack entries in the two pods after the window (tables flushed before).
+    pub conntrack: u64,
+    /// Packets that hit the capture rules during the measurement (iptables modes).
+    pub iptables: Option<BTreeMap<&'static str, u64>>,
+    /// redirect's per-pod counter deltas (ebpf mode).
+    pub redirect: Option<BTreeMap<String, u64>>,
+    /// Whether the traffic took the path the mode claims, and the evidence.
+    pub path_ok: bool,
+    pub path: String,
+}
+
+/// Kernel BPF statistics of one program over one measurement.
+#[derive(Debug, Serialize)]
+pub struct BpfStat {
+    pub config: String,
+    pub workload: &'static str,
+    pub program: &'static str,
+    pub run_cnt: u64,
+    pub run_time_ns: u64,
+    pub ops: u64,
+}

@@ -1,0 +1,71 @@
+//! The machine: the root check both benchmarks make, `ip -batch`, commands fed on stdin, and
+//! the kernel's BPF statistics switch.
+
+use std::io::Write as _;
+use std::os::fd::{FromRawFd as _, OwnedFd};
+use std::process::{Command, Stdio};
+
+use anyhow::{bail, ensure, Context as _, Result};
+use redirect_devtools::{display, failed_saying};
+
+/// Fails unless we run as root; `what` says what needs it.
+pub fn ensure_root(what: &str) -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("{what}");
+    }
+    Ok(())
+}
+
+/// Runs `cmd` with `input` on its stdin; fails with its stderr when it exits non-zero.
+pub fn run_with_input(cmd: &mut Command, input: &str) -> Result<()> {
+    let what = display(cmd);
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting `{what}`"))?;
+    child
+        .stdin
+        .take()
+        .context("stdin")?
+        .write_all(input.as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        return Err(failed_saying(cmd, out.status, &out.stderr).into());
+    }
+    Ok(())
+}
+
+/// `ip -force -batch -`: many namespace and link commands in one process.
+pub fn ip_batch(commands: &str) -> Result<()> {
+    if commands.is_empty() {
+        return Ok(());
+    }
+    run_with_input(Command::new("ip").args(["-force", "-batch", "-"]), commands)
+}
+
+/// Turns on the kernel's BPF run-time statistics for as long as the returned fd is open
+/// (`BPF_ENABLE_STATS`, kernel >= 5.8), instead of the machine-wide sysctl.
+pub fn enable_bpf_stats() -> Result<OwnedFd> {
+    const BPF_ENABLE_STATS: libc::c_long = 32;
+    // union bpf_attr { struct { __u32 type; } enable_stats; }, BPF_STATS_RUN_TIME = 0.
+    let attr = [0u32; 4];
+    // SAFETY: the attribute buffer is valid for its size for the duration of the call.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_ENABLE_STATS,
+            attr.as_ptr(),
+            std::mem::size_of_val(&attr) as u32,
+        )
+    };
+    ensure!(
+        fd >= 0,
+        "BPF_ENABLE_STATS failed: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: the kernel returned a new fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
