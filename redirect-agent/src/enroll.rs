@@ -14,14 +14,13 @@
 use std::{
     collections::BTreeSet,
     fs, io,
-    net::{IpAddr, Ipv6Addr},
+    net::IpAddr,
     path::{Path, PathBuf},
 };
 
 use aya::maps::{MapError, PerCpuValues};
 use redirect_common::{
-    Counter, ListenerKey, PortKey, AF_INET, AF_INET6, INBOUND_PASSTHROUGH_SRC6, MAX_CIDR_RULES,
-    MAX_PODS, MAX_PORT_RULES,
+    Counter, ListenerKey, PortKey, AF_INET, AF_INET6, MAX_CIDR_RULES, MAX_PODS, MAX_PORT_RULES,
 };
 
 use crate::shim::OpenExisting as _;
@@ -141,8 +140,8 @@ pub fn inspect(mut spec: PodSpec) -> Result<Checked, EnrollError> {
     if cgroup_id == CGROUP2_ROOT_ID {
         return Err(EnrollError::CgroupRoot(spec.cgroup.clone()));
     }
-    let ns = crate::shim::NetnsHandle::open(&spec.netns)?;
-    let assigned = ns.assigned_addrs()?;
+    let ns = netns::NetnsHandle::open(&spec.netns)?;
+    let assigned = netns::assigned_addrs(&ns)?;
     if let Some(ip) = spec.pod_ips.iter().find(|ip| !assigned.contains(ip)) {
         return Err(EnrollError::IpNotInNetns {
             ip: *ip,
@@ -156,9 +155,7 @@ pub fn inspect(mut spec: PodSpec) -> Result<Checked, EnrollError> {
     })
 }
 
-fn passthrough_src6() -> Ipv6Addr {
-    Ipv6Addr::from(INBOUND_PASSTHROUGH_SRC6)
-}
+use netns::passthrough_src6;
 
 /// Enrolls a pod, or updates it in place when its name is enrolled already.
 pub fn enroll(store: &StateStore, pin_root: &Path, req: Checked) -> Result<Enrolled, EnrollError> {
@@ -196,7 +193,11 @@ pub fn enroll(store: &StateStore, pin_root: &Path, req: Checked) -> Result<Enrol
                 other: other.name().to_owned(),
             });
         }
-        if let Some(ip) = spec.pod_ips.iter().find(|ip| other.spec.pod_ips.contains(ip)) {
+        if let Some(ip) = spec
+            .pod_ips
+            .iter()
+            .find(|ip| other.spec.pod_ips.contains(ip))
+        {
             return Err(EnrollError::IpInUse {
                 ip: *ip,
                 other: other.name().to_owned(),
@@ -213,7 +214,9 @@ pub fn enroll(store: &StateStore, pin_root: &Path, req: Checked) -> Result<Enrol
         Some(old) => old.slot,
         None => free_slot(pin_root, &others)?,
     };
-    let same_netns = existing.as_ref().is_some_and(|o| o.netns_inode == netns_inode);
+    let same_netns = existing
+        .as_ref()
+        .is_some_and(|o| o.netns_inode == netns_inode);
     let mut record = PodRecord {
         spec,
         cgroup_id,
@@ -231,8 +234,8 @@ pub fn enroll(store: &StateStore, pin_root: &Path, req: Checked) -> Result<Enrol
     // a kill removes it only if it was ours.
     let needs_lo6 = record.spec.ip6().is_some() && !record.added_lo6;
     if needs_lo6 {
-        let ns = crate::shim::NetnsHandle::open(&record.spec.netns)?;
-        record.added_lo6 = !ns.has_addr(passthrough_src6().into())?;
+        let ns = netns::NetnsHandle::open(&record.spec.netns)?;
+        record.added_lo6 = !netns::assigned_addrs(&ns)?.contains(&passthrough_src6().into());
     }
     store.put(&record)?;
 
@@ -323,7 +326,11 @@ pub fn link_dir(pin_root: &Path, name: &str) -> PathBuf {
     pin_root.join("pods").join(pin_dir_name(name))
 }
 
-fn attach_links(dp: &Datapath, old: Option<&PodRecord>, rec: &PodRecord) -> Result<(), EnrollError> {
+fn attach_links(
+    dp: &Datapath,
+    old: Option<&PodRecord>,
+    rec: &PodRecord,
+) -> Result<(), EnrollError> {
     let dir = link_dir(dp.root(), rec.name());
     fs::create_dir_all(&dir).map_err(|source| DatapathError::Io {
         path: dir.clone(),
@@ -577,7 +584,10 @@ fn teardown(dp: &mut Datapath, rec: &PodRecord) -> Vec<String> {
     failures.extend(failures_open);
     if rec.added_lo6 {
         if let Err(e) = remove_passthrough_src6(&rec.spec.netns) {
-            failures.push(format!("removing ::6 from lo in {}: {e}", rec.spec.netns.display()));
+            failures.push(format!(
+                "removing ::6 from lo in {}: {e}",
+                rec.spec.netns.display()
+            ));
         }
     }
     failures
@@ -624,8 +634,7 @@ fn roll_back(store: &StateStore, pin_root: &Path, rec: &PodRecord) -> Result<(),
                 back.pending = None;
                 let _ = attach_links(&dp, Some(rec), &back);
             }
-            if rec.added_lo6 && !(previous.added_lo6 && previous.netns_inode == rec.netns_inode)
-            {
+            if rec.added_lo6 && !(previous.added_lo6 && previous.netns_inode == rec.netns_inode) {
                 let _ = remove_passthrough_src6(&rec.spec.netns);
             }
             store.put(previous)?;
@@ -693,8 +702,8 @@ fn zero_counters(dp: &mut Datapath, slot: u32) -> Result<(), EnrollError> {
 /// Adds `::6/128` to the pod's `lo`, so the proxy (or the connect hook for it) can bind the
 /// IPv6 passthrough source. Already there is fine (istio-init and others leave it).
 fn add_passthrough_src6(netns_path: &Path) -> Result<(), EnrollError> {
-    let ns = crate::shim::NetnsHandle::open(netns_path)?;
-    ns.add_lo_addr6(passthrough_src6())
+    let ns = netns::NetnsHandle::open(netns_path)?;
+    netns::add_lo_addr6(&ns, passthrough_src6())
         .map(drop)
         .map_err(|e| EnrollError::Prepare {
             netns: netns_path.to_owned(),
@@ -703,7 +712,7 @@ fn add_passthrough_src6(netns_path: &Path) -> Result<(), EnrollError> {
 }
 
 fn remove_passthrough_src6(netns_path: &Path) -> Result<(), netns::NetnsError> {
-    let ns = match crate::shim::NetnsHandle::open(netns_path) {
+    let ns = match netns::NetnsHandle::open(netns_path) {
         Ok(ns) => ns,
         // The namespace is gone, and its lo with it.
         Err(netns::NetnsError::Open { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
@@ -711,7 +720,7 @@ fn remove_passthrough_src6(netns_path: &Path) -> Result<(), netns::NetnsError> {
         }
         Err(e) => return Err(e),
     };
-    ns.remove_lo_addr6(passthrough_src6())
+    netns::remove_lo_addr6(&ns, passthrough_src6()).map(drop)
 }
 
 /// Kept for code that only needs a port rule key (tests, gc).

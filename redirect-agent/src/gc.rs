@@ -5,12 +5,7 @@
 //! `gc` removes those, finishes interrupted commands, and clears what a lost state directory
 //! left: link directories and map rows of slots no record owns (the pins are the truth).
 
-use std::{
-    collections::BTreeSet,
-    fs, io,
-    os::unix::fs::MetadataExt as _,
-    path::Path,
-};
+use std::{collections::BTreeSet, fs, io, os::unix::fs::MetadataExt as _, path::Path};
 
 use redirect_common::{ListenerKey, AF_INET, AF_INET6, MAX_PODS};
 
@@ -18,6 +13,7 @@ use crate::shim::OpenExisting as _;
 use crate::{
     datapath::{Datapath, Hook},
     enroll::{self, EnrollError},
+    netns,
     rows::FREE_CONFIG,
     spec::pin_dir_name,
     state::{PodRecord, StateStore},
@@ -50,9 +46,9 @@ pub fn health(rec: &PodRecord) -> Health {
     if rec.pending.is_some() {
         return Health::Interrupted;
     }
-    let cgroup_there = fs::metadata(&rec.spec.cgroup)
-        .is_ok_and(|m| m.is_dir() && m.ino() == rec.cgroup_id);
-    let netns_there = match crate::shim::NetnsHandle::open(&rec.spec.netns) {
+    let cgroup_there =
+        fs::metadata(&rec.spec.cgroup).is_ok_and(|m| m.is_dir() && m.ino() == rec.cgroup_id);
+    let netns_there = match netns::NetnsHandle::open(&rec.spec.netns) {
         Ok(ns) => ns.inode() == rec.netns_inode,
         Err(_) => false,
     };
@@ -111,14 +107,15 @@ pub fn gc(store: &StateStore, pin_root: &Path) -> Result<Collected, EnrollError>
     Ok(out)
 }
 
-fn remove_orphan_links(pin_root: &Path, live: &BTreeSet<String>) -> Result<Vec<String>, EnrollError> {
+fn remove_orphan_links(
+    pin_root: &Path,
+    live: &BTreeSet<String>,
+) -> Result<Vec<String>, EnrollError> {
     let pods = pin_root.join("pods");
     let entries = match fs::read_dir(&pods) {
         Ok(e) => e,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(source) => {
-            return Err(crate::datapath::DatapathError::Io { path: pods, source }.into())
-        }
+        Err(source) => return Err(crate::datapath::DatapathError::Io { path: pods, source }.into()),
     };
     let mut removed = Vec::new();
     let mut failures = Vec::new();

@@ -102,7 +102,8 @@ fn pidfd_getfd(pid: u32, fd: i32) -> io::Result<OwnedFd> {
 /// Puts the running proxy's inbound listeners into the listener map; returns how many.
 pub fn adopt(dp: &mut Datapath, rec: &PodRecord) -> io::Result<usize> {
     let port = rec.spec.proxy_inbound_port;
-    let sockets = netns::run_at(&rec.spec.netns, || listening_on(port)).map_err(io::Error::other)?;
+    let sockets =
+        netns::run_at(&rec.spec.netns, || listening_on(port)).map_err(io::Error::other)?;
     if sockets.is_empty() {
         return Ok(0);
     }

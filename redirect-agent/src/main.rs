@@ -5,7 +5,6 @@ use std::{net::IpAddr, path::PathBuf, process::ExitCode};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use redirect_common::InboundPolicy;
 use redirect_agent::shim::OpenExisting as _;
 use redirect_agent::{
     datapath::{self, Datapath},
@@ -15,6 +14,7 @@ use redirect_agent::{
     state::{self, StateStore},
     stats,
 };
+use redirect_common::InboundPolicy;
 
 /// redirect: Istio-style sidecar traffic redirection in eBPF, with inbound traffic delivered
 /// to the application at its original pod-IP destination.
@@ -135,7 +135,11 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             enroll::require_root()?;
             let store = StateStore::open(&cli.state_dir)?;
             let rec = enroll::unenroll(&store, &cli.pin_root, name)?;
-            println!("unenrolled {} (cgroup {})", rec.name(), rec.cgroup.display());
+            println!(
+                "unenrolled {} (cgroup {})",
+                rec.name(),
+                rec.cgroup.display()
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::List { output } => list(cli, *output),
@@ -229,14 +233,28 @@ fn list(cli: &Cli, output: Format) -> anyhow::Result<ExitCode> {
                 })
                 .collect();
             print_table(
-                &["NAME", "POD IPS", "POLICY", "PROXY UID", "STATUS", "CGROUP", "NETNS"],
+                &[
+                    "NAME",
+                    "POD IPS",
+                    "POLICY",
+                    "PROXY UID",
+                    "STATUS",
+                    "CGROUP",
+                    "NETNS",
+                ],
                 &rows,
             );
             for b in &records.bad {
-                eprintln!("warning: unusable record {}: {}", b.path.display(), b.reason);
+                eprintln!(
+                    "warning: unusable record {}: {}",
+                    b.path.display(),
+                    b.reason
+                );
             }
             for o in &orphans {
-                eprintln!("warning: links {o} belong to no record; `redirect-agent gc` removes them");
+                eprintln!(
+                    "warning: links {o} belong to no record; `redirect-agent gc` removes them"
+                );
             }
         }
     }

@@ -81,7 +81,9 @@ pub fn port_rules(spec: &PodSpec) -> BTreeMap<u16, u32> {
     for (p, policy) in &spec.port_policies {
         *ports.entry(*p).or_default() |= match policy {
             InboundPolicy::Passthrough => port_rule::DELIVERY_OVERRIDE,
-            InboundPolicy::Localhost => port_rule::DELIVERY_OVERRIDE | port_rule::DELIVERY_LOCALHOST,
+            InboundPolicy::Localhost => {
+                port_rule::DELIVERY_OVERRIDE | port_rule::DELIVERY_LOCALHOST
+            }
         };
     }
     ports
@@ -123,7 +125,16 @@ impl PodRows {
     pub fn new(spec: &PodSpec, slot: u32, cgroup_id: u64) -> PodRows {
         let port_rules = port_rules(spec)
             .into_iter()
-            .map(|(port, bits)| (PortKey { slot, port, _pad: 0 }, bits))
+            .map(|(port, bits)| {
+                (
+                    PortKey {
+                        slot,
+                        port,
+                        _pad: 0,
+                    },
+                    bits,
+                )
+            })
             .collect();
         let slot_be = slot.to_be();
         let mut cidr4 = Vec::new();
@@ -199,18 +210,39 @@ impl fmt::Display for PodRows {
         )?;
         writeln!(f, "POD_CGROUPS[{}] = {}", self.cgroup_id, self.slot)?;
         for a in &self.addrs {
-            writeln!(f, "POD_ADDRS[{}] = {}", words_addr(a.addr, a.family), self.slot)?;
+            writeln!(
+                f,
+                "POD_ADDRS[{}] = {}",
+                words_addr(a.addr, a.family),
+                self.slot
+            )?;
         }
         for (k, bits) in &self.port_rules {
-            writeln!(f, "PORT_RULES[{}:{}] = {}", k.slot, k.port, rule_names(*bits))?;
+            writeln!(
+                f,
+                "PORT_RULES[{}:{}] = {}",
+                k.slot,
+                k.port,
+                rule_names(*bits)
+            )?;
         }
         for (len, k) in &self.cidr4 {
             let net = words_addr([k.addr, 0, 0, 0], AF_INET.into());
-            writeln!(f, "CIDR4[{}:{net}/{}] = 1", u32::from_be(k.slot_be), len - 32)?;
+            writeln!(
+                f,
+                "CIDR4[{}:{net}/{}] = 1",
+                u32::from_be(k.slot_be),
+                len - 32
+            )?;
         }
         for (len, k) in &self.cidr6 {
             let net = words_addr(k.addr, AF_INET6.into());
-            writeln!(f, "CIDR6[{}:{net}/{}] = 1", u32::from_be(k.slot_be), len - 32)?;
+            writeln!(
+                f,
+                "CIDR6[{}:{net}/{}] = 1",
+                u32::from_be(k.slot_be),
+                len - 32
+            )?;
         }
         Ok(())
     }

@@ -12,8 +12,8 @@ use std::{
 };
 
 use redirect_common::{
-    InboundPolicy, DEFAULT_EXCLUDED_INBOUND_PORTS, MAX_CIDR_RULES_PER_POD,
-    MAX_PORT_RULES_PER_POD, PROXY_PORTS,
+    InboundPolicy, DEFAULT_EXCLUDED_INBOUND_PORTS, MAX_CIDR_RULES_PER_POD, MAX_PORT_RULES_PER_POD,
+    PROXY_PORTS,
 };
 use serde::{Deserialize, Serialize};
 
@@ -114,9 +114,9 @@ pub fn parse_port_policy(s: &str) -> Result<(u16, InboundPolicy), String> {
         .split_once('=')
         .ok_or_else(|| format!("invalid port policy {s:?}: expected PORT=passthrough|localhost"))?;
     let port = parse_port(p)?;
-    let policy: InboundPolicy = pol.parse().map_err(|e| {
-        format!("invalid policy {:?} for port {port}: {e}", pol.trim())
-    })?;
+    let policy: InboundPolicy = pol
+        .parse()
+        .map_err(|e| format!("invalid policy {:?} for port {port}: {e}", pol.trim()))?;
     Ok((port, policy))
 }
 
@@ -177,7 +177,9 @@ mod port_keyed {
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SpecError {
     /// Names become file names and bpffs directory names.
-    #[error("invalid pod name {0:?}: use 1-63 characters from [A-Za-z0-9._-], not starting with '.'")]
+    #[error(
+        "invalid pod name {0:?}: use 1-63 characters from [A-Za-z0-9._-], not starting with '.'"
+    )]
     Name(String),
     #[error("at least one --pod-ip is required")]
     NoPodIp,
@@ -187,7 +189,9 @@ pub enum SpecError {
     #[error("pod IP {0} is given twice")]
     DuplicatePodIp(IpAddr),
     /// sk_lookup and the connect hooks keep one address per family.
-    #[error("pod IPs {0} and {1} are of the same family; give at most one IPv4 and one IPv6 address")]
+    #[error(
+        "pod IPs {0} and {1} are of the same family; give at most one IPv4 and one IPv6 address"
+    )]
     TwoPodIpsOfFamily(IpAddr, IpAddr),
     #[error("port {0} is given two policies")]
     PortTwoPolicies(u16),
@@ -301,7 +305,10 @@ impl PodSpec {
             if let Some(why) = unusable_pod_ip(*ip) {
                 return Err(SpecError::BadPodIp { ip: *ip, why });
             }
-            if let Some(other) = self.pod_ips[..i].iter().find(|o| o.is_ipv4() == ip.is_ipv4()) {
+            if let Some(other) = self.pod_ips[..i]
+                .iter()
+                .find(|o| o.is_ipv4() == ip.is_ipv4())
+            {
                 return Err(if other == ip {
                     SpecError::DuplicatePodIp(*ip)
                 } else {
@@ -347,7 +354,11 @@ impl PodSpec {
         }
         let rules = crate::rows::port_rules(self).len();
         if rules > MAX_PORT_RULES_PER_POD as usize {
-            return Err(self.too_many("port rules (exclusions and port policies)", rules, MAX_PORT_RULES_PER_POD));
+            return Err(self.too_many(
+                "port rules (exclusions and port policies)",
+                rules,
+                MAX_PORT_RULES_PER_POD,
+            ));
         }
         for (v4, what) in [(true, "IPv4 CIDRs"), (false, "IPv6 CIDRs")] {
             let n = self
@@ -427,7 +438,10 @@ mod tests {
         );
         assert!(parse_port_policy("80=other").is_err());
         assert_eq!(
-            port_policies(&[(80, InboundPolicy::Localhost), (80, InboundPolicy::Passthrough)]),
+            port_policies(&[
+                (80, InboundPolicy::Localhost),
+                (80, InboundPolicy::Passthrough)
+            ]),
             Err(SpecError::PortTwoPolicies(80))
         );
     }

@@ -137,11 +137,12 @@ impl StateStore {
             .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(&lock_path)
             .map_err(io_err(&lock_path))?;
-        let lock = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive)
-            .map_err(|(_, e)| StateError::Io {
+        let lock = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive).map_err(
+            |(_, e)| StateError::Io {
                 path: lock_path,
                 source: e.into(),
-            })?;
+            },
+        )?;
         Ok(StateStore {
             dir: dir.to_owned(),
             _lock: lock,
@@ -256,7 +257,10 @@ fn read_record(path: &Path) -> Result<Option<PodRecord>, String> {
         return Err("not a regular file".into());
     }
     if meta.uid() != 0 {
-        return Err(format!("owned by uid {}, not root: not written by redirect", meta.uid()));
+        return Err(format!(
+            "owned by uid {}, not root: not written by redirect",
+            meta.uid()
+        ));
     }
     if meta.permissions().mode() & 0o022 != 0 {
         return Err("writable by group or others: not trusted".into());
@@ -268,7 +272,10 @@ fn read_record(path: &Path) -> Result<Option<PodRecord>, String> {
     let rec: PodRecord = serde_json::from_str(&data).map_err(|e| format!("corrupt record: {e}"))?;
     let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("");
     if rec.name() != stem {
-        return Err(format!("record of {:?} in the file of {stem:?}", rec.name()));
+        return Err(format!(
+            "record of {:?} in the file of {stem:?}",
+            rec.name()
+        ));
     }
     Ok(Some(rec))
 }
