@@ -8,11 +8,16 @@ pub mod cgroup;
 pub mod conntrack;
 pub mod datapath;
 pub mod detect;
+pub mod enroll;
+pub mod gc;
 pub mod listener;
 pub mod netns;
 pub mod output;
-pub mod pod;
+pub mod paths;
 pub mod probe;
+pub mod rows;
+#[doc(hidden)]
+pub mod shim;
 pub mod spec;
 pub mod state;
 pub mod stats;

@@ -101,16 +101,17 @@ fn pidfd_getfd(pid: u32, fd: i32) -> io::Result<OwnedFd> {
 
 /// Puts the running proxy's inbound listeners into the listener map; returns how many.
 pub fn adopt(dp: &mut Datapath, rec: &PodRecord) -> io::Result<usize> {
-    let port = rec.proxy_inbound_port;
-    let sockets = netns::run_at(&rec.netns, || listening_on(port)).map_err(io::Error::other)?;
+    let port = rec.spec.proxy_inbound_port;
+    let sockets =
+        netns::run_at(&rec.spec.netns, || listening_on(port)).map_err(io::Error::other)?;
     if sockets.is_empty() {
         return Ok(0);
     }
-    let pids = cgroup::pids(&rec.cgroup);
+    let pids = cgroup::pids(&rec.spec.cgroup);
     let mut adopted = 0;
     let mut map = dp.listeners().map_err(io::Error::other)?;
     for s in sockets {
-        let Some((pid, fd)) = owner(&pids, rec.proxy_uid, s.inode) else {
+        let Some((pid, fd)) = owner(&pids, rec.spec.proxy_uid, s.inode) else {
             continue;
         };
         let sock = pidfd_getfd(pid, fd)?;

@@ -5,14 +5,16 @@ use std::{net::IpAddr, path::PathBuf, process::ExitCode};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use redirect_common::InboundPolicy;
+use redirect_agent::shim::OpenExisting as _;
 use redirect_agent::{
     datapath::{self, Datapath},
+    enroll, gc,
     output::{print_table, Format},
-    pod, spec,
+    spec,
     state::{self, StateStore},
     stats,
 };
+use redirect_common::InboundPolicy;
 
 /// redirect: Istio-style sidecar traffic redirection in eBPF, with inbound traffic delivered
 /// to the application at its original pod-IP destination.
@@ -49,7 +51,9 @@ enum Command {
         #[arg(long)]
         name: String,
     },
-    /// List enrolled pods.
+    /// List enrolled pods, with what the machine says of each: `ok`, `gone` (its cgroup or
+    /// network namespace no longer exists; `gc` removes it), `interrupted` (a command changing
+    /// it was killed; the next command rolls it back), `incomplete` (links missing; root only).
     List {
         #[arg(long, value_enum, default_value_t = Format::Table)]
         output: Format,
@@ -62,6 +66,9 @@ enum Command {
         #[arg(long, value_enum, default_value_t = Format::Table)]
         output: Format,
     },
+    /// Remove pods whose cgroup or network namespace is gone, roll back interrupted commands,
+    /// and clear pins and rows that no record owns (after a lost state directory).
+    Gc,
     /// Check the kernel features the datapath needs.
     Probe(redirect_agent::probe::ProbeArgs),
     /// Find listeners that the pod-IP delivery change affects.
@@ -125,42 +132,35 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
     match &cli.command {
         Command::Enroll(args) => enroll(cli, args),
         Command::Unenroll { name } => {
-            pod::require_root()?;
+            enroll::require_root()?;
             let store = StateStore::open(&cli.state_dir)?;
-            let rec = pod::unenroll(&store, &cli.pin_root, name)?;
-            println!("unenrolled {} (cgroup {})", rec.name, rec.cgroup.display());
+            let rec = enroll::unenroll(&store, &cli.pin_root, name)?;
+            println!(
+                "unenrolled {} (cgroup {})",
+                rec.name(),
+                rec.cgroup.display()
+            );
             Ok(ExitCode::SUCCESS)
         }
-        Command::List { output } => {
-            let pods = state::list_records(&cli.state_dir)?;
-            match output {
-                Format::Json => println!(
-                    "{}",
-                    serde_json::to_string_pretty(&serde_json::json!({ "pods": pods }))?
-                ),
-                Format::Table => {
-                    let rows: Vec<Vec<String>> = pods
-                        .iter()
-                        .map(|p| {
-                            vec![
-                                p.name.clone(),
-                                p.pod_ips
-                                    .iter()
-                                    .map(|i| i.to_string())
-                                    .collect::<Vec<_>>()
-                                    .join(","),
-                                format!("{:?}", p.inbound_policy).to_lowercase(),
-                                p.proxy_uid.to_string(),
-                                p.cgroup.display().to_string(),
-                                p.netns.display().to_string(),
-                            ]
-                        })
-                        .collect();
-                    print_table(
-                        &["NAME", "POD IPS", "POLICY", "PROXY UID", "CGROUP", "NETNS"],
-                        &rows,
-                    );
-                }
+        Command::List { output } => list(cli, *output),
+        Command::Gc => {
+            enroll::require_root()?;
+            let store = StateStore::open(&cli.state_dir)?;
+            let done = gc::gc(&store, &cli.pin_root)?;
+            for n in &done.recovered {
+                println!("rolled back an interrupted change of {n}");
+            }
+            for n in &done.gone {
+                println!("removed {n}: its cgroup or network namespace is gone");
+            }
+            for b in &done.bad_records {
+                println!("removed unusable record {b}");
+            }
+            for d in &done.orphan_links {
+                println!("removed links of {d}: no record owns them");
+            }
+            for s in &done.orphan_slots {
+                println!("cleared slot {s}: no record owns it");
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -170,8 +170,99 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// One pod as `list` shows it: the record and its status.
+#[derive(serde::Serialize)]
+struct Listed<'a> {
+    #[serde(flatten)]
+    record: &'a state::PodRecord,
+    status: &'static str,
+}
+
+fn list(cli: &Cli, output: Format) -> anyhow::Result<ExitCode> {
+    let records = state::list_records(&cli.state_dir)?;
+    let is_root = nix::unistd::geteuid().is_root();
+    let status = |r: &state::PodRecord| -> &'static str {
+        let h = gc::health(r);
+        if h == gc::Health::Ok && is_root && !enroll::links_complete(&cli.pin_root, r) {
+            return "incomplete";
+        }
+        h.name()
+    };
+    let pods: Vec<Listed> = records
+        .pods
+        .iter()
+        .map(|r| Listed {
+            record: r,
+            status: status(r),
+        })
+        .collect();
+    let orphans = if is_root {
+        enroll::orphan_link_dirs(&cli.pin_root, &records.pods)
+    } else {
+        Vec::new()
+    };
+    match output {
+        Format::Json => {
+            let mut doc = serde_json::json!({ "pods": pods });
+            if !records.bad.is_empty() {
+                doc["unusable_records"] = serde_json::to_value(&records.bad)?;
+            }
+            if !orphans.is_empty() {
+                doc["orphaned_links"] = serde_json::to_value(&orphans)?;
+            }
+            println!("{}", serde_json::to_string_pretty(&doc)?);
+        }
+        Format::Table => {
+            let rows: Vec<Vec<String>> = pods
+                .iter()
+                .map(|p| {
+                    let r = p.record;
+                    vec![
+                        r.name().to_owned(),
+                        r.pod_ips
+                            .iter()
+                            .map(|i| i.to_string())
+                            .collect::<Vec<_>>()
+                            .join(","),
+                        r.inbound_policy.to_string(),
+                        r.proxy_uid.to_string(),
+                        p.status.to_owned(),
+                        r.cgroup.display().to_string(),
+                        r.netns.display().to_string(),
+                    ]
+                })
+                .collect();
+            print_table(
+                &[
+                    "NAME",
+                    "POD IPS",
+                    "POLICY",
+                    "PROXY UID",
+                    "STATUS",
+                    "CGROUP",
+                    "NETNS",
+                ],
+                &rows,
+            );
+            for b in &records.bad {
+                eprintln!(
+                    "warning: unusable record {}: {}",
+                    b.path.display(),
+                    b.reason
+                );
+            }
+            for o in &orphans {
+                eprintln!(
+                    "warning: links {o} belong to no record; `redirect-agent gc` removes them"
+                );
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn enroll(cli: &Cli, a: &EnrollArgs) -> anyhow::Result<ExitCode> {
-    pod::require_root()?;
+    enroll::require_root()?;
     let spec = spec::PodSpec {
         name: a.name.clone(),
         cgroup: a.cgroup.clone(),
@@ -186,9 +277,10 @@ fn enroll(cli: &Cli, a: &EnrollArgs) -> anyhow::Result<ExitCode> {
         proxy_inbound_port: a.proxy_inbound_port,
         proxy_outbound_port: a.proxy_outbound_port,
     };
-    spec.check()?;
+    // Everything that can be checked without the lock is, so nothing blocks while holding it.
+    let checked = enroll::inspect(spec)?;
     let store = StateStore::open(&cli.state_dir)?;
-    let done = pod::enroll(&store, &cli.pin_root, &spec)?;
+    let done = enroll::enroll(&store, &cli.pin_root, checked)?;
     let verb = if done.updated { "updated" } else { "enrolled" };
     let listener = match &done.adopted_listeners {
         Ok(0) => "proxy not listening yet: it is captured as soon as it listens".to_owned(),
@@ -204,21 +296,31 @@ fn enroll(cli: &Cli, a: &EnrollArgs) -> anyhow::Result<ExitCode> {
     };
     println!(
         "{verb} {} (slot {}); {listener}",
-        done.record.name, done.record.slot
+        done.record.name(),
+        done.record.slot
     );
     Ok(ExitCode::SUCCESS)
 }
 
 fn stats_cmd(cli: &Cli, name: Option<&str>, output: Format) -> anyhow::Result<ExitCode> {
-    pod::require_root()?;
-    let mut pods = state::list_records(&cli.state_dir)?;
+    enroll::require_root()?;
+    let mut pods = state::list_records(&cli.state_dir)?.pods;
     if let Some(name) = name {
         pods.retain(|p| p.name == name);
         anyhow::ensure!(!pods.is_empty(), "no such enrolled pod: {name}");
     }
     let mut rows = Vec::new();
     if !pods.is_empty() {
-        let mut dp = Datapath::open(&cli.pin_root).context("opening the datapath")?;
+        // Read-only: a reader never creates, loads or pins anything (a reader racing the last
+        // unenroll must not resurrect programs bound to orphaned maps).
+        let mut dp = Datapath::open_existing(&cli.pin_root)
+            .context("opening the datapath")?
+            .with_context(|| {
+                format!(
+                    "pods are recorded but no datapath is pinned at {}; `redirect-agent gc` cleans up",
+                    cli.pin_root.display()
+                )
+            })?;
         for p in &pods {
             rows.push((p.name.clone(), stats::pod_counters(&mut dp, p.slot)?));
         }

@@ -1,14 +1,59 @@
 //! What an operator asks for when enrolling a pod, parsed and checked before anything changes.
+//!
+//! [`PodSpec::check`] holds every refusal that needs nothing but the request: a spec that passes
+//! it can be turned into map rows ([`crate::rows`]) without another error. Checks that need the
+//! machine (the cgroup, the namespace, other pods) are the enroll transaction's.
 
-use std::{collections::BTreeMap, net::IpAddr, path::PathBuf, str::FromStr};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::PathBuf,
+    str::FromStr,
+};
 
-use redirect_common::InboundPolicy;
+use redirect_common::{
+    InboundPolicy, DEFAULT_EXCLUDED_INBOUND_PORTS, MAX_CIDR_RULES_PER_POD, MAX_PORT_RULES_PER_POD,
+    PROXY_PORTS,
+};
+use serde::{Deserialize, Serialize};
 
-/// An IP network, `ADDR/LEN` (a bare address means the host route).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// An IP network, `ADDR/LEN` (a bare address means the host route). Host bits are cleared on
+/// parsing, so `198.18.100.7/24` and `198.18.100.0/24` are the same network and the same row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Cidr {
     pub addr: IpAddr,
     pub len: u8,
+}
+
+impl Cidr {
+    /// The network with its host bits cleared.
+    pub fn new(addr: IpAddr, len: u8) -> Cidr {
+        let addr = match addr {
+            IpAddr::V4(a) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
+                IpAddr::V4(Ipv4Addr::from(u32::from(a) & mask))
+            }
+            IpAddr::V6(a) => {
+                let mask = u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0);
+                IpAddr::V6(Ipv6Addr::from(u128::from(a) & mask))
+            }
+        };
+        Cidr { addr, len }
+    }
+}
+
+// Records keep CIDRs typed but readable: "198.18.100.0/24". A bad one fails the read, loudly.
+impl Serialize for Cidr {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Cidr {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
 }
 
 impl FromStr for Cidr {
@@ -29,7 +74,7 @@ impl FromStr for Cidr {
                 .filter(|l| *l <= max)
                 .ok_or_else(|| format!("invalid CIDR {s:?}: prefix length must be 0..={max}"))?
         };
-        Ok(Cidr { addr, len })
+        Ok(Cidr::new(addr, len))
     }
 }
 
@@ -69,14 +114,15 @@ pub fn parse_port_policy(s: &str) -> Result<(u16, InboundPolicy), String> {
         .split_once('=')
         .ok_or_else(|| format!("invalid port policy {s:?}: expected PORT=passthrough|localhost"))?;
     let port = parse_port(p)?;
-    let policy: InboundPolicy = pol.parse().map_err(|e| {
-        format!("invalid policy {:?} for port {port}: {e}", pol.trim())
-    })?;
+    let policy: InboundPolicy = pol
+        .parse()
+        .map_err(|e| format!("invalid policy {:?} for port {port}: {e}", pol.trim()))?;
     Ok((port, policy))
 }
 
-/// A validated enrollment request.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// An enrollment request: what the operator (or the CNI plugin, or the API watch) asks for.
+/// [`PodSpec::check`] is what makes it valid; the stored record is this plus what enroll derived.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PodSpec {
     pub name: String,
     pub cgroup: PathBuf,
@@ -84,30 +130,95 @@ pub struct PodSpec {
     pub pod_ips: Vec<IpAddr>,
     pub proxy_uid: u32,
     pub inbound_policy: InboundPolicy,
+    #[serde(default, with = "port_keyed")]
     pub port_policies: BTreeMap<u16, InboundPolicy>,
+    #[serde(default)]
     pub exclude_inbound_ports: Vec<u16>,
+    #[serde(default)]
     pub exclude_outbound_ports: Vec<u16>,
+    #[serde(default)]
     pub exclude_outbound_cidrs: Vec<Cidr>,
     pub proxy_inbound_port: u16,
     pub proxy_outbound_port: u16,
 }
 
-/// Input errors found before anything is changed.
+/// A port-keyed map as JSON writes it (`{"9000": ...}`), read through string keys: records
+/// are flattened, and serde's flattening cannot turn a string key into a number by itself.
+mod port_keyed {
+    use std::collections::BTreeMap;
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<S: Serializer, V: Serialize>(
+        m: &BTreeMap<u16, V>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        m.iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect::<BTreeMap<String, &V>>()
+            .serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>, V: Deserialize<'de>>(
+        d: D,
+    ) -> Result<BTreeMap<u16, V>, D::Error> {
+        BTreeMap::<String, V>::deserialize(d)?
+            .into_iter()
+            .map(|(k, v)| {
+                super::parse_port(&k)
+                    .map(|p| (p, v))
+                    .map_err(serde::de::Error::custom)
+            })
+            .collect()
+    }
+}
+
+/// Input errors found before anything is changed. Each names the offending value.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SpecError {
-    #[error("invalid pod name {0:?}: use 1-63 characters from [A-Za-z0-9._-]")]
+    /// Names become file names and bpffs directory names.
+    #[error(
+        "invalid pod name {0:?}: use 1-63 characters from [A-Za-z0-9._-], not starting with '.'"
+    )]
     Name(String),
     #[error("at least one --pod-ip is required")]
     NoPodIp,
-    #[error("pod IP {0} is not usable (unspecified, loopback or multicast)")]
-    BadPodIp(IpAddr),
+    /// An address no pod can own: the datapath would capture or refuse the wrong traffic.
+    #[error("pod IP {ip} is not usable: {why}")]
+    BadPodIp { ip: IpAddr, why: &'static str },
+    #[error("pod IP {0} is given twice")]
+    DuplicatePodIp(IpAddr),
+    /// sk_lookup and the connect hooks keep one address per family.
+    #[error(
+        "pod IPs {0} and {1} are of the same family; give at most one IPv4 and one IPv6 address"
+    )]
+    TwoPodIpsOfFamily(IpAddr, IpAddr),
     #[error("port {0} is given two policies")]
     PortTwoPolicies(u16),
     #[error("proxy inbound and outbound ports must differ (both {0})")]
     SameProxyPorts(u16),
+    /// uid 0 would make every root process in the pod "the proxy", never captured.
+    #[error("proxy uid 0 is refused: every root process in the pod would bypass the proxy")]
+    ProxyUidRoot,
+    /// A proxy listener port that the datapath never captures, so capture would never happen.
+    #[error("proxy {which} port {port} is {why}: traffic would never reach the proxy")]
+    ProxyPortNotCapturable {
+        which: &'static str,
+        port: u16,
+        why: &'static str,
+    },
+    /// Per-pod capacity of the shared rule maps (docs/DESIGN.md, "Capacity").
+    #[error("pod {name}: {count} {what} exceed the per-pod limit of {limit}")]
+    TooManyRules {
+        name: String,
+        what: &'static str,
+        count: usize,
+        limit: u32,
+    },
 }
 
-/// Checks a name: it becomes a file name and a bpffs directory.
+/// Checks a name: it becomes a record file name and (encoded, see [`pin_dir_name`]) a bpffs
+/// directory name.
 pub fn check_name(name: &str) -> Result<(), SpecError> {
     let ok = !name.is_empty()
         && name.len() < 64
@@ -122,8 +233,17 @@ pub fn check_name(name: &str) -> Result<(), SpecError> {
     }
 }
 
+/// The pod's directory name under `PIN_ROOT/pods/`. bpffs refuses names containing `.`
+/// (`bpf_lookup` returns EPERM), so `.` is written `~2e`; `~` is not allowed in pod names, so
+/// two names never share a directory.
+pub fn pin_dir_name(name: &str) -> String {
+    name.replace('.', "~2e")
+}
+
 /// Builds the per-port policy table, refusing a port named twice.
-pub fn port_policies(list: &[(u16, InboundPolicy)]) -> Result<BTreeMap<u16, InboundPolicy>, SpecError> {
+pub fn port_policies(
+    list: &[(u16, InboundPolicy)],
+) -> Result<BTreeMap<u16, InboundPolicy>, SpecError> {
     let mut out = BTreeMap::new();
     for (port, policy) in list {
         if out.insert(*port, *policy).is_some() {
@@ -133,22 +253,157 @@ pub fn port_policies(list: &[(u16, InboundPolicy)]) -> Result<BTreeMap<u16, Inbo
     Ok(out)
 }
 
+/// Why `ip` cannot be a pod's address, if it cannot.
+pub fn unusable_pod_ip(ip: IpAddr) -> Option<&'static str> {
+    if ip.is_unspecified() {
+        return Some("unspecified");
+    }
+    if ip.is_loopback() {
+        return Some("loopback");
+    }
+    if ip.is_multicast() {
+        return Some("multicast");
+    }
+    match ip {
+        IpAddr::V4(a) => {
+            let o = a.octets();
+            if a.is_broadcast() {
+                Some("the limited broadcast address")
+            } else if o[0] == 0 {
+                Some("in 0.0.0.0/8 (\"this network\")")
+            } else if o[0] >= 240 {
+                Some("class E (240.0.0.0/4, reserved)")
+            } else if a.is_link_local() {
+                Some("link-local (169.254.0.0/16)")
+            } else {
+                None
+            }
+        }
+        IpAddr::V6(a) => {
+            let seg = a.segments();
+            if a.to_ipv4_mapped().is_some() {
+                Some("IPv4-mapped (::ffff:0:0/96); give the IPv4 address itself")
+            } else if seg[0] & 0xffc0 == 0xfe80 {
+                Some("link-local (fe80::/10)")
+            } else {
+                None
+            }
+        }
+    }
+}
+
 impl PodSpec {
-    /// The checks that need nothing but the request itself.
-    pub fn check(&self) -> Result<(), SpecError> {
+    /// Every check that needs nothing but the request itself. Lists are normalised first
+    /// (duplicates in exclusion lists mean nothing), so the rows derived from a checked spec
+    /// are exactly what was asked for.
+    pub fn check(&mut self) -> Result<(), SpecError> {
         check_name(&self.name)?;
         if self.pod_ips.is_empty() {
             return Err(SpecError::NoPodIp);
         }
-        for ip in &self.pod_ips {
-            if ip.is_unspecified() || ip.is_loopback() || ip.is_multicast() {
-                return Err(SpecError::BadPodIp(*ip));
+        for (i, ip) in self.pod_ips.iter().enumerate() {
+            if let Some(why) = unusable_pod_ip(*ip) {
+                return Err(SpecError::BadPodIp { ip: *ip, why });
             }
+            if let Some(other) = self.pod_ips[..i]
+                .iter()
+                .find(|o| o.is_ipv4() == ip.is_ipv4())
+            {
+                return Err(if other == ip {
+                    SpecError::DuplicatePodIp(*ip)
+                } else {
+                    SpecError::TwoPodIpsOfFamily(*other, *ip)
+                });
+            }
+        }
+        if self.proxy_uid == 0 {
+            return Err(SpecError::ProxyUidRoot);
         }
         if self.proxy_inbound_port == self.proxy_outbound_port {
             return Err(SpecError::SameProxyPorts(self.proxy_inbound_port));
         }
+        for list in [
+            &mut self.exclude_inbound_ports,
+            &mut self.exclude_outbound_ports,
+        ] {
+            let set: BTreeSet<u16> = list.iter().copied().collect();
+            *list = set.into_iter().collect();
+        }
+        let set: BTreeSet<Cidr> = self.exclude_outbound_cidrs.iter().copied().collect();
+        self.exclude_outbound_cidrs = set.into_iter().collect();
+        for (which, port) in [
+            ("inbound", self.proxy_inbound_port),
+            ("outbound", self.proxy_outbound_port),
+        ] {
+            let why = if DEFAULT_EXCLUDED_INBOUND_PORTS.contains(&port) {
+                Some("one of Istio's never-captured inbound ports (15008, 15020, 15021, 15090)")
+            } else if PROXY_PORTS.contains(&port) && port != 15001 && port != 15006 {
+                Some("another port of the proxy (admin, HBONE, health, DNS...)")
+            } else if self.exclude_inbound_ports.contains(&port) {
+                Some("also an excluded inbound port")
+            } else if self.exclude_outbound_ports.contains(&port) {
+                Some("also an excluded outbound port")
+            } else if self.port_policies.contains_key(&port) {
+                Some("also given a port policy")
+            } else {
+                None
+            };
+            if let Some(why) = why {
+                return Err(SpecError::ProxyPortNotCapturable { which, port, why });
+            }
+        }
+        let rules = crate::rows::port_rules(self).len();
+        if rules > MAX_PORT_RULES_PER_POD as usize {
+            return Err(self.too_many(
+                "port rules (exclusions and port policies)",
+                rules,
+                MAX_PORT_RULES_PER_POD,
+            ));
+        }
+        for (v4, what) in [(true, "IPv4 CIDRs"), (false, "IPv6 CIDRs")] {
+            let n = self
+                .exclude_outbound_cidrs
+                .iter()
+                .filter(|c| c.addr.is_ipv4() == v4)
+                .count();
+            if n > MAX_CIDR_RULES_PER_POD as usize {
+                return Err(self.too_many(what, n, MAX_CIDR_RULES_PER_POD));
+            }
+        }
         Ok(())
+    }
+
+    fn too_many(&self, what: &'static str, count: usize, limit: u32) -> SpecError {
+        SpecError::TooManyRules {
+            name: self.name.clone(),
+            what,
+            count,
+            limit,
+        }
+    }
+
+    /// The pod's IPv4 address, if it has one.
+    pub fn ip4(&self) -> Option<Ipv4Addr> {
+        self.pod_ips.iter().find_map(|ip| match ip {
+            IpAddr::V4(a) => Some(*a),
+            IpAddr::V6(_) => None,
+        })
+    }
+
+    /// The pod's IPv6 address, if it has one.
+    pub fn ip6(&self) -> Option<Ipv6Addr> {
+        self.pod_ips.iter().find_map(|ip| match ip {
+            IpAddr::V6(a) => Some(*a),
+            IpAddr::V4(_) => None,
+        })
+    }
+
+    /// The policy that applies to inbound port `port`: the per-port override or the pod's.
+    pub fn policy_for(&self, port: u16) -> InboundPolicy {
+        self.port_policies
+            .get(&port)
+            .copied()
+            .unwrap_or(self.inbound_policy)
     }
 }
 
@@ -183,7 +438,10 @@ mod tests {
         );
         assert!(parse_port_policy("80=other").is_err());
         assert_eq!(
-            port_policies(&[(80, InboundPolicy::Localhost), (80, InboundPolicy::Passthrough)]),
+            port_policies(&[
+                (80, InboundPolicy::Localhost),
+                (80, InboundPolicy::Passthrough)
+            ]),
             Err(SpecError::PortTwoPolicies(80))
         );
     }

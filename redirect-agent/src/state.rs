@@ -1,46 +1,72 @@
 //! What the agent remembers about enrolled pods, outside the kernel.
 //!
-//! The kernel side keeps the pod's configuration in maps; this store keeps what the maps cannot
-//! (the name, the paths the operator gave) as one JSON file per pod under the state directory
-//! (default `/run/redirect`, overridden by `REDIRECT_STATE_DIR`).
+//! The kernel side keeps the pod's configuration in pinned maps and links, and those are the
+//! source of truth (docs/DESIGN.md, "State and pins"); this store keeps what the maps cannot:
+//! the name, the paths the operator gave, and which step of a change was under way. One JSON
+//! file per pod under `STATE_DIR/pods/` (default `/run/redirect`, or `REDIRECT_STATE_DIR`).
+//!
+//! Every mutating command holds the store's lock from its first read to its last write, and
+//! marks a record [`Pending`] before it touches the kernel; a command that finds a pending
+//! record (its writer was killed) finishes the rollback first ([`crate::enroll::recover`]).
 
-use std::{collections::BTreeMap, net::IpAddr, path::PathBuf};
+use std::{
+    fs, io,
+    io::Write as _,
+    os::unix::fs::{MetadataExt as _, OpenOptionsExt as _, PermissionsExt as _},
+    path::{Path, PathBuf},
+};
 
-use redirect_common::InboundPolicy;
 use serde::{Deserialize, Serialize};
 
-/// One enrolled pod, as `enroll` recorded it.
+use crate::{
+    paths::{self, UnsafePath},
+    spec::PodSpec,
+};
+
+/// One enrolled pod: the checked spec and what enroll derived from the machine.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PodRecord {
-    pub name: String,
-    pub cgroup: PathBuf,
+    #[serde(flatten)]
+    pub spec: PodSpec,
+    /// The cgroup's id (its inode), what `bpf_get_current_cgroup_id` returns.
     pub cgroup_id: u64,
-    pub netns: PathBuf,
     /// Inode of the network namespace, to recognise it however it is named.
     pub netns_inode: u64,
-    pub pod_ips: Vec<IpAddr>,
-    pub proxy_uid: u32,
-    pub inbound_policy: InboundPolicy,
-    pub port_policies: BTreeMap<u16, InboundPolicy>,
-    pub exclude_inbound_ports: Vec<u16>,
-    pub exclude_outbound_ports: Vec<u16>,
-    pub exclude_outbound_cidrs: Vec<String>,
-    pub proxy_inbound_port: u16,
-    pub proxy_outbound_port: u16,
     /// Index of the pod's row in the shared counter and configuration maps.
     pub slot: u32,
     /// Whether enroll added `::6` to the pod's `lo` (and unenroll must remove it).
     #[serde(default)]
     pub added_lo6: bool,
+    /// Set while a command changes this pod; a record still pending when the next command
+    /// starts belongs to a command that was killed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending: Option<Pending>,
+}
+
+/// The change a command had started on a pod.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase", tag = "op")]
+pub enum Pending {
+    /// A first enroll: roll back means remove everything of this record.
+    Enroll,
+    /// An update of an enrolled pod: roll back means write `previous` again.
+    Update { previous: Box<PodRecord> },
+    /// An unenroll: finishing it means remove everything of this record.
+    Unenroll,
+}
+
+/// A record is its spec plus what enroll derived: reading it reads the spec.
+impl std::ops::Deref for PodRecord {
+    type Target = PodSpec;
+    fn deref(&self) -> &PodSpec {
+        &self.spec
+    }
 }
 
 impl PodRecord {
-    /// The policy that applies to inbound port `port`: the per-port override or the pod's.
-    pub fn policy_for(&self, port: u16) -> InboundPolicy {
-        self.port_policies
-            .get(&port)
-            .copied()
-            .unwrap_or(self.inbound_policy)
+    /// The name given at enroll.
+    pub fn name(&self) -> &str {
+        &self.spec.name
     }
 }
 
@@ -48,56 +74,75 @@ impl PodRecord {
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
     #[error("{path}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("{path}: corrupt pod record")]
-    Corrupt {
-        path: PathBuf,
-        source: serde_json::Error,
-    },
+    Io { path: PathBuf, source: io::Error },
+    /// The pod's record file exists but cannot be used; `redirect-agent gc` removes it.
+    #[error("record {path} is unusable ({reason}); `redirect-agent gc` removes it")]
+    BadRecord { path: PathBuf, reason: String },
+    /// The state directory could be changed by someone other than root.
+    #[error("state directory")]
+    Unsafe(#[source] UnsafePath),
+}
+
+/// A record file that could not be used, and why; listed, never trusted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BadRecord {
+    pub path: PathBuf,
+    pub reason: String,
+}
+
+/// Every record file of the store: the usable ones and the others.
+#[derive(Debug, Default)]
+pub struct Records {
+    pub pods: Vec<PodRecord>,
+    pub bad: Vec<BadRecord>,
 }
 
 /// The directory of pod records, with a lock that serialises every command that changes
 /// the datapath (two `enroll`s racing for a slot, say).
 pub struct StateStore {
     dir: PathBuf,
-    _lock: std::fs::File,
+    _lock: nix::fcntl::Flock<fs::File>,
 }
 
 /// Default state directory; `REDIRECT_STATE_DIR` overrides it.
 pub const DEFAULT_STATE_DIR: &str = "/run/redirect";
 
+/// The state directory in use: `REDIRECT_STATE_DIR`, else [`DEFAULT_STATE_DIR`].
 pub fn state_dir() -> PathBuf {
     std::env::var_os("REDIRECT_STATE_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR))
 }
 
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StateError + '_ {
+    move |source| StateError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
 impl StateStore {
-    /// Opens the store, creating it if needed, and takes its exclusive lock (blocking).
-    pub fn open(dir: &std::path::Path) -> Result<Self, StateError> {
-        let io = |path: &std::path::Path| {
-            let path = path.to_owned();
-            move |source| StateError::Io { path, source }
-        };
+    /// Opens the store, creating it if needed, and takes its exclusive lock (blocking). The
+    /// directory and every one above it must be root's alone ([`paths::check_trusted_dir`]).
+    pub fn open(dir: &Path) -> Result<Self, StateError> {
+        paths::ensure_trusted_dir(dir).map_err(StateError::Unsafe)?;
         let pods = dir.join("pods");
-        std::fs::create_dir_all(&pods).map_err(io(&pods))?;
+        paths::ensure_trusted_dir(&pods).map_err(StateError::Unsafe)?;
         let lock_path = dir.join("lock");
-        let lock = std::fs::OpenOptions::new()
+        let lock = fs::OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(&lock_path)
-            .map_err(io(&lock_path))?;
-        // SAFETY: flock on an fd we own.
-        if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) } != 0 {
-            return Err(StateError::Io {
+            .map_err(io_err(&lock_path))?;
+        let lock = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive).map_err(
+            |(_, e)| StateError::Io {
                 path: lock_path,
-                source: std::io::Error::last_os_error(),
-            });
-        }
+                source: e.into(),
+            },
+        )?;
         Ok(StateStore {
             dir: dir.to_owned(),
             _lock: lock,
@@ -105,49 +150,82 @@ impl StateStore {
     }
 
     fn path(&self, name: &str) -> PathBuf {
-        self.dir.join("pods").join(format!("{name}.json"))
+        record_path(&self.dir, name)
     }
 
+    /// The record of `name`. A file that is not a usable record is an error naming it: no
+    /// command acts on a name whose state it cannot read (other names are not affected).
     pub fn get(&self, name: &str) -> Result<Option<PodRecord>, StateError> {
-        read_record(&self.path(name))
+        let path = self.path(name);
+        read_record(&path).map_err(|reason| StateError::BadRecord { path, reason })
     }
 
-    /// Every enrolled pod, sorted by name.
-    pub fn list(&self) -> Result<Vec<PodRecord>, StateError> {
+    /// Every record, sorted by name, and the files that are not usable records.
+    pub fn records(&self) -> Result<Records, StateError> {
         list_records(&self.dir)
     }
 
-    /// Writes the record atomically (temp file + rename): a crash leaves the old or the new one.
-    pub fn put(&self, rec: &PodRecord) -> Result<(), StateError> {
-        let path = self.path(&rec.name);
-        let tmp = path.with_extension("json.tmp");
-        let data = serde_json::to_vec_pretty(rec).expect("PodRecord serializes");
-        std::fs::write(&tmp, data).map_err(|source| StateError::Io {
-            path: tmp.clone(),
-            source,
-        })?;
-        std::fs::rename(&tmp, &path).map_err(|source| StateError::Io { path, source })
+    /// Every usable record, sorted by name.
+    pub fn list(&self) -> Result<Vec<PodRecord>, StateError> {
+        Ok(self.records()?.pods)
     }
 
-    pub fn remove(&self, name: &str) -> Result<(), StateError> {
-        let path = self.path(name);
-        match std::fs::remove_file(&path) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(source) => Err(StateError::Io { path, source }),
+    /// Writes the record atomically and durably (a temporary file never followed through a
+    /// symlink, fsync, rename, fsync of the directory): a crash leaves the old or the new one.
+    pub fn put(&self, rec: &PodRecord) -> Result<(), StateError> {
+        let path = self.path(rec.name());
+        let tmp = self
+            .dir
+            .join("pods")
+            .join(format!(".{}.json.tmp", rec.name()));
+        match fs::remove_file(&tmp) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err(&tmp)(e)),
         }
+        let data = serde_json::to_vec_pretty(rec).expect("PodRecord serializes");
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o644)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&tmp)
+            .map_err(io_err(&tmp))?;
+        f.write_all(&data).map_err(io_err(&tmp))?;
+        f.sync_all().map_err(io_err(&tmp))?;
+        drop(f);
+        fs::rename(&tmp, &path).map_err(io_err(&path))?;
+        self.sync_dir()
+    }
+
+    /// Removes the record of `name`, whatever its content.
+    pub fn remove(&self, name: &str) -> Result<(), StateError> {
+        remove_file(&self.path(name))?;
+        self.sync_dir()
+    }
+
+    /// Removes a record file that is not a usable record (see [`Records::bad`]).
+    pub fn remove_bad(&self, bad: &BadRecord) -> Result<(), StateError> {
+        // Only files directly in our pods directory: a BadRecord comes from our own listing.
+        if bad.path.parent() != Some(&self.dir.join("pods")) {
+            return Ok(());
+        }
+        remove_file(&bad.path)?;
+        self.sync_dir()
+    }
+
+    fn sync_dir(&self) -> Result<(), StateError> {
+        let pods = self.dir.join("pods");
+        fs::File::open(&pods)
+            .and_then(|d| d.sync_all())
+            .map_err(io_err(&pods))
     }
 }
 
-fn read_record(path: &std::path::Path) -> Result<Option<PodRecord>, StateError> {
-    match std::fs::read(path) {
-        Ok(data) => serde_json::from_slice(&data)
-            .map(Some)
-            .map_err(|source| StateError::Corrupt {
-                path: path.to_owned(),
-                source,
-            }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+fn remove_file(path: &Path) -> Result<(), StateError> {
+    match fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
         Err(source) => Err(StateError::Io {
             path: path.to_owned(),
             source,
@@ -155,23 +233,78 @@ fn read_record(path: &std::path::Path) -> Result<Option<PodRecord>, StateError> 
     }
 }
 
+fn record_path(dir: &Path, name: &str) -> PathBuf {
+    dir.join("pods").join(format!("{name}.json"))
+}
+
+/// Reads one record: a regular file (never through a symlink), root's, not writable by others,
+/// holding a record whose name matches the file's.
+fn read_record(path: &Path) -> Result<Option<PodRecord>, String> {
+    let f = match fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+            return Err("a symlink, not a record".into())
+        }
+        Err(e) => return Err(e.to_string()),
+    };
+    let meta = f.metadata().map_err(|e| e.to_string())?;
+    if !meta.is_file() {
+        return Err("not a regular file".into());
+    }
+    if meta.uid() != 0 {
+        return Err(format!(
+            "owned by uid {}, not root: not written by redirect",
+            meta.uid()
+        ));
+    }
+    if meta.permissions().mode() & 0o022 != 0 {
+        return Err("writable by group or others: not trusted".into());
+    }
+    let data = io::read_to_string(f).map_err(|e| e.to_string())?;
+    if data.trim().is_empty() {
+        return Err("empty record".into());
+    }
+    let rec: PodRecord = serde_json::from_str(&data).map_err(|e| format!("corrupt record: {e}"))?;
+    let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("");
+    if rec.name() != stem {
+        return Err(format!(
+            "record of {:?} in the file of {stem:?}",
+            rec.name()
+        ));
+    }
+    Ok(Some(rec))
+}
+
 /// Reads every pod record under `dir` without taking the lock (for read-only commands).
-pub fn list_records(dir: &std::path::Path) -> Result<Vec<PodRecord>, StateError> {
+/// Files that are not usable records are returned apart, with the reason: one bad file never
+/// hides the others, nor blocks a command.
+pub fn list_records(dir: &Path) -> Result<Records, StateError> {
     let pods = dir.join("pods");
-    let entries = match std::fs::read_dir(&pods) {
+    let entries = match fs::read_dir(&pods) {
         Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Records::default()),
         Err(source) => return Err(StateError::Io { path: pods, source }),
     };
-    let mut out = Vec::new();
+    let mut out = Records::default();
     for entry in entries.flatten() {
         let path = entry.path();
-        if path.extension().is_some_and(|e| e == "json") {
-            if let Some(rec) = read_record(&path)? {
-                out.push(rec);
-            }
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with('.') || path.extension().is_none_or(|e| e != "json") {
+            continue; // Temporary files of a write in progress, or not ours.
+        }
+        match read_record(&path) {
+            Ok(Some(rec)) => out.pods.push(rec),
+            Ok(None) => {}
+            Err(reason) => out.bad.push(BadRecord { path, reason }),
         }
     }
-    out.sort_by(|a, b| a.name.cmp(&b.name));
+    out.pods.sort_by(|a, b| a.name().cmp(b.name()));
+    out.bad.sort_by(|a, b| a.path.cmp(&b.path));
     Ok(out)
 }

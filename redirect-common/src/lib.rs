@@ -19,8 +19,13 @@ pub const MAX_ORIG_DST: u32 = 262144;
 pub const MAX_ORIG_DST_PER_POD: u32 = 8192;
 /// Port rules (exclusions, per-port policies) over all pods.
 pub const MAX_PORT_RULES: u32 = 262144;
+/// Port rules one pod may have: no single pod can fill [`MAX_PORT_RULES`] (16 pods at this limit
+/// can; the agent refuses the next with the pod, the map and the errno named).
+pub const MAX_PORT_RULES_PER_POD: u32 = 16384;
 /// Outbound CIDR exclusions over all pods, per address family.
 pub const MAX_CIDR_RULES: u32 = 262144;
+/// Outbound CIDR exclusions one pod may have, per address family.
+pub const MAX_CIDR_RULES_PER_POD: u32 = 16384;
 
 /// Source address Istio's proxy uses to deliver inbound traffic (`-s 127.0.0.6 -j RETURN`).
 pub const INBOUND_PASSTHROUGH_SRC4: [u8; 4] = [127, 0, 0, 6];

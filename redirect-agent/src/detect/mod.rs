@@ -232,7 +232,7 @@ pub fn check_privileges() -> Result<(), DetectError> {
 
 /// Resolves the command line's targets into namespaces, each once by inode, in the order given.
 pub fn resolve_targets(args: &DetectArgs, sources: &Sources) -> Result<Vec<Target>, DetectError> {
-    let pods = crate::state::list_records(&sources.state_dir)?;
+    let pods = crate::state::list_records(&sources.state_dir)?.pods;
     let pod_of = |inode: u64| pods.iter().find(|p| p.netns_inode == inode).cloned();
     let mut targets: Vec<Target> = Vec::new();
     let mut add = |inode: u64, path: PathBuf, pod: Option<PodRecord>| {

@@ -1,0 +1,733 @@
+//! The enroll transaction: check, record the intent, write rows, attach, finish or roll back.
+//!
+//! Every change follows the same order (docs/DESIGN.md, "State and pins"):
+//! 1. [`inspect`] checks the request and the machine **before** the store's lock is taken
+//!    (a FIFO given as `--netns` fails there; nothing can block with the lock held);
+//! 2. under the lock, [`recover`] finishes whatever a killed command left pending;
+//! 3. the record is written with [`Pending`] set, before the kernel is touched;
+//! 4. rows are written (the pod becomes findable last), links attached, `::6` added;
+//! 5. the record is written again without `pending`.
+//!
+//! A failure rolls back at once; a kill leaves a pending record that the next command (or
+//! `gc`, or the node agent) rolls back. Either way `list` tells the truth meanwhile.
+
+use std::{
+    collections::BTreeSet,
+    fs, io,
+    net::IpAddr,
+    path::{Path, PathBuf},
+};
+
+use aya::maps::{MapError, PerCpuValues};
+use redirect_common::{
+    Counter, ListenerKey, PortKey, AF_INET, AF_INET6, MAX_CIDR_RULES, MAX_PODS, MAX_PORT_RULES,
+};
+
+use crate::shim::OpenExisting as _;
+use crate::{
+    cgroup::{self, CgroupError},
+    datapath::{Datapath, DatapathError, Hook},
+    listener, netns,
+    rows::{PodRows, FREE_CONFIG},
+    spec::{pin_dir_name, PodSpec, SpecError},
+    state::{Pending, PodRecord, StateError, StateStore},
+};
+
+/// Why enrolling or unenrolling failed. Whatever the variant, nothing was left half-applied:
+/// the change was rolled back, or (for [`EnrollError::Teardown`]) the record stays pending
+/// and the next command retries.
+#[derive(Debug, thiserror::Error)]
+pub enum EnrollError {
+    /// Changing the datapath needs root (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN).
+    #[error("must run as root (eBPF programs, cgroup and netns attachments need it)")]
+    NotRoot,
+    #[error(transparent)]
+    Spec(#[from] SpecError),
+    #[error(transparent)]
+    Cgroup(#[from] CgroupError),
+    /// The root of the cgroup2 hierarchy holds every process of the machine.
+    #[error("refusing cgroup {0}: it is the cgroup2 root, every process on the machine would be redirected")]
+    CgroupRoot(PathBuf),
+    #[error(transparent)]
+    Netns(#[from] netns::NetnsError),
+    /// A pod IP is not configured on any interface inside the pod's namespace.
+    #[error("pod IP {ip} is not assigned to any interface in network namespace {netns}")]
+    IpNotInNetns { ip: IpAddr, netns: PathBuf },
+    /// Another pod already has this name with a different cgroup.
+    #[error("pod {name} is already enrolled with cgroup {existing}; unenroll it first")]
+    NameCgroupMismatch { name: String, existing: PathBuf },
+    /// Two pods cannot share an address: sk_lookup finds pods by address.
+    #[error("pod IP {ip} already belongs to enrolled pod {other}")]
+    IpInUse { ip: IpAddr, other: String },
+    /// Two pods cannot share a cgroup: the cgroup hooks find pods by cgroup.
+    #[error("cgroup {cgroup} already belongs to enrolled pod {other}")]
+    CgroupInUse { cgroup: PathBuf, other: String },
+    /// Two pods cannot share a network namespace: sk_lookup is attached per namespace.
+    #[error("network namespace {netns} already belongs to enrolled pod {other}")]
+    NetnsInUse { netns: PathBuf, other: String },
+    #[error("no such enrolled pod: {0}")]
+    Unknown(String),
+    #[error("all {MAX_PODS} pod slots are in use")]
+    NoSlot,
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// The kernel lacks a feature the datapath cannot work without.
+    #[error(transparent)]
+    Kernel(#[from] crate::probe::ProbeError),
+    #[error(transparent)]
+    Datapath(#[from] DatapathError),
+    /// A shared map refused a row: full over all pods, or another kernel error.
+    #[error("pod {pod}: writing {map} failed ({errno}); {map} holds {capacity} rows over all pods (docs/DESIGN.md, \"Capacity\")")]
+    MapWrite {
+        pod: String,
+        map: &'static str,
+        errno: String,
+        capacity: u32,
+        #[source]
+        source: MapError,
+    },
+    /// Preparing the pod's namespace (`::6` on lo) failed.
+    #[error("preparing network namespace {netns}: {detail}")]
+    Prepare { netns: PathBuf, detail: String },
+    /// Removing a pod left something behind; the record stays (pending) so a re-run retries.
+    #[error("pod {name}: could not remove everything: {}", .failures.join("; "))]
+    Teardown { name: String, failures: Vec<String> },
+}
+
+/// What `enroll` did, for the CLI to report.
+#[derive(Debug)]
+pub struct Enrolled {
+    pub record: PodRecord,
+    /// True when the name was enrolled before and was updated in place.
+    pub updated: bool,
+    /// Inbound listeners of an already running proxy adopted for capture, or why none could be.
+    pub adopted_listeners: Result<usize, String>,
+}
+
+/// The one root check of the agent.
+pub fn require_root() -> Result<(), EnrollError> {
+    if nix::unistd::geteuid().is_root() {
+        Ok(())
+    } else {
+        Err(EnrollError::NotRoot)
+    }
+}
+
+/// A checked request and what the machine says about it, made by [`inspect`] only.
+#[derive(Debug)]
+pub struct Checked {
+    spec: PodSpec,
+    cgroup_id: u64,
+    netns_inode: u64,
+}
+
+impl Checked {
+    pub fn spec(&self) -> &PodSpec {
+        &self.spec
+    }
+}
+
+/// The cgroup2 root directory's inode: cgroup id 1 is the root of every cgroup2 hierarchy.
+const CGROUP2_ROOT_ID: u64 = 1;
+
+/// Checks a request against itself and the machine, without the store's lock: the cgroup is a
+/// cgroup v2 directory and not the root, the namespace file is a network namespace (opened
+/// without blocking) and not the host's, and every pod IP is assigned inside it.
+pub fn inspect(mut spec: PodSpec) -> Result<Checked, EnrollError> {
+    require_root()?;
+    spec.check()?;
+    let cgroup_id = cgroup::cgroup_id(&spec.cgroup)?;
+    if cgroup_id == CGROUP2_ROOT_ID {
+        return Err(EnrollError::CgroupRoot(spec.cgroup.clone()));
+    }
+    let ns = netns::NetnsHandle::open(&spec.netns)?;
+    let assigned = netns::assigned_addrs(&ns)?;
+    if let Some(ip) = spec.pod_ips.iter().find(|ip| !assigned.contains(ip)) {
+        return Err(EnrollError::IpNotInNetns {
+            ip: *ip,
+            netns: spec.netns.clone(),
+        });
+    }
+    Ok(Checked {
+        netns_inode: ns.inode(),
+        spec,
+        cgroup_id,
+    })
+}
+
+use netns::passthrough_src6;
+
+/// Enrolls a pod, or updates it in place when its name is enrolled already.
+pub fn enroll(store: &StateStore, pin_root: &Path, req: Checked) -> Result<Enrolled, EnrollError> {
+    require_root()?;
+    recover(store, pin_root)?;
+    let Checked {
+        spec,
+        cgroup_id,
+        netns_inode,
+    } = req;
+    let existing = store.get(&spec.name)?;
+    let others: Vec<PodRecord> = store
+        .list()?
+        .into_iter()
+        .filter(|r| r.name() != spec.name)
+        .collect();
+    if let Some(old) = &existing {
+        if old.cgroup_id != cgroup_id {
+            return Err(EnrollError::NameCgroupMismatch {
+                name: spec.name.clone(),
+                existing: old.spec.cgroup.clone(),
+            });
+        }
+    }
+    for other in &others {
+        if other.cgroup_id == cgroup_id {
+            return Err(EnrollError::CgroupInUse {
+                cgroup: spec.cgroup.clone(),
+                other: other.name().to_owned(),
+            });
+        }
+        if other.netns_inode == netns_inode {
+            return Err(EnrollError::NetnsInUse {
+                netns: spec.netns.clone(),
+                other: other.name().to_owned(),
+            });
+        }
+        if let Some(ip) = spec
+            .pod_ips
+            .iter()
+            .find(|ip| other.spec.pod_ips.contains(ip))
+        {
+            return Err(EnrollError::IpInUse {
+                ip: *ip,
+                other: other.name().to_owned(),
+            });
+        }
+    }
+
+    if !pin_root.join("progs").exists() {
+        // First pod on this node: check the kernel before loading anything, so a missing
+        // feature is named with the kernel that brings it instead of surfacing as a verifier log.
+        crate::probe::require_mandatory()?;
+    }
+    let slot = match &existing {
+        Some(old) => old.slot,
+        None => free_slot(pin_root, &others)?,
+    };
+    let same_netns = existing
+        .as_ref()
+        .is_some_and(|o| o.netns_inode == netns_inode);
+    let mut record = PodRecord {
+        spec,
+        cgroup_id,
+        netns_inode,
+        slot,
+        added_lo6: existing.as_ref().is_some_and(|o| o.added_lo6 && same_netns),
+        pending: Some(match &existing {
+            Some(old) => Pending::Update {
+                previous: Box::new(old.clone()),
+            },
+            None => Pending::Enroll,
+        }),
+    };
+    // Whether this change adds ::6: decided before the intent is written, so a rollback after
+    // a kill removes it only if it was ours.
+    let needs_lo6 = record.spec.ip6().is_some() && !record.added_lo6;
+    if needs_lo6 {
+        let ns = netns::NetnsHandle::open(&record.spec.netns)?;
+        record.added_lo6 = !netns::assigned_addrs(&ns)?.contains(&passthrough_src6().into());
+    }
+    store.put(&record)?;
+
+    let result = apply(store, pin_root, existing.as_ref(), &record);
+    match result {
+        Ok(adopted) => {
+            record.pending = None;
+            store.put(&record)?;
+            Ok(Enrolled {
+                record,
+                updated: existing.is_some(),
+                adopted_listeners: adopted,
+            })
+        }
+        Err(e) => {
+            // Roll back now; if even that fails the record stays pending for the next command.
+            if let Err(rb) = roll_back(store, pin_root, &record) {
+                log::warn!("rolling back {} failed: {rb}", record.name());
+            }
+            Err(e)
+        }
+    }
+}
+
+/// A slot no record and no pinned row uses: after a lost state directory, the pins still say
+/// which slots orphaned pods hold, and a new pod never takes one of them.
+fn free_slot(pin_root: &Path, others: &[PodRecord]) -> Result<u32, EnrollError> {
+    let mut used: BTreeSet<u32> = others.iter().map(|r| r.slot).collect();
+    if let Some(mut dp) = Datapath::open_existing(pin_root)? {
+        let pods = dp.pods()?;
+        for s in 0..MAX_PODS {
+            if !used.contains(&s) && pods.get(&s, 0).is_ok_and(|c| c.enrolled != 0) {
+                used.insert(s);
+            }
+        }
+    }
+    (0..MAX_PODS)
+        .find(|s| !used.contains(s))
+        .ok_or(EnrollError::NoSlot)
+}
+
+/// The kernel side of an enroll or update; the caller rolls back on error.
+fn apply(
+    _store: &StateStore,
+    pin_root: &Path,
+    old: Option<&PodRecord>,
+    rec: &PodRecord,
+) -> Result<Result<usize, String>, EnrollError> {
+    let mut dp = Datapath::open(pin_root)?;
+    let rows = PodRows::new(&rec.spec, rec.slot, rec.cgroup_id);
+    let old_rows = old.map(|o| PodRows::new(&o.spec, o.slot, o.cgroup_id));
+    if old.is_none() {
+        zero_counters(&mut dp, rec.slot)?;
+    }
+    write_rows(&mut dp, rec.name(), old_rows.as_ref(), &rows)?;
+    attach_links(&dp, old, rec)?;
+    if rec.added_lo6 && old.is_none_or(|o| !o.added_lo6 || o.netns_inode != rec.netns_inode) {
+        add_passthrough_src6(&rec.spec.netns)?;
+    }
+    // Optional (pidfd_getfd, 5.6): without it a running proxy is captured from its next
+    // listen() on. Reported, never fatal.
+    Ok(listener::adopt(&mut dp, rec).map_err(|e| e.to_string()))
+}
+
+/// Whether every link of the pod is pinned (root only: bpffs is not readable by others).
+pub fn links_complete(pin_root: &Path, rec: &PodRecord) -> bool {
+    let dir = link_dir(pin_root, rec.name());
+    Hook::ALL.iter().all(|h| dir.join(h.program()).exists())
+}
+
+/// Link directories under the pin root that no record owns.
+pub fn orphan_link_dirs(pin_root: &Path, records: &[PodRecord]) -> Vec<String> {
+    let Ok(entries) = fs::read_dir(pin_root.join("pods")) else {
+        return Vec::new();
+    };
+    let owned: BTreeSet<String> = records.iter().map(|r| pin_dir_name(r.name())).collect();
+    let mut out: Vec<String> = entries
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| !owned.contains(n))
+        .collect();
+    out.sort();
+    out
+}
+
+/// The pod's link directory.
+pub fn link_dir(pin_root: &Path, name: &str) -> PathBuf {
+    pin_root.join("pods").join(pin_dir_name(name))
+}
+
+fn attach_links(
+    dp: &Datapath,
+    old: Option<&PodRecord>,
+    rec: &PodRecord,
+) -> Result<(), EnrollError> {
+    let dir = link_dir(dp.root(), rec.name());
+    fs::create_dir_all(&dir).map_err(|source| DatapathError::Io {
+        path: dir.clone(),
+        source,
+    })?;
+    let netns_moved = old.is_some_and(|o| o.netns_inode != rec.netns_inode);
+    for hook in Hook::ALL {
+        let pin = dir.join(hook.program());
+        let target = if hook == Hook::SkLookup {
+            &rec.spec.netns
+        } else {
+            &rec.spec.cgroup
+        };
+        if hook == Hook::SkLookup && netns_moved {
+            // The sandbox was recreated: attach to the new namespace, then swap the pin, so
+            // the old link (and its namespace) is released only once the new one holds.
+            let next = dir.join(format!("{}_next", hook.program()));
+            let _ = fs::remove_file(&next);
+            dp.attach(hook, target, &next)?;
+            fs::rename(&next, &pin).map_err(|source| DatapathError::Io {
+                path: pin.clone(),
+                source,
+            })?;
+            continue;
+        }
+        if pin.exists() {
+            continue; // Re-enrolment: the pod keeps its links, only its rows change.
+        }
+        dp.attach(hook, target, &pin)?;
+    }
+    Ok(())
+}
+
+fn map_write(pod: &str, map: &'static str, capacity: u32) -> impl FnOnce(MapError) -> EnrollError {
+    let pod = pod.to_owned();
+    move |source| {
+        let errno = match &source {
+            MapError::SyscallError(e) => {
+                let code = e.io_error.raw_os_error().unwrap_or(0);
+                let name = match code {
+                    libc::E2BIG => "E2BIG: the map is full",
+                    libc::ENOSPC => "ENOSPC: the map is full",
+                    libc::ENOMEM => "ENOMEM",
+                    libc::EPERM => "EPERM",
+                    _ => "",
+                };
+                if name.is_empty() {
+                    e.io_error.to_string()
+                } else {
+                    name.to_owned()
+                }
+            }
+            other => other.to_string(),
+        };
+        EnrollError::MapWrite {
+            pod,
+            map,
+            errno,
+            capacity,
+            source,
+        }
+    }
+}
+
+/// Writes `new`, removing what `old` had and `new` has not. Rows the hooks consult after
+/// finding the pod go first; the pod becomes findable (cgroup, config) last. A rollback is
+/// the same call with the two swapped.
+fn write_rows(
+    dp: &mut Datapath,
+    pod: &str,
+    old: Option<&PodRows>,
+    new: &PodRows,
+) -> Result<(), EnrollError> {
+    {
+        let mut rules = dp.port_rules()?;
+        if let Some(old) = old {
+            for (k, _) in &old.port_rules {
+                if !new.port_rules.iter().any(|(n, _)| n == k) {
+                    remove_quiet(rules.remove(k));
+                }
+            }
+        }
+        for (k, bits) in &new.port_rules {
+            rules
+                .insert(k, bits, 0)
+                .map_err(map_write(pod, "PORT_RULES", MAX_PORT_RULES))?;
+        }
+    }
+    {
+        let mut t = dp.cidr4()?;
+        if let Some(old) = old {
+            for (len, k) in &old.cidr4 {
+                if !new.cidr4.contains(&(*len, *k)) {
+                    remove_quiet(t.remove(&aya::maps::lpm_trie::Key::new(*len, *k)));
+                }
+            }
+        }
+        for (len, k) in &new.cidr4 {
+            t.insert(&aya::maps::lpm_trie::Key::new(*len, *k), 1, 0)
+                .map_err(map_write(pod, "CIDR4", MAX_CIDR_RULES))?;
+        }
+    }
+    {
+        let mut t = dp.cidr6()?;
+        if let Some(old) = old {
+            for (len, k) in &old.cidr6 {
+                if !new.cidr6.contains(&(*len, *k)) {
+                    remove_quiet(t.remove(&aya::maps::lpm_trie::Key::new(*len, *k)));
+                }
+            }
+        }
+        for (len, k) in &new.cidr6 {
+            t.insert(&aya::maps::lpm_trie::Key::new(*len, *k), 1, 0)
+                .map_err(map_write(pod, "CIDR6", MAX_CIDR_RULES))?;
+        }
+    }
+    {
+        let mut addrs = dp.pod_addrs()?;
+        if let Some(old) = old {
+            for a in &old.addrs {
+                if !new.addrs.contains(a) {
+                    remove_quiet(addrs.remove(a));
+                }
+            }
+        }
+        for a in &new.addrs {
+            addrs
+                .insert(a, new.slot, 0)
+                .map_err(map_write(pod, "POD_ADDRS", MAX_PODS * 4))?;
+        }
+    }
+    dp.pods()?
+        .set(new.slot, new.config, 0)
+        .map_err(map_write(pod, "PODS", MAX_PODS))?;
+    dp.pod_cgroups()?
+        .insert(new.cgroup_id, new.slot, 0)
+        .map_err(map_write(pod, "POD_CGROUPS", MAX_PODS))?;
+    Ok(())
+}
+
+/// A removal during an update: a row already gone is what we wanted.
+fn remove_quiet(r: Result<(), MapError>) {
+    if let Err(e) = r {
+        if !is_not_found(&e) {
+            log::warn!("removing a stale row: {e}");
+        }
+    }
+}
+
+fn is_not_found(e: &MapError) -> bool {
+    match e {
+        MapError::KeyNotFound | MapError::ElementNotFound => true,
+        MapError::SyscallError(s) => s.io_error.raw_os_error() == Some(libc::ENOENT),
+        _ => false,
+    }
+}
+
+/// Removes everything of the pod: links first (no hook runs for it any more), then rows, then
+/// `::6`. Every failure is collected; nothing is skipped because an earlier step failed.
+fn teardown(dp: &mut Datapath, rec: &PodRecord) -> Vec<String> {
+    let mut failures = Vec::new();
+    let mut note = |what: String, e: &dyn std::fmt::Display| failures.push(format!("{what}: {e}"));
+    let dir = link_dir(dp.root(), rec.name());
+    for hook in Hook::ALL {
+        for pin in [
+            dir.join(hook.program()),
+            dir.join(format!("{}_next", hook.program())),
+        ] {
+            match fs::remove_file(&pin) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => note(format!("removing link pin {}", pin.display()), &e),
+            }
+        }
+    }
+    match fs::remove_dir(&dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => note(format!("removing {}", dir.display()), &e),
+    }
+    let rows = PodRows::new(&rec.spec, rec.slot, rec.cgroup_id);
+    let mut failures_open = Vec::new();
+    let mut check = |what: &str, r: Result<(), MapError>| {
+        if let Err(e) = r {
+            if !is_not_found(&e) {
+                failures.push(format!("{what}: {e}"));
+            }
+        }
+    };
+    match dp.pod_cgroups() {
+        Ok(mut m) => {
+            // Only if the row is still this pod's (a recovered, never-written enroll).
+            if m.get(&rec.cgroup_id, 0).is_ok_and(|s| s == rec.slot) {
+                check("POD_CGROUPS", m.remove(&rec.cgroup_id));
+            }
+        }
+        Err(e) => failures_open.push(format!("opening POD_CGROUPS: {}", crate::error_chain(&e))),
+    }
+    match dp.pods() {
+        Ok(mut m) => check("PODS", m.set(rec.slot, FREE_CONFIG, 0)),
+        Err(e) => failures_open.push(format!("opening PODS: {}", crate::error_chain(&e))),
+    }
+    match dp.pod_addrs() {
+        Ok(mut m) => {
+            for a in &rows.addrs {
+                if m.get(a, 0).is_ok_and(|s| s == rec.slot) {
+                    check("POD_ADDRS", m.remove(a));
+                }
+            }
+        }
+        Err(e) => failures_open.push(format!("opening POD_ADDRS: {}", crate::error_chain(&e))),
+    }
+    match dp.port_rules() {
+        Ok(mut m) => {
+            for (k, _) in &rows.port_rules {
+                check("PORT_RULES", m.remove(k));
+            }
+        }
+        Err(e) => failures_open.push(format!("opening PORT_RULES: {}", crate::error_chain(&e))),
+    }
+    match dp.cidr4() {
+        Ok(mut t) => {
+            for (len, k) in &rows.cidr4 {
+                check("CIDR4", t.remove(&aya::maps::lpm_trie::Key::new(*len, *k)));
+            }
+        }
+        Err(e) => failures_open.push(format!("opening CIDR4: {}", crate::error_chain(&e))),
+    }
+    match dp.cidr6() {
+        Ok(mut t) => {
+            for (len, k) in &rows.cidr6 {
+                check("CIDR6", t.remove(&aya::maps::lpm_trie::Key::new(*len, *k)));
+            }
+        }
+        Err(e) => failures_open.push(format!("opening CIDR6: {}", crate::error_chain(&e))),
+    }
+    match dp.listeners() {
+        Ok(mut l) => {
+            for family in [AF_INET, AF_INET6] {
+                check(
+                    "LISTENERS",
+                    l.remove(&ListenerKey {
+                        slot: rec.slot,
+                        family: u32::from(family),
+                    }),
+                );
+            }
+        }
+        Err(e) => failures_open.push(format!("opening LISTENERS: {}", crate::error_chain(&e))),
+    }
+    failures.extend(failures_open);
+    if rec.added_lo6 {
+        if let Err(e) = remove_passthrough_src6(&rec.spec.netns) {
+            failures.push(format!(
+                "removing ::6 from lo in {}: {e}",
+                rec.spec.netns.display()
+            ));
+        }
+    }
+    failures
+}
+
+/// Undoes the change `rec` describes (its `pending`): an enroll or unenroll is removed
+/// completely, an update goes back to its previous record.
+fn roll_back(store: &StateStore, pin_root: &Path, rec: &PodRecord) -> Result<(), EnrollError> {
+    let Some(pending) = &rec.pending else {
+        return Ok(());
+    };
+    let Some(mut dp) = Datapath::open_existing(pin_root)? else {
+        // No pins at all: nothing of this change reached the kernel (but ::6 might have).
+        if matches!(pending, Pending::Enroll | Pending::Unenroll) {
+            if rec.added_lo6 {
+                let _ = remove_passthrough_src6(&rec.spec.netns);
+            }
+            store.remove(rec.name())?;
+        }
+        return Ok(());
+    };
+    match pending {
+        Pending::Enroll | Pending::Unenroll => {
+            let failures = teardown(&mut dp, rec);
+            if !failures.is_empty() {
+                let mut stuck = rec.clone();
+                stuck.pending = Some(Pending::Unenroll);
+                store.put(&stuck)?;
+                return Err(EnrollError::Teardown {
+                    name: rec.name().to_owned(),
+                    failures,
+                });
+            }
+            store.remove(rec.name())?;
+        }
+        Pending::Update { previous } => {
+            let rows = PodRows::new(&rec.spec, rec.slot, rec.cgroup_id);
+            let old = PodRows::new(&previous.spec, previous.slot, previous.cgroup_id);
+            write_rows(&mut dp, rec.name(), Some(&rows), &old)?;
+            if previous.netns_inode != rec.netns_inode {
+                // Back to the previous namespace if it still exists; else the pod has no
+                // sk_lookup link and `list` says so.
+                let mut back = (**previous).clone();
+                back.pending = None;
+                let _ = attach_links(&dp, Some(rec), &back);
+            }
+            if rec.added_lo6 && !(previous.added_lo6 && previous.netns_inode == rec.netns_inode) {
+                let _ = remove_passthrough_src6(&rec.spec.netns);
+            }
+            store.put(previous)?;
+        }
+    }
+    drop(dp);
+    remove_idle_pins(store, pin_root)
+}
+
+/// The shared pins go with the last pod: an idle node carries no residue.
+fn remove_idle_pins(store: &StateStore, pin_root: &Path) -> Result<(), EnrollError> {
+    let records = store.records()?;
+    if records.pods.is_empty() && records.bad.is_empty() {
+        Datapath::remove_shared_pins(pin_root)?;
+    }
+    Ok(())
+}
+
+/// Finishes what killed commands left: every pending record is rolled back (an interrupted
+/// unenroll is completed). Returns the names it repaired.
+pub fn recover(store: &StateStore, pin_root: &Path) -> Result<Vec<String>, EnrollError> {
+    let mut repaired = Vec::new();
+    for rec in store.list()? {
+        if rec.pending.is_some() {
+            roll_back(store, pin_root, &rec)?;
+            repaired.push(rec.name().to_owned());
+        }
+    }
+    if repaired.is_empty() {
+        // A kill between the last record's removal and the pins' removal leaves pins alone.
+        remove_idle_pins(store, pin_root)?;
+    }
+    Ok(repaired)
+}
+
+/// Unenrolls a pod: removes exactly its state; the shared programs and maps go with the last pod.
+pub fn unenroll(store: &StateStore, pin_root: &Path, name: &str) -> Result<PodRecord, EnrollError> {
+    require_root()?;
+    recover(store, pin_root)?;
+    let mut rec = store
+        .get(name)?
+        .ok_or_else(|| EnrollError::Unknown(name.to_owned()))?;
+    rec.pending = Some(Pending::Unenroll);
+    store.put(&rec)?;
+    roll_back(store, pin_root, &rec)?;
+    rec.pending = None;
+    Ok(rec)
+}
+
+fn zero_counters(dp: &mut Datapath, slot: u32) -> Result<(), EnrollError> {
+    let ncpu = aya::util::nr_cpus().map_err(|(_, e)| DatapathError::Io {
+        path: "/sys/devices/system/cpu/possible".into(),
+        source: e,
+    })?;
+    let mut counters = dp.counters()?;
+    for c in Counter::ALL {
+        let zeros = PerCpuValues::try_from(vec![0u64; ncpu]).expect("one value per CPU");
+        counters
+            .set(c.index(slot), zeros, 0)
+            .map_err(map_write("-", "COUNTERS", 0))?;
+    }
+    Ok(())
+}
+
+/// Adds `::6/128` to the pod's `lo`, so the proxy (or the connect hook for it) can bind the
+/// IPv6 passthrough source. Already there is fine (istio-init and others leave it).
+fn add_passthrough_src6(netns_path: &Path) -> Result<(), EnrollError> {
+    let ns = netns::NetnsHandle::open(netns_path)?;
+    netns::add_lo_addr6(&ns, passthrough_src6())
+        .map(drop)
+        .map_err(|e| EnrollError::Prepare {
+            netns: netns_path.to_owned(),
+            detail: crate::error_chain(&e),
+        })
+}
+
+fn remove_passthrough_src6(netns_path: &Path) -> Result<(), netns::NetnsError> {
+    let ns = match netns::NetnsHandle::open(netns_path) {
+        Ok(ns) => ns,
+        // The namespace is gone, and its lo with it.
+        Err(netns::NetnsError::Open { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
+            return Ok(())
+        }
+        Err(e) => return Err(e),
+    };
+    netns::remove_lo_addr6(&ns, passthrough_src6()).map(drop)
+}
+
+/// Kept for code that only needs a port rule key (tests, gc).
+pub fn port_key(slot: u32, port: u16) -> PortKey {
+    PortKey {
+        slot,
+        port,
+        _pad: 0,
+    }
+}
