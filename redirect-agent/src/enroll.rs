@@ -76,6 +76,9 @@ pub enum EnrollError {
     Kernel(#[from] crate::probe::ProbeError),
     #[error(transparent)]
     Datapath(#[from] DatapathError),
+    /// The per-connection maps could not be swept for the pod's slot.
+    #[error(transparent)]
+    Conntrack(#[from] crate::conntrack::ConntrackError),
     /// A shared map refused a row: full over all pods, or another kernel error.
     #[error("pod {pod}: writing {map} failed ({errno}); {map} holds {capacity} rows over all pods (docs/DESIGN.md, \"Capacity\")")]
     MapWrite {
@@ -84,7 +87,7 @@ pub enum EnrollError {
         errno: String,
         capacity: u32,
         #[source]
-        source: MapError,
+        source: Box<MapError>,
     },
     /// Preparing the pod's namespace (`::6` on lo) failed.
     #[error("preparing network namespace {netns}: {detail}")]
@@ -244,6 +247,15 @@ pub fn enroll(store: &StateStore, pin_root: &Path, req: Checked) -> Result<Enrol
         Ok(adopted) => {
             record.pending = None;
             store.put(&record)?;
+            if let Some(old) = &existing {
+                if old.added_lo6 && old.netns_inode != record.netns_inode {
+                    // The pod moved: the old namespace's ::6 was ours. Best effort: the old
+                    // sandbox is usually gone already, and its lo with it.
+                    if let Err(e) = remove_passthrough_src6(&old.spec.netns) {
+                        log::warn!("removing ::6 from {}: {e}", old.spec.netns.display());
+                    }
+                }
+            }
             Ok(Enrolled {
                 record,
                 updated: existing.is_some(),
@@ -289,6 +301,9 @@ fn apply(
     let old_rows = old.map(|o| PodRows::new(&o.spec, o.slot, o.cgroup_id));
     if old.is_none() {
         zero_counters(&mut dp, rec.slot)?;
+        // A slot starts empty: nothing a previous holder's connections left behind counts
+        // against this pod's share of ORIG_DST.
+        crate::conntrack::PinnedMaps::open(&pin_root.join("maps"))?.sweep_slot(rec.slot)?;
     }
     write_rows(&mut dp, rec.name(), old_rows.as_ref(), &rows)?;
     attach_links(&dp, old, rec)?;
@@ -390,7 +405,7 @@ fn map_write(pod: &str, map: &'static str, capacity: u32) -> impl FnOnce(MapErro
             map,
             errno,
             capacity,
-            source,
+            source: Box::new(source),
         }
     }
 }
@@ -582,6 +597,16 @@ fn teardown(dp: &mut Datapath, rec: &PodRecord) -> Vec<String> {
         Err(e) => failures_open.push(format!("opening LISTENERS: {}", crate::error_chain(&e))),
     }
     failures.extend(failures_open);
+    // With the links gone no close callback runs for the pod's connections any more: what
+    // they hold in ORIG_DST is removed here (docs/DESIGN.md, "Per-connection state").
+    match crate::conntrack::PinnedMaps::open(&dp.root().join("maps")) {
+        Ok(mut m) => {
+            if let Err(e) = m.sweep_slot(rec.slot) {
+                failures.push(format!("sweeping ORIG_DST: {}", crate::error_chain(&e)));
+            }
+        }
+        Err(e) => failures.push(format!("opening ORIG_DST: {}", crate::error_chain(&e))),
+    }
     if rec.added_lo6 {
         if let Err(e) = remove_passthrough_src6(&rec.spec.netns) {
             failures.push(format!(
@@ -644,10 +669,15 @@ fn roll_back(store: &StateStore, pin_root: &Path, rec: &PodRecord) -> Result<(),
     remove_idle_pins(store, pin_root)
 }
 
-/// The shared pins go with the last pod: an idle node carries no residue.
+/// The shared pins go with the last pod: an idle node carries no residue. "Last" is what the
+/// pins say too: links of a pod no record knows (a lost state directory) keep the maps they
+/// use, until `gc` removes them.
 fn remove_idle_pins(store: &StateStore, pin_root: &Path) -> Result<(), EnrollError> {
     let records = store.records()?;
-    if records.pods.is_empty() && records.bad.is_empty() {
+    let has_links = fs::read_dir(pin_root.join("pods"))
+        .map(|mut d| d.next().is_some())
+        .unwrap_or(false);
+    if records.pods.is_empty() && records.bad.is_empty() && !has_links {
         Datapath::remove_shared_pins(pin_root)?;
     }
     Ok(())

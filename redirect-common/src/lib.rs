@@ -321,10 +321,15 @@ mod user {
     unsafe impl aya::Pod for OrigDst {}
     // SAFETY: the rest are repr(C), padding-free and valid for any bit pattern.
     unsafe impl aya::Pod for AddrKey {}
+    // SAFETY: repr(C), padding-free (size asserted below), valid for any bit pattern.
     unsafe impl aya::Pod for PortKey {}
+    // SAFETY: repr(C), padding-free (size asserted below), valid for any bit pattern.
     unsafe impl aya::Pod for CidrKey4 {}
+    // SAFETY: repr(C), padding-free (size asserted below), valid for any bit pattern.
     unsafe impl aya::Pod for CidrKey6 {}
+    // SAFETY: repr(C), padding-free (size asserted below), valid for any bit pattern.
     unsafe impl aya::Pod for ListenerKey {}
+    // SAFETY: repr(C), padding-free (size asserted below), valid for any bit pattern.
     unsafe impl aya::Pod for SockTuple {}
 }
 
