@@ -10,8 +10,7 @@ use redirect_devtools::{display, failed_saying};
 
 /// Fails unless we run as root; `what` says what needs it.
 pub fn ensure_root(what: &str) -> Result<()> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
+    if !redirect_testbed::needs::is_root() {
         bail!("{what}");
     }
     Ok(())
@@ -50,4 +49,20 @@ pub fn ip_batch(commands: &str) -> Result<()> {
 /// (`BPF_ENABLE_STATS`, kernel >= 5.8), instead of the machine-wide sysctl.
 pub fn enable_bpf_stats() -> Result<OwnedFd> {
     aya::sys::enable_stats(aya::sys::Stats::RunTime).context("BPF_ENABLE_STATS failed")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The switch is the kernel's: the fd is the `bpf-stats` anonymous inode that keeps the
+    /// run-time statistics on while it is open (the sysctl shows only its own setting).
+    #[test]
+    fn bpf_stats_switch_is_the_kernels() {
+        use std::os::fd::AsRawFd as _;
+        redirect_testbed::require!(redirect_testbed::Need::Root);
+        let fd = enable_bpf_stats().unwrap();
+        let link = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).unwrap();
+        assert_eq!(link.to_string_lossy(), "anon_inode:bpf-stats");
+    }
 }
