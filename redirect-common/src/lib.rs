@@ -6,6 +6,8 @@
 //! order (IPv4 in word 0, others zero). Ports are stored in host byte order.
 #![no_std]
 
+pub mod matrix;
+
 /// Number of pods one node can enroll: rows in the configuration and counter maps.
 pub const MAX_PODS: u32 = 4096;
 /// Redirected connections whose original destination waits in `ORIG_DST` at once, over all
