@@ -321,12 +321,18 @@ mod user {
     // ORIG_DST is written by the datapath alone, from this type, under the same compatibility
     // check as PODS.
     unsafe impl aya::Pod for OrigDst {}
-    // SAFETY: the rest are repr(C), padding-free and valid for any bit pattern.
+    // SAFETY: the rest are repr(C), padding-free (see the size asserts below) and valid for
+    // any bit pattern: integers and arrays of integers only.
     unsafe impl aya::Pod for AddrKey {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for PortKey {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for CidrKey4 {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for CidrKey6 {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for ListenerKey {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for SockTuple {}
 }
 
