@@ -13,37 +13,35 @@ use std::net::SocketAddr;
 
 use common::*;
 
-const POLICIES: [&str; 2] = ["passthrough", "localhost"];
+const POLICIES: [InboundPolicy; 2] = InboundPolicy::ALL;
 
 /// DESIGN.md's conformance matrix: what a client elsewhere gets from `app_port` of the server
-/// pod under `policy`. Reachability does not depend on the proxy's delivery configuration; the
-/// application's peer does under `localhost`: a proxy that binds 127.0.0.6 / ::6 itself before
-/// dialling keeps that source when the kernel sends it to loopback instead (still a loopback
-/// peer, as Istio's LOCALHOST mode gives the application).
-fn matrix_expect(server: &Pod, delivery: &str, policy: &str, f: Family, app_port: u16) -> Expect {
-    match (policy, app_port) {
-        ("passthrough", LOOPBACK_PORT) | ("localhost", POD_IP_PORT) => Expect::NoEcho,
-        ("passthrough", port) => Expect::Echo {
-            local: sock(f.pod_ip(server), port),
-            peer: f.passthrough_src(),
+/// pod under `policy`, from the one prediction of the matrix (`redirect_common::matrix`).
+/// Reachability does not depend on the proxy's dial mode; the application's peer does under
+/// `localhost`: a proxy that binds 127.0.0.6 / ::6 itself before dialling keeps that source
+/// when the kernel sends it to loopback instead (still a loopback peer, as Istio's LOCALHOST
+/// mode gives the application).
+fn matrix_expect(
+    server: &Pod,
+    dial: ProxyDial,
+    policy: InboundPolicy,
+    f: Family,
+    app_port: u16,
+) -> Expect {
+    let pod_ip = f.pod_ip(server);
+    match matrix::expect(policy, app_bind(app_port), dial) {
+        None => Expect::NoEcho,
+        Some(cell) => Expect::Echo {
+            local: cell.local(pod_ip, app_port).into(),
+            peer: cell.peer_ip(pod_ip),
             direct: false,
         },
-        ("localhost", port) => Expect::Echo {
-            local: sock(f.loopback(), port),
-            peer: if delivery == "pod-ip" {
-                f.passthrough_src()
-            } else {
-                f.loopback()
-            },
-            direct: false,
-        },
-        _ => unreachable!("policy {policy}"),
     }
 }
 
 /// Runs the 12 cells of one proxy configuration (2 policies x 2 families x 3 apps), changing
 /// the policy by re-enrolling in place, and reports every failing cell at once.
-fn conformance_matrix(delivery: &str) {
+fn conformance_matrix(delivery: ProxyDial) {
     require!(Need::Root, datapath());
     let node = Node::new().unwrap();
     let server = node.add_pod("server").unwrap();
@@ -54,7 +52,7 @@ fn conformance_matrix(delivery: &str) {
 
     let mut failures = Failures::default();
     for policy in POLICIES {
-        agent.enroll(&server, &["--inbound-policy", policy]);
+        agent.enroll(&server, &["--inbound-policy", policy.name()]);
         for f in Family::BOTH {
             for port in [POD_IP_PORT, LOOPBACK_PORT, WILDCARD_PORT] {
                 let to = sock(f.pod_ip(&server), port);
@@ -89,12 +87,12 @@ fn conformance_matrix(delivery: &str) {
 
 #[test]
 fn conformance_matrix_proxy_dials_loopback() {
-    conformance_matrix("loopback");
+    conformance_matrix(ProxyDial::Loopback);
 }
 
 #[test]
 fn conformance_matrix_proxy_dials_pod_ip() {
-    conformance_matrix("pod-ip");
+    conformance_matrix(ProxyDial::PodIp);
 }
 
 /// An echo application (uid 1000) on the wildcard addresses of both families, on each port.
@@ -115,12 +113,12 @@ fn app_reaches_loopback_and_own_pod_ip_directly() {
     let node = Node::new().unwrap();
     let server = node.add_pod("server").unwrap();
     let _apps = matrix_apps(&server);
-    let proxy = Proxy::start(&node, &server, "pod-ip", "proxy.log");
+    let proxy = Proxy::start(&node, &server, ProxyDial::PodIp, "proxy.log");
     let agent = Agent::new();
 
     let mut failures = Failures::default();
     for policy in POLICIES {
-        agent.enroll(&server, &["--inbound-policy", policy]);
+        agent.enroll(&server, &["--inbound-policy", policy.name()]);
         let before = agent.stats(&server.name);
         for f in Family::BOTH {
             for (ip, port) in [
@@ -159,7 +157,7 @@ fn proxy_delivery_from_passthrough_source_is_not_captured_again() {
     let node = Node::new().unwrap();
     let server = node.add_pod("server").unwrap();
     let _apps = matrix_apps(&server);
-    let proxy = Proxy::start(&node, &server, "pod-ip", "proxy.log");
+    let proxy = Proxy::start(&node, &server, ProxyDial::PodIp, "proxy.log");
     let agent = Agent::new();
     agent.enroll(&server, &[]);
 
@@ -203,12 +201,12 @@ fn proxy_to_own_pod_ip_goes_through_inbound_listener() {
     let node = Node::new().unwrap();
     let server = node.add_pod("server").unwrap();
     let _apps = matrix_apps(&server);
-    let proxy = Proxy::start(&node, &server, "loopback", "proxy.log");
+    let proxy = Proxy::start(&node, &server, ProxyDial::Loopback, "proxy.log");
     let agent = Agent::new();
 
     let mut failures = Failures::default();
     for policy in POLICIES {
-        agent.enroll(&server, &["--inbound-policy", policy]);
+        agent.enroll(&server, &["--inbound-policy", policy.name()]);
         for f in Family::BOTH {
             for port in [POD_IP_PORT, WILDCARD_PORT] {
                 let to = sock(f.pod_ip(&server), port);
@@ -217,7 +215,7 @@ fn proxy_to_own_pod_ip_goes_through_inbound_listener() {
                 let seen = proxy.entries().len();
                 let got = connect_as(&server, PROXY_UID, to, None);
                 let (expect, delivered) = match (policy, port) {
-                    ("passthrough", p) => (
+                    (InboundPolicy::Passthrough, p) => (
                         Expect::Echo {
                             local: sock(f.pod_ip(&server), p),
                             peer: f.passthrough_src(),
@@ -276,7 +274,7 @@ fn proxy_off_pod_and_proxy_ports_are_not_captured() {
     let server = node.add_pod("server").unwrap();
     let other = node.add_pod("other").unwrap();
     let _remote = wildcard_echo(&other, &[WILDCARD_PORT]);
-    let proxy = Proxy::start(&node, &server, "pod-ip", "proxy.log");
+    let proxy = Proxy::start(&node, &server, ProxyDial::PodIp, "proxy.log");
     let _admin = echo(
         &server,
         PROXY_UID,
@@ -329,7 +327,7 @@ fn app_outbound_is_captured_with_exact_original_destination() {
     let other = node.add_pod("other").unwrap();
     let ports = [WILDCARD_PORT, 18088];
     let _remote = wildcard_echo(&other, &ports);
-    let proxy = Proxy::start(&node, &server, "pod-ip", "proxy.log");
+    let proxy = Proxy::start(&node, &server, ProxyDial::PodIp, "proxy.log");
     let agent = Agent::new();
     agent.enroll(&server, &[]);
     let before = agent.stats(&server.name);
@@ -387,7 +385,7 @@ fn excluded_inbound_ports_bypass_the_proxy() {
     let client = node.add_pod("client").unwrap();
     let excluded = [15008, 15020, 15021, 15090, 18086, 18087];
     let _apps = wildcard_echo(&server, &excluded);
-    let proxy = Proxy::start(&node, &server, "pod-ip", "proxy.log");
+    let proxy = Proxy::start(&node, &server, ProxyDial::PodIp, "proxy.log");
     let agent = Agent::new();
     agent.enroll(&server, &["--exclude-inbound-ports", "18086,18087"]);
 
@@ -428,7 +426,7 @@ fn excluded_inbound_connections_are_counted() {
     let client = node.add_pod("client").unwrap();
     let excluded = [15008, 15020, 15021, 15090, 18086, 18087];
     let _apps = wildcard_echo(&server, &excluded);
-    let _proxy = Proxy::start(&node, &server, "pod-ip", "proxy.log");
+    let _proxy = Proxy::start(&node, &server, ProxyDial::PodIp, "proxy.log");
     let agent = Agent::new();
     agent.enroll(&server, &["--exclude-inbound-ports", "18086,18087"]);
     let before = agent.stats(&server.name);
@@ -460,7 +458,7 @@ fn excluded_outbound_ports_and_cidrs_bypass_the_proxy() {
     let skipped = node.add_pod("skipped").unwrap();
     let _e1 = wildcard_echo(&kept, &[WILDCARD_PORT, 18090]);
     let _e2 = wildcard_echo(&skipped, &[WILDCARD_PORT]);
-    let proxy = Proxy::start(&node, &server, "pod-ip", "proxy.log");
+    let proxy = Proxy::start(&node, &server, ProxyDial::PodIp, "proxy.log");
     let agent = Agent::new();
     let cidrs = format!("{}/32,{}/128", skipped.ip4, skipped.ip6);
     agent.enroll(
@@ -579,7 +577,7 @@ fn proxy_listening_before_enroll_is_adopted() {
     let server = node.add_pod("server").unwrap();
     let client = node.add_pod("client").unwrap();
     let _apps = matrix_apps(&server);
-    let proxy = Proxy::start(&node, &server, "pod-ip", "proxy.log");
+    let proxy = Proxy::start(&node, &server, ProxyDial::PodIp, "proxy.log");
     let agent = Agent::new();
     let out = agent.enroll(&server, &[]);
     assert!(
@@ -612,7 +610,7 @@ fn proxy_started_after_enroll_is_registered() {
     if let Some(why) = refused_inbound(&client, &server) {
         panic!("before the proxy started: {why}");
     }
-    let proxy = Proxy::start(&node, &server, "pod-ip", "proxy.log");
+    let proxy = Proxy::start(&node, &server, ProxyDial::PodIp, "proxy.log");
     if let Some(why) = captured_inbound(&client, &server, &proxy) {
         panic!("proxy started after enroll: {why}");
     }
@@ -637,7 +635,7 @@ fn proxy_restart_keeps_capture_without_reenroll() {
     let client = node.add_pod("client").unwrap();
     let _apps = matrix_apps(&server);
     let _remote = wildcard_echo(&client, &[18089]);
-    let mut proxy = Proxy::start(&node, &server, "pod-ip", "proxy-0.log");
+    let mut proxy = Proxy::start(&node, &server, ProxyDial::PodIp, "proxy-0.log");
     let agent = Agent::new();
     agent.enroll(&server, &[]);
     if let Some(why) = captured_inbound(&client, &server, &proxy) {
@@ -648,7 +646,12 @@ fn proxy_restart_keeps_capture_without_reenroll() {
         if let Some(why) = refused_inbound(&client, &server) {
             panic!("proxy {generation} killed: {why}");
         }
-        proxy = Proxy::start(&node, &server, "pod-ip", &format!("proxy-{generation}.log"));
+        proxy = Proxy::start(
+            &node,
+            &server,
+            ProxyDial::PodIp,
+            &format!("proxy-{generation}.log"),
+        );
         if let Some(why) = captured_inbound(&client, &server, &proxy) {
             panic!("proxy generation {generation}: {why}");
         }
@@ -730,8 +733,8 @@ fn pod_not_enrolled_behaves_as_plain_kernel() {
     let _remote = wildcard_echo(&client, &[18089]);
     let _apps = matrix_apps(&plain);
     let _apps2 = matrix_apps(&enrolled);
-    let proxy = Proxy::start(&node, &plain, "pod-ip", "plain.log");
-    let proxy2 = Proxy::start(&node, &enrolled, "pod-ip", "enrolled.log");
+    let proxy = Proxy::start(&node, &plain, ProxyDial::PodIp, "plain.log");
+    let proxy2 = Proxy::start(&node, &enrolled, ProxyDial::PodIp, "enrolled.log");
     let lo_before = lo_addresses(&plain);
 
     let baseline = observe(&client, &plain);
@@ -778,7 +781,7 @@ fn stats_show_exact_counts_after_known_connections() {
     agent.enroll(&server, &options);
     assert_eq!(agent.stats(&server.name), counters(&[]), "fresh pod");
     // Registered by sock_ops as it listens: 15006 over IPv4 and IPv6.
-    let mut proxy = Proxy::start(&node, &server, "pod-ip", "proxy.log");
+    let mut proxy = Proxy::start(&node, &server, ProxyDial::PodIp, "proxy.log");
     let (v4, v6) = (Family::V4, Family::V6);
     let expect = |what: &str, e: Expect, got: Outcome| {
         if let Some(why) = e.check(&got) {
@@ -902,8 +905,8 @@ fn unenroll_restores_plain_behaviour_and_keeps_other_pods() {
     let _remote = wildcard_echo(&client, &[18089]);
     let _apps_a = matrix_apps(&a);
     let _apps_b = matrix_apps(&b);
-    let proxy_a = Proxy::start(&node, &a, "pod-ip", "a.log");
-    let proxy_b = Proxy::start(&node, &b, "pod-ip", "b.log");
+    let proxy_a = Proxy::start(&node, &a, ProxyDial::PodIp, "a.log");
+    let proxy_b = Proxy::start(&node, &b, ProxyDial::PodIp, "b.log");
     let lo_a = lo_addresses(&a);
     let baseline = observe(&client, &a);
     assert_eq!(proxy_a.entries(), vec![], "plain kernel");
@@ -983,7 +986,7 @@ fn enroll_twice_is_idempotent() {
     let server = node.add_pod("server").unwrap();
     let client = node.add_pod("client").unwrap();
     let _apps = matrix_apps(&server);
-    let proxy = Proxy::start(&node, &server, "pod-ip", "proxy.log");
+    let proxy = Proxy::start(&node, &server, ProxyDial::PodIp, "proxy.log");
     let agent = Agent::new();
     let options = [
         "--inbound-policy",
@@ -1034,7 +1037,7 @@ fn redirection_outlives_the_enrolling_process() {
     let server = node.add_pod("server").unwrap();
     let client = node.add_pod("client").unwrap();
     let _apps = matrix_apps(&server);
-    let proxy = Proxy::start(&node, &server, "pod-ip", "proxy.log");
+    let proxy = Proxy::start(&node, &server, ProxyDial::PodIp, "proxy.log");
     let agent = Agent::new();
 
     let mut args = Agent::enroll_args(&server, &server.name);
@@ -1081,17 +1084,30 @@ fn port_policy_overrides_the_pod_policy() {
     let server = node.add_pod("server").unwrap();
     let client = node.add_pod("client").unwrap();
     let _apps = matrix_apps(&server);
-    let _proxy = Proxy::start(&node, &server, "loopback", "proxy.log");
+    let _proxy = Proxy::start(&node, &server, ProxyDial::Loopback, "proxy.log");
     let agent = Agent::new();
 
     let mut failures = Failures::default();
     for (policy, port_policy, overridden) in [
-        ("passthrough", "18084=localhost", "localhost"),
-        ("localhost", "18082=passthrough", "passthrough"),
+        (
+            InboundPolicy::Passthrough,
+            "18084=localhost",
+            InboundPolicy::Localhost,
+        ),
+        (
+            InboundPolicy::Localhost,
+            "18082=passthrough",
+            InboundPolicy::Passthrough,
+        ),
     ] {
         agent.enroll(
             &server,
-            &["--inbound-policy", policy, "--port-policy", port_policy],
+            &[
+                "--inbound-policy",
+                policy.name(),
+                "--port-policy",
+                port_policy,
+            ],
         );
         for f in Family::BOTH {
             for port in [POD_IP_PORT, LOOPBACK_PORT, WILDCARD_PORT] {
@@ -1102,7 +1118,7 @@ fn port_policy_overrides_the_pod_policy() {
                 };
                 let to = sock(f.pod_ip(&server), port);
                 let got = probe(&client, to);
-                let expect = matrix_expect(&server, "loopback", effective, f, port);
+                let expect = matrix_expect(&server, ProxyDial::Loopback, effective, f, port);
                 failures.check(
                     format!("policy {policy} with {port_policy}: client -> {to}"),
                     expect,
@@ -1124,7 +1140,7 @@ fn update_in_place_keeps_established_connections() {
     let server = node.add_pod("server").unwrap();
     let client = node.add_pod("client").unwrap();
     let _apps = matrix_apps(&server);
-    let _proxy = Proxy::start(&node, &server, "pod-ip", "proxy.log");
+    let _proxy = Proxy::start(&node, &server, ProxyDial::PodIp, "proxy.log");
     let agent = Agent::new();
     agent.enroll(&server, &["--inbound-policy", "passthrough"]);
 

@@ -306,9 +306,13 @@ fn unprivileged_app_cannot_exhaust_maps_for_other_pods() {
         .iter()
         .map(|f| silent_listener(&hostile, sock(f.loopback(), 15001)))
         .collect();
-    let _sink: Vec<TcpListener> = Family::BOTH
+    let sink_targets: Vec<SocketAddr> = Family::BOTH
         .iter()
-        .map(|f| silent_listener(&sink, sock(f.pod_ip(&sink), WILDCARD_PORT)))
+        .flat_map(|f| [WILDCARD_PORT, 18090].map(|p| sock(f.pod_ip(&sink), p)))
+        .collect();
+    let _sink: Vec<TcpListener> = sink_targets
+        .iter()
+        .map(|a| silent_listener(&sink, *a))
         .collect();
     let agent = Agent::new();
     agent.enroll(&hostile, &[]);
@@ -318,13 +322,12 @@ fn unprivileged_app_cannot_exhaust_maps_for_other_pods() {
     victim_round(&agent, &victim, &victim_proxy, &remote, &client, "before");
 
     let hold = (MAX_ORIG_DST_PER_POD + 2000) as usize;
-    let args: Vec<String> = vec![
-        "--duration-ms".into(),
-        "60000".into(),
-        "--target".into(),
-        sock(sink.ip4, WILDCARD_PORT).to_string(),
-        "--target".into(),
-        sock(sink.ip6, WILDCARD_PORT).to_string(),
+    let mut args: Vec<String> = vec!["--duration-ms".into(), "60000".into()];
+    for t in &sink_targets {
+        args.push("--target".into());
+        args.push(t.to_string());
+    }
+    args.extend([
         "--refused".into(),
         sock(sink.ip4, 18091).to_string(),
         "--pod-ip".into(),
@@ -335,7 +338,7 @@ fn unprivileged_app_cannot_exhaust_maps_for_other_pods() {
         victim.ip4.to_string(),
         "--hold".into(),
         hold.to_string(),
-    ];
+    ]);
     let started = Instant::now();
     let app = start_hostile(&hostile, HOSTILE_UID, &args);
 

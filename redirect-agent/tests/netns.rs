@@ -261,3 +261,126 @@ fn non_namespaces_and_the_host_namespace_are_refused_with_one_line() {
     }
     assert!(wrong.is_empty(), "{}", wrong.join("\n"));
 }
+
+/// Runs the CLI with a hang guard: a command blocked on a FIFO would otherwise hang the test.
+fn run_guarded(agent: &Agent, args: &[String]) -> std::process::Output {
+    let child = agent
+        .cmd()
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn redirect-agent");
+    let pid = child.id();
+    let (tx, rx) = mpsc::channel();
+    let waiter = std::thread::spawn(move || {
+        let out = child.wait_with_output();
+        let _ = tx.send(());
+        out
+    });
+    if rx.recv_timeout(Duration::from_secs(60)).is_err() {
+        // SAFETY: kill(2) on the child this test spawned and has not reaped yet.
+        unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+        panic!("redirect-agent {args:?} blocked");
+    }
+    waiter.join().unwrap().expect("wait for redirect-agent")
+}
+
+/// The same refusals through `redirect-agent enroll --netns`: one `error:` line naming the
+/// path and what it is, at once (a FIFO does not block it), and nothing left behind.
+#[test]
+fn enroll_refuses_non_namespaces_and_the_host_with_one_line() {
+    require!(Need::Root);
+    let node = Node::new().unwrap();
+    let pod = node.add_pod("pod").unwrap();
+    let agent = Agent::new();
+    let dir = Scratch::new();
+    let fifo = dir.0.join("fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let file = dir.0.join("file");
+    std::fs::write(&file, b"not a namespace").unwrap();
+    let lo_before = lo_addresses(&pod);
+    let cases: [(&Path, &str); 4] = [
+        (&fifo, "is a FIFO, not a network namespace"),
+        (&file, "is a regular file, not a network namespace"),
+        (
+            Path::new("/proc/self/ns/mnt"),
+            "is a mount namespace, not a network namespace",
+        ),
+        (
+            Path::new("/proc/self/ns/net"),
+            "is the host's network namespace, not a pod's",
+        ),
+    ];
+    for (path, want) in cases {
+        let mut args = Agent::enroll_args(&pod, &pod.name);
+        let at = args.iter().position(|a| a == "--netns").unwrap() + 1;
+        args[at] = path.display().to_string();
+        let out = run_guarded(&agent, &args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+        eprintln!("{}: {}", path.display(), stderr.trim());
+        assert!(
+            !out.status.success(),
+            "{}: enroll succeeded",
+            path.display()
+        );
+        assert_eq!(lines.len(), 1, "{}: {stderr}", path.display());
+        assert!(
+            lines[0].starts_with("error: ")
+                && lines[0].contains(want)
+                && lines[0].contains(&path.display().to_string()),
+            "{}: {}",
+            path.display(),
+            lines[0]
+        );
+        assert!(agent.listed_names().is_empty(), "{}", path.display());
+        assert!(
+            !agent.pin_root.exists(),
+            "{}: pin root created",
+            path.display()
+        );
+    }
+    assert_eq!(lo_addresses(&pod), lo_before);
+}
+
+/// Issue 8's case end to end: with `::6` already on the pod's `lo` (as istio-init leaves it),
+/// an IPv6 enroll succeeds and the unenroll leaves that `::6` where it was; without it, enroll
+/// adds `::6` and unenroll removes it again.
+#[test]
+fn enroll_with_six_already_on_lo_succeeds_and_unenroll_leaves_it() {
+    require!(Need::Root, datapath());
+    let node = Node::new().unwrap();
+    let theirs = node.add_pod("theirs").unwrap();
+    let ours = node.add_pod("ours").unwrap();
+    theirs.add_lo_address(IpAddr::V6(six())).unwrap();
+    let agent = Agent::new();
+
+    agent.enroll(&theirs, &[]);
+    agent.enroll(&ours, &[]);
+    assert!(lo_has_six(&theirs), "{}", lo_addresses(&theirs));
+    assert!(
+        lo_has_six(&ours),
+        "enroll did not add ::6: {}",
+        lo_addresses(&ours)
+    );
+    let mut names = agent.listed_names();
+    names.sort();
+    let mut want = vec![theirs.name.clone(), ours.name.clone()];
+    want.sort();
+    assert_eq!(names, want);
+
+    agent.unenroll(&theirs.name);
+    agent.unenroll(&ours.name);
+    assert!(
+        lo_has_six(&theirs),
+        "unenroll removed the ::6 it did not add: {}",
+        lo_addresses(&theirs)
+    );
+    assert!(
+        !lo_has_six(&ours),
+        "unenroll left the ::6 it added: {}",
+        lo_addresses(&ours)
+    );
+}

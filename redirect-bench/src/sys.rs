@@ -1,17 +1,16 @@
 //! The machine: the root check both benchmarks make, `ip -batch`, commands fed on stdin, and
-//! the kernel's BPF statistics switch.
+//! the kernel's BPF statistics switch (aya's).
 
 use std::io::Write as _;
-use std::os::fd::{FromRawFd as _, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::process::{Command, Stdio};
 
-use anyhow::{bail, ensure, Context as _, Result};
+use anyhow::{bail, Context as _, Result};
 use redirect_devtools::{display, failed_saying};
 
 /// Fails unless we run as root; `what` says what needs it.
 pub fn ensure_root(what: &str) -> Result<()> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
+    if !redirect_testbed::needs::is_root() {
         bail!("{what}");
     }
     Ok(())
@@ -49,23 +48,21 @@ pub fn ip_batch(commands: &str) -> Result<()> {
 /// Turns on the kernel's BPF run-time statistics for as long as the returned fd is open
 /// (`BPF_ENABLE_STATS`, kernel >= 5.8), instead of the machine-wide sysctl.
 pub fn enable_bpf_stats() -> Result<OwnedFd> {
-    const BPF_ENABLE_STATS: libc::c_long = 32;
-    // union bpf_attr { struct { __u32 type; } enable_stats; }, BPF_STATS_RUN_TIME = 0.
-    let attr = [0u32; 4];
-    // SAFETY: the attribute buffer is valid for its size for the duration of the call.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_ENABLE_STATS,
-            attr.as_ptr(),
-            std::mem::size_of_val(&attr) as u32,
-        )
-    };
-    ensure!(
-        fd >= 0,
-        "BPF_ENABLE_STATS failed: {}",
-        std::io::Error::last_os_error()
-    );
-    // SAFETY: the kernel returned a new fd that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+    aya::sys::enable_stats(aya::sys::Stats::RunTime).context("BPF_ENABLE_STATS failed")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The switch is the kernel's: the fd is the `bpf-stats` anonymous inode that keeps the
+    /// run-time statistics on while it is open (the sysctl shows only its own setting).
+    #[test]
+    fn bpf_stats_switch_is_the_kernels() {
+        use std::os::fd::AsRawFd as _;
+        redirect_testbed::require!(redirect_testbed::Need::Root);
+        let fd = enable_bpf_stats().unwrap();
+        let link = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).unwrap();
+        assert_eq!(link.to_string_lossy(), "anon_inode:bpf-stats");
+    }
 }

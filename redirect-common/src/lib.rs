@@ -6,6 +6,8 @@
 //! order (IPv4 in word 0, others zero). Ports are stored in host byte order.
 #![no_std]
 
+pub mod matrix;
+
 /// Number of pods one node can enroll: rows in the configuration and counter maps.
 pub const MAX_PODS: u32 = 4096;
 /// Redirected connections whose original destination waits in `ORIG_DST` at once, over all
@@ -319,17 +321,18 @@ mod user {
     // ORIG_DST is written by the datapath alone, from this type, under the same compatibility
     // check as PODS.
     unsafe impl aya::Pod for OrigDst {}
-    // SAFETY: the rest are repr(C), padding-free and valid for any bit pattern.
+    // SAFETY: the rest are repr(C), padding-free (see the size asserts below) and valid for
+    // any bit pattern: integers and arrays of integers only.
     unsafe impl aya::Pod for AddrKey {}
-    // SAFETY: repr(C), padding-free (size asserted below), valid for any bit pattern.
+    // SAFETY: as above.
     unsafe impl aya::Pod for PortKey {}
-    // SAFETY: repr(C), padding-free (size asserted below), valid for any bit pattern.
+    // SAFETY: as above.
     unsafe impl aya::Pod for CidrKey4 {}
-    // SAFETY: repr(C), padding-free (size asserted below), valid for any bit pattern.
+    // SAFETY: as above.
     unsafe impl aya::Pod for CidrKey6 {}
-    // SAFETY: repr(C), padding-free (size asserted below), valid for any bit pattern.
+    // SAFETY: as above.
     unsafe impl aya::Pod for ListenerKey {}
-    // SAFETY: repr(C), padding-free (size asserted below), valid for any bit pattern.
+    // SAFETY: as above.
     unsafe impl aya::Pod for SockTuple {}
 }
 

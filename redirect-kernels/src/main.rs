@@ -1,4 +1,5 @@
-//! `cargo xtask kernels [VERSION...]` (xtask runs this binary with its arguments): the datapath's integration tests on real kernels.
+//! `cargo xtask kernels [VERSION...]`: the datapath's integration tests on real kernels (xtask
+//! runs this binary with its arguments unchanged).
 //!
 //! For each kernel (Debian cloud kernels: 5.10 bullseye, 6.1 bookworm, 6.12 trixie, the newest
 //! 7.x in sid) this fetches the packages with apt through a private sources list and private

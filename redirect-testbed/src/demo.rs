@@ -24,7 +24,9 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
-use redirect_testbed::{bin_path, Node, Outcome, Pod, PodProcess};
+use redirect_testbed::{
+    bin_path, matrix, AppBind, InboundPolicy, Node, Outcome, Pod, PodProcess, ProxyDial,
+};
 
 const PROXY_UID: u32 = 1337;
 const APP_UID: u32 = 1000;
@@ -48,123 +50,59 @@ fn check_interrupted() -> Result<()> {
     Ok(())
 }
 
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Policy {
-    Passthrough,
-    Localhost,
-}
-
-impl Policy {
-    const ALL: [Policy; 2] = [Policy::Passthrough, Policy::Localhost];
-
-    fn arg(self) -> &'static str {
-        match self {
-            Policy::Passthrough => "passthrough",
-            Policy::Localhost => "localhost",
-        }
-    }
-
-    fn title(self) -> &'static str {
-        match self {
-            Policy::Passthrough => "policy passthrough (default)",
-            Policy::Localhost => "policy localhost (legacy)",
-        }
+fn policy_title(policy: InboundPolicy) -> &'static str {
+    match policy {
+        InboundPolicy::Passthrough => "policy passthrough (default)",
+        InboundPolicy::Localhost => "policy localhost (legacy)",
     }
 }
 
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Delivery {
-    Loopback,
-    PodIp,
-}
-
-impl Delivery {
-    const ALL: [Delivery; 2] = [Delivery::Loopback, Delivery::PodIp];
-
-    fn arg(self) -> &'static str {
-        match self {
-            Delivery::Loopback => "loopback",
-            Delivery::PodIp => "pod-ip",
-        }
-    }
-
-    fn title(self) -> &'static str {
-        match self {
-            Delivery::Loopback => "proxy dials 127.0.0.1:P",
-            Delivery::PodIp => "proxy dials POD_IP:P",
-        }
+fn dial_title(dial: ProxyDial) -> &'static str {
+    match dial {
+        ProxyDial::Loopback => "proxy dials 127.0.0.1:P",
+        ProxyDial::PodIp => "proxy dials POD_IP:P",
     }
 }
 
-/// What an application binds, as in DESIGN.md's matrix.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Bind {
-    PodIp,
-    Loopback,
-    Wildcard,
-}
-
-impl Bind {
-    const ALL: [Bind; 3] = [Bind::PodIp, Bind::Loopback, Bind::Wildcard];
-
-    fn port(self) -> u16 {
-        match self {
-            Bind::PodIp => 18082,
-            Bind::Loopback => 18084,
-            Bind::Wildcard => 18080,
-        }
-    }
-
-    fn kind(self) -> &'static str {
-        match self {
-            Bind::PodIp => "pod IP",
-            Bind::Loopback => "loopback",
-            Bind::Wildcard => "wildcard",
-        }
-    }
-
-    fn addr(self, pod_ip: IpAddr) -> SocketAddr {
-        let ip = match (self, pod_ip) {
-            (Bind::PodIp, ip) => ip,
-            (Bind::Loopback, IpAddr::V4(_)) => Ipv4Addr::LOCALHOST.into(),
-            (Bind::Loopback, IpAddr::V6(_)) => Ipv6Addr::LOCALHOST.into(),
-            (Bind::Wildcard, IpAddr::V4(_)) => Ipv4Addr::UNSPECIFIED.into(),
-            (Bind::Wildcard, IpAddr::V6(_)) => Ipv6Addr::UNSPECIFIED.into(),
-        };
-        SocketAddr::new(ip, self.port())
+/// The demo's application port for each row of DESIGN.md's matrix.
+fn bind_port(bind: AppBind) -> u16 {
+    match bind {
+        AppBind::PodIp => 18082,
+        AppBind::Loopback => 18084,
+        AppBind::Wildcard => 18080,
     }
 }
 
-/// DESIGN.md's answer: `Some((where the app sees the connection, from whom))` when reachable.
-///
-/// The policy decides where a connection ends. Its source is 127.0.0.6 / ::6 under
-/// passthrough; under localhost it is whatever the proxy had: 127.0.0.1 for a proxy that dials
-/// loopback, and the 127.0.0.6 that a pod-IP proxy binds itself before connecting.
+fn bind_kind(bind: AppBind) -> &'static str {
+    match bind {
+        AppBind::PodIp => "pod IP",
+        AppBind::Loopback => "loopback",
+        AppBind::Wildcard => "wildcard",
+    }
+}
+
+fn bind_addr(bind: AppBind, pod_ip: IpAddr) -> SocketAddr {
+    let ip = match (bind, pod_ip) {
+        (AppBind::PodIp, ip) => ip,
+        (AppBind::Loopback, ip) => matrix::loopback(ip),
+        (AppBind::Wildcard, IpAddr::V4(_)) => Ipv4Addr::UNSPECIFIED.into(),
+        (AppBind::Wildcard, IpAddr::V6(_)) => Ipv6Addr::UNSPECIFIED.into(),
+    };
+    SocketAddr::new(ip, bind_port(bind))
+}
+
+/// DESIGN.md's answer, from the one prediction of the matrix
+/// (`redirect_common::matrix::expect`): `Some((where the app sees the connection, from
+/// whom))` when reachable.
 fn expected(
-    policy: Policy,
-    delivery: Delivery,
-    bind: Bind,
+    policy: InboundPolicy,
+    dial: ProxyDial,
+    bind: AppBind,
     pod_ip: IpAddr,
 ) -> Option<(SocketAddr, IpAddr)> {
-    let (lo, six): (IpAddr, IpAddr) = match pod_ip {
-        IpAddr::V4(_) => (
-            Ipv4Addr::LOCALHOST.into(),
-            Ipv4Addr::new(127, 0, 0, 6).into(),
-        ),
-        IpAddr::V6(_) => (
-            Ipv6Addr::LOCALHOST.into(),
-            Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6).into(),
-        ),
-    };
-    let (local, peer) = match (policy, bind, delivery) {
-        (Policy::Passthrough, Bind::Loopback, _) | (Policy::Localhost, Bind::PodIp, _) => {
-            return None
-        }
-        (Policy::Passthrough, _, _) => (pod_ip, six),
-        (Policy::Localhost, _, Delivery::Loopback) => (lo, lo),
-        (Policy::Localhost, _, Delivery::PodIp) => (lo, six),
-    };
-    Some((SocketAddr::new(local, bind.port()), peer))
+    let cell = matrix::expect(policy, bind, dial)?;
+    let (ip, port) = cell.local(pod_ip, bind_port(bind));
+    Some((SocketAddr::new(ip, port), cell.peer_ip(pod_ip)))
 }
 
 /// One cell: its text and whether it is what DESIGN.md expects.
@@ -251,8 +189,8 @@ fn demo() -> Result<bool> {
 
     // Three applications, each over IPv4 and IPv6, as an unprivileged uid.
     let mut apps = Vec::new();
-    for bind in Bind::ALL {
-        let listen: Vec<SocketAddr> = pod_ips.iter().map(|ip| bind.addr(*ip)).collect();
+    for bind in AppBind::ALL {
+        let listen: Vec<SocketAddr> = pod_ips.iter().map(|ip| bind_addr(bind, *ip)).collect();
         let mut cmd = Command::new(&testbed_bin);
         cmd.arg("echo");
         for a in &listen {
@@ -262,13 +200,13 @@ fn demo() -> Result<bool> {
     }
     println!(
         "server apps (uid {APP_UID}): {}",
-        Bind::ALL
+        AppBind::ALL
             .iter()
-            .flat_map(|b| pod_ips.iter().map(|ip| b.addr(*ip).to_string()))
+            .flat_map(|b| pod_ips.iter().map(|ip| bind_addr(*b, *ip).to_string()))
             .collect::<Vec<_>>()
             .join("  ")
     );
-    let mut proxy = Some(start_proxy(&server, &testbed_bin, Delivery::Loopback)?);
+    let mut proxy = Some(start_proxy(&server, &testbed_bin, ProxyDial::Loopback)?);
     check_interrupted()?;
 
     let agent = Agent::new(agent_bin);
@@ -278,11 +216,11 @@ fn demo() -> Result<bool> {
         agent.state_dir.display()
     );
 
-    let mut results: Vec<Vec<(String, bool)>> = vec![Vec::new(); Bind::ALL.len() * 2];
+    let mut results: Vec<Vec<(String, bool)>> = vec![Vec::new(); AppBind::ALL.len() * 2];
     let mut counters: Vec<serde_json::Map<String, serde_json::Value>> = Vec::new();
     let mut previous = serde_json::Map::new();
     let mut enrollment: Option<Enrollment<'_>> = None;
-    for (pi, policy) in Policy::ALL.into_iter().enumerate() {
+    for (pi, policy) in InboundPolicy::ALL.into_iter().enumerate() {
         let mut args: Vec<String> = vec![
             "enroll".into(),
             "--name".into(),
@@ -295,7 +233,7 @@ fn demo() -> Result<bool> {
         for ip in pod_ips {
             args.extend(["--pod-ip".into(), ip.to_string()]);
         }
-        args.extend(["--inbound-policy".into(), policy.arg().into()]);
+        args.extend(["--inbound-policy".into(), policy.name().into()]);
         if pi == 0 {
             println!("# enroll the server pod; its proxy runs as uid {PROXY_UID} (the default)");
         } else {
@@ -311,7 +249,7 @@ fn demo() -> Result<bool> {
             detect(&agent, &server.netns_path);
         }
 
-        for (di, delivery) in Delivery::ALL.into_iter().enumerate() {
+        for (di, delivery) in ProxyDial::ALL.into_iter().enumerate() {
             check_interrupted()?;
             // The first proxy is already up with loopback delivery.
             if pi + di > 0 {
@@ -319,12 +257,12 @@ fn demo() -> Result<bool> {
                 proxy = Some(start_proxy(&server, &testbed_bin, delivery)?);
             }
             for (vi, pod_ip) in pod_ips.into_iter().enumerate() {
-                for (bi, bind) in Bind::ALL.into_iter().enumerate() {
+                for (bi, bind) in AppBind::ALL.into_iter().enumerate() {
                     check_interrupted()?;
-                    let to = SocketAddr::new(pod_ip, bind.port());
+                    let to = SocketAddr::new(pod_ip, bind_port(bind));
                     let outcome =
                         client.in_netns(|| redirect_testbed::probe(to, b"demo", PROBE))?;
-                    results[vi * Bind::ALL.len() + bi]
+                    results[vi * AppBind::ALL.len() + bi]
                         .push(judge(&outcome, expected(policy, delivery, bind, pod_ip)));
                 }
             }
@@ -380,7 +318,7 @@ fn start(pod: &Pod, uid: u32, mut cmd: Command, listen: &[SocketAddr]) -> Result
     Ok(p)
 }
 
-fn start_proxy(pod: &Pod, bin: &Path, delivery: Delivery) -> Result<PodProcess> {
+fn start_proxy(pod: &Pod, bin: &Path, delivery: ProxyDial) -> Result<PodProcess> {
     let mut cmd = Command::new(bin);
     cmd.args([
         "proxy",
@@ -389,7 +327,7 @@ fn start_proxy(pod: &Pod, bin: &Path, delivery: Delivery) -> Result<PodProcess> 
         "--outbound-port",
         "15001",
         "--delivery",
-        delivery.arg(),
+        delivery.name(),
     ]);
     let listen: Vec<SocketAddr> = [15006u16, 15001]
         .iter()
@@ -403,8 +341,8 @@ fn start_proxy(pod: &Pod, bin: &Path, delivery: Delivery) -> Result<PodProcess> 
     let p = start(pod, PROXY_UID, cmd, &listen)?;
     println!(
         "# proxy (uid {PROXY_UID}) listening on 15006/15001, --delivery {:<8} ({})",
-        delivery.arg(),
-        delivery.title()
+        delivery.name(),
+        dial_title(delivery)
     );
     Ok(p)
 }
@@ -574,9 +512,9 @@ fn print_matrix(results: &[Vec<(String, bool)>], pod_ips: &[IpAddr; 2]) {
     let labels: Vec<String> = pod_ips
         .iter()
         .flat_map(|ip| {
-            Bind::ALL
+            AppBind::ALL
                 .iter()
-                .map(move |b| format!("{:<9}{}", b.kind(), b.addr(*ip)))
+                .map(move |b| format!("{:<9}{}", bind_kind(*b), bind_addr(*b, *ip)))
         })
         .collect();
     let lw = labels
@@ -588,22 +526,22 @@ fn print_matrix(results: &[Vec<(String, bool)>], pod_ips: &[IpAddr; 2]) {
     let group = 2 * CELL;
     println!("conformance matrix: client pod -> server POD_IP:P, through the server's proxy");
     let mut line = format!("{:lw$} |", "");
-    for p in Policy::ALL {
-        let _ = write!(line, " {:<group$}|", p.title());
+    for p in InboundPolicy::ALL {
+        let _ = write!(line, " {:<group$}|", policy_title(p));
     }
     println!("{line}");
     let mut line = format!("{:<lw$} |", "app binds");
-    for _ in Policy::ALL {
+    for _ in InboundPolicy::ALL {
         line.push(' ');
-        for d in Delivery::ALL {
-            let _ = write!(line, "{:<CELL$}", d.title());
+        for d in ProxyDial::ALL {
+            let _ = write!(line, "{:<CELL$}", dial_title(d));
         }
         line.push('|');
     }
     println!("{line}");
     println!("{}", "-".repeat(lw + 1 + 2 * (group + 2)));
     for (i, (label, row)) in labels.iter().zip(results).enumerate() {
-        if i == Bind::ALL.len() {
+        if i == AppBind::ALL.len() {
             println!("{:lw$} |{:w$}|{:w$}|", "", "", "", w = group + 1);
         }
         let mut line = format!("{label:<lw$} |");
@@ -641,10 +579,10 @@ fn print_counters(counters: &[serde_json::Map<String, serde_json::Value>]) {
         .filter(|k| counters.iter().any(|c| get(c, k) > 0))
         .collect();
     let lw = names.iter().map(|n| n.len()).max().unwrap_or(0).max(9);
-    let policies: Vec<&str> = Policy::ALL
+    let policies: Vec<&str> = InboundPolicy::ALL
         .iter()
         .take(counters.len())
-        .map(|p| p.arg())
+        .map(|p| p.name())
         .collect();
     println!();
     println!("server pod counters from `redirect-agent stats`, per policy (12 connections each):");

@@ -42,7 +42,11 @@ pub use cgroup::cgroup2_mount;
 pub use needs::Need;
 pub use node::{cni_plugin_dir, Node, Pod, PodProcess};
 pub use probe::{probe, probe_from, Banner, Outcome};
-pub use proxy::{Delivery, ProxyLogEntry};
+pub use proxy::ProxyLogEntry;
+pub use redirect_common::{
+    matrix::{self, AppBind, ProxyDial},
+    InboundPolicy,
+};
 pub use sweep::sweep_stale;
 
 /// Path of a workspace binary next to the running executable: `target/<profile>/<name>`.

@@ -3,8 +3,8 @@
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use anyhow::{Context as _, Result};
-use clap::{Parser, Subcommand, ValueEnum};
-use redirect_testbed::{echo, probe, proxy};
+use clap::{Parser, Subcommand};
+use redirect_testbed::{echo, probe, proxy, ProxyDial};
 
 mod demo;
 mod hostile;
@@ -37,8 +37,10 @@ enum Cmd {
         inbound_port: u16,
         #[arg(long, default_value_t = 15001)]
         outbound_port: u16,
-        #[arg(long, value_enum, default_value_t = DeliveryArg::PodIp)]
-        delivery: DeliveryArg,
+        /// How the inbound listener dials the application: loopback (127.0.0.1:P) or pod-ip
+        /// (POD_IP:P from 127.0.0.6).
+        #[arg(long, default_value_t = ProxyDial::PodIp)]
+        delivery: ProxyDial,
         /// Append one JSON line per connection to this file.
         #[arg(long)]
         log: Option<PathBuf>,
@@ -64,12 +66,6 @@ enum Cmd {
     Demo,
     /// An unprivileged application trying to fill the datapath's maps (tests/hostile.rs).
     Hostile(hostile::Args),
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum DeliveryArg {
-    Loopback,
-    PodIp,
 }
 
 fn parse_bind(s: &str) -> Result<SocketAddr, String> {
@@ -117,10 +113,7 @@ fn main() -> Result<()> {
         } => proxy::run(proxy::ProxyConfig {
             inbound_port,
             outbound_port,
-            delivery: match delivery {
-                DeliveryArg::Loopback => proxy::Delivery::Loopback,
-                DeliveryArg::PodIp => proxy::Delivery::PodIp,
-            },
+            dial: delivery,
             log,
             upstream,
         }),

@@ -134,3 +134,42 @@ macro_rules! require {
         }
     };
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn met_needs_run_and_unmet_ones_say_why() {
+        assert!(check(&[]));
+        assert!(check(&[Need::machine("a thing", Ok(()))]));
+        assert!(!check(&[Need::machine("a thing", Err("not here".into()))]));
+        let u = Need::kernel("sk_lookup", Err("Linux 5.9 brings it".into()))
+            .unmet()
+            .expect("unmet");
+        assert_eq!(
+            u.to_string(),
+            "needs kernel feature sk_lookup (Linux 5.9 brings it)"
+        );
+        assert!(
+            !u.fatal_in_ci,
+            "a probed absence is the machine's truth, also in CI"
+        );
+        assert_eq!(Need::kernel("x", Ok(())).unmet(), None);
+    }
+
+    #[test]
+    fn root_is_what_the_process_is() {
+        let unmet = Need::Root.unmet();
+        assert_eq!(unmet.is_none(), is_root());
+        if let Some(u) = unmet {
+            assert!(u.fatal_in_ci);
+            assert!(u.to_string().starts_with("needs root"));
+        }
+    }
+
+    #[test]
+    fn the_test_is_named_by_libtest() {
+        assert_eq!(test_name(), "needs::tests::the_test_is_named_by_libtest");
+    }
+}

@@ -9,43 +9,26 @@
 use std::{
     fs::{File, OpenOptions},
     io::{self, BufRead as _, Write as _},
-    mem,
-    net::{
-        IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, SocketAddrV4, SocketAddrV6, TcpStream,
-    },
-    os::fd::AsRawFd as _,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpStream},
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::Duration,
 };
 
 use anyhow::{Context as _, Result};
+use redirect_common::matrix::{passthrough_src, ProxyDial};
 use serde::{Deserialize, Serialize};
-use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+use socket2::{Domain, Protocol, SockAddr, SockRef, Socket, Type};
 
-/// `SO_ORIGINAL_DST` (IPv4, level `SOL_IP`) and `IP6T_SO_ORIGINAL_DST` (level `SOL_IPV6`).
-pub const SO_ORIGINAL_DST: libc::c_int = 80;
-/// Istio's inbound-passthrough source addresses.
-pub const PASSTHROUGH_SRC4: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 6);
-pub const PASSTHROUGH_SRC6: Ipv6Addr = Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6);
 /// How long the proxy waits for an upstream connect before giving up on a connection.
 const UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
-
-/// Where the inbound listener sends a connection for original destination `IP:P`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Delivery {
-    /// `127.0.0.1:P` / `[::1]:P`, as Envoy did before Istio 1.10.
-    Loopback,
-    /// `IP:P` from `127.0.0.6` / `::6`, as since Istio 1.10.
-    PodIp,
-}
 
 #[derive(Debug, Clone)]
 pub struct ProxyConfig {
     pub inbound_port: u16,
     pub outbound_port: u16,
-    pub delivery: Delivery,
+    /// Where the inbound listener sends a connection for original destination `IP:P`.
+    pub dial: ProxyDial,
     /// Append one [`ProxyLogEntry`] JSON line per connection here.
     pub log: Option<PathBuf>,
     /// Send every connection here instead of its original destination: an explicitly
@@ -122,11 +105,7 @@ pub fn run(cfg: ProxyConfig) -> Result<()> {
     let proxy = Arc::new(Proxy { cfg, log });
     println!(
         "ready inbound={} outbound={} delivery={}",
-        proxy.cfg.inbound_port,
-        proxy.cfg.outbound_port,
-        serde_json::to_value(proxy.cfg.delivery)?
-            .as_str()
-            .unwrap_or("?")
+        proxy.cfg.inbound_port, proxy.cfg.outbound_port, proxy.cfg.dial
     );
     io::stdout().flush()?;
     let threads: Vec<_> = listeners
@@ -205,21 +184,14 @@ impl Proxy {
             entry.result = format!("loop: original destination {orig} is a proxy listener");
             return self.log(&entry);
         }
-        let (target, bind) = match (side, self.cfg.delivery, orig.ip()) {
-            (Side::Outbound, _, _) => (orig, None),
-            (Side::Inbound, Delivery::Loopback, IpAddr::V4(_)) => (
-                SocketAddr::new(Ipv4Addr::LOCALHOST.into(), orig.port()),
+        let (target, bind) = match (side, self.cfg.dial) {
+            (Side::Outbound, _) => (orig, None),
+            (Side::Inbound, ProxyDial::Loopback) => (
+                SocketAddr::new(redirect_common::matrix::loopback(orig.ip()), orig.port()),
                 None,
             ),
-            (Side::Inbound, Delivery::Loopback, IpAddr::V6(_)) => (
-                SocketAddr::new(Ipv6Addr::LOCALHOST.into(), orig.port()),
-                None,
-            ),
-            (Side::Inbound, Delivery::PodIp, IpAddr::V4(_)) => {
-                (orig, Some(SocketAddr::new(PASSTHROUGH_SRC4.into(), 0)))
-            }
-            (Side::Inbound, Delivery::PodIp, IpAddr::V6(_)) => {
-                (orig, Some(SocketAddr::new(PASSTHROUGH_SRC6.into(), 0)))
+            (Side::Inbound, ProxyDial::PodIp) => {
+                (orig, Some(SocketAddr::new(passthrough_src(orig.ip()), 0)))
             }
         };
         entry.upstream = Some(target);
@@ -295,51 +267,19 @@ fn pipe(client: TcpStream, upstream: TcpStream) {
     let _ = t.join();
 }
 
-/// `getsockopt(SO_ORIGINAL_DST)`: the pre-NAT destination from conntrack, or from whatever
-/// answers the option (redirect's cgroup/getsockopt program).
+/// `getsockopt(SO_ORIGINAL_DST)` (`IP6T_SO_ORIGINAL_DST` for IPv6): the pre-NAT destination
+/// from conntrack, or from whatever answers the option (redirect's cgroup/getsockopt program).
 pub fn original_dst(stream: &TcpStream, ipv6: bool) -> io::Result<SocketAddr> {
-    let fd = stream.as_raw_fd();
-    if ipv6 {
-        // SAFETY: sockaddr_in6 is plain data; the kernel writes at most `len` bytes.
-        let mut sa: libc::sockaddr_in6 = unsafe { mem::zeroed() };
-        let mut len = mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t;
-        let r = unsafe {
-            libc::getsockopt(
-                fd,
-                libc::SOL_IPV6,
-                SO_ORIGINAL_DST,
-                (&raw mut sa).cast(),
-                &mut len,
-            )
-        };
-        if r != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(SocketAddr::V6(SocketAddrV6::new(
-            Ipv6Addr::from(sa.sin6_addr.s6_addr),
-            u16::from_be(sa.sin6_port),
-            0,
-            0,
-        )))
+    let sock = SockRef::from(stream);
+    let addr = if ipv6 {
+        sock.original_dst_ipv6()?
     } else {
-        // SAFETY: as above, for sockaddr_in.
-        let mut sa: libc::sockaddr_in = unsafe { mem::zeroed() };
-        let mut len = mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-        let r = unsafe {
-            libc::getsockopt(
-                fd,
-                libc::SOL_IP,
-                SO_ORIGINAL_DST,
-                (&raw mut sa).cast(),
-                &mut len,
-            )
-        };
-        if r != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(SocketAddr::V4(SocketAddrV4::new(
-            Ipv4Addr::from(u32::from_be(sa.sin_addr.s_addr)),
-            u16::from_be(sa.sin_port),
-        )))
-    }
+        sock.original_dst()?
+    };
+    addr.as_socket().ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            "SO_ORIGINAL_DST answered with a non-IP address",
+        )
+    })
 }

@@ -10,7 +10,7 @@ use std::{
     time::Duration,
 };
 
-use redirect_testbed::{proxy, require, Need, Node, Outcome, Pod, PodProcess};
+use redirect_testbed::{matrix, proxy, require, Need, Node, Outcome, Pod, PodProcess, ProxyDial};
 
 const T: Duration = Duration::from_secs(5);
 const PROXY_UID: u32 = 1337;
@@ -35,10 +35,10 @@ fn echo(pod: &Pod, listen: &[SocketAddr]) -> PodProcess {
 }
 
 /// Starts the proxy as uid 1337 in `pod`, logging to a fresh file of the node.
-fn proxy(node: &Node, pod: &Pod, delivery: &str, log_name: &str) -> (PodProcess, PathBuf) {
+fn proxy(node: &Node, pod: &Pod, delivery: ProxyDial, log_name: &str) -> (PodProcess, PathBuf) {
     let log = node.scratch_file(log_name).unwrap();
     let mut cmd = Command::new(bin());
-    cmd.args(["proxy", "--delivery", delivery, "--log"])
+    cmd.args(["proxy", "--delivery", delivery.name(), "--log"])
         .arg(&log)
         .stdout(Stdio::null());
     let mut p = pod.spawn(PROXY_UID, cmd).unwrap();
@@ -238,7 +238,7 @@ fn proxy_falls_back_to_getsockname_without_so_original_dst() {
     let node = Node::new().unwrap();
     let pod = node.add_pod("envoy").unwrap();
     let client = node.add_pod("client").unwrap();
-    let (_p, log) = proxy(&node, &pod, "loopback", "proxy.log");
+    let (_p, log) = proxy(&node, &pod, ProxyDial::Loopback, "proxy.log");
 
     // Straight to the inbound port: no NAT, so only getsockname can name the destination,
     // and the proxy refuses to connect to itself.
@@ -292,7 +292,7 @@ fn proxy_outbound_follows_iptables_redirect() {
             "[::]:18080".parse().unwrap(),
         ],
     );
-    let (_p, log) = proxy(&node, &client, "pod-ip", "outbound.log");
+    let (_p, log) = proxy(&node, &client, ProxyDial::PodIp, "outbound.log");
     for (tool, dst) in [
         ("iptables", server.ip4.to_string()),
         ("ip6tables", server.ip6.to_string()),
@@ -369,7 +369,9 @@ fn proxy_inbound_delivery_modes_with_iptables_redirect() {
     let node = Node::new().unwrap();
     let server = node.add_pod("server").unwrap();
     let client = node.add_pod("client").unwrap();
-    server.add_lo_address("::6".parse().unwrap()).unwrap();
+    server
+        .add_lo_address(matrix::PASSTHROUGH_SRC6.into())
+        .unwrap();
     let _apps = echo(
         &server,
         &[
@@ -398,23 +400,23 @@ fn proxy_inbound_delivery_modes_with_iptables_redirect() {
             )
             .unwrap();
     }
-    for delivery in ["pod-ip", "loopback"] {
+    for delivery in [ProxyDial::PodIp, ProxyDial::Loopback] {
         let (mut p, log) = proxy(&node, &server, delivery, &format!("inbound-{delivery}.log"));
         for (pod_ip, lo_ip, src_ip) in [
             (
                 IpAddr::from(server.ip4),
                 IpAddr::from(Ipv4Addr::LOCALHOST),
-                IpAddr::from(Ipv4Addr::new(127, 0, 0, 6)),
+                IpAddr::from(matrix::PASSTHROUGH_SRC4),
             ),
             (
                 server.ip6.into(),
                 "::1".parse().unwrap(),
-                "::6".parse().unwrap(),
+                matrix::PASSTHROUGH_SRC6.into(),
             ),
         ] {
             let to_pod_ip_app = probe_from(&client, sock(pod_ip, 18082));
             let to_lo_app = probe_from(&client, sock(pod_ip, 18084));
-            if delivery == "pod-ip" {
+            if delivery == ProxyDial::PodIp {
                 assert_echoed(&to_pod_ip_app, sock(pod_ip, 18082), src_ip);
                 assert!(
                     matches!(to_lo_app, Outcome::Closed { .. } | Outcome::Reset { .. }),
@@ -446,7 +448,7 @@ fn proxy_inbound_delivery_modes_with_iptables_redirect() {
             let refused = e.result.starts_with("connect_error");
             assert_eq!(
                 refused,
-                (delivery == "pod-ip") == (orig.port() == 18084),
+                (delivery == ProxyDial::PodIp) == (orig.port() == 18084),
                 "{e:?}"
             );
         }

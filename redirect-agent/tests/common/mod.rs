@@ -7,7 +7,7 @@
 //! agent state, and a test can assert exactly what its own agent left behind.
 
 // Each test binary uses a different subset of these helpers.
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
 use std::{
     collections::BTreeMap,
@@ -23,7 +23,10 @@ use std::{
     time::Duration,
 };
 
-pub use redirect_testbed::{proxy::ProxyLogEntry, require, Need, Node, Outcome, Pod, PodProcess};
+pub use redirect_testbed::{
+    matrix, proxy::ProxyLogEntry, require, AppBind, InboundPolicy, Need, Node, Outcome, Pod,
+    PodProcess, ProxyDial,
+};
 use serde_json::Value;
 
 /// Budget of one probe connection (connect, payload, echo). Refusals come back at once; only a
@@ -40,8 +43,18 @@ pub const POD_IP_PORT: u16 = 18082;
 pub const LOOPBACK_PORT: u16 = 18084;
 pub const WILDCARD_PORT: u16 = 18080;
 
-pub const V4_PASSTHROUGH_SRC: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 6));
-pub const V6_PASSTHROUGH_SRC: IpAddr = IpAddr::V6(Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6));
+pub const V4_PASSTHROUGH_SRC: IpAddr = IpAddr::V4(matrix::PASSTHROUGH_SRC4);
+pub const V6_PASSTHROUGH_SRC: IpAddr = IpAddr::V6(matrix::PASSTHROUGH_SRC6);
+
+/// The matrix row of one of the conformance matrix's application ports.
+pub fn app_bind(port: u16) -> AppBind {
+    match port {
+        POD_IP_PORT => AppBind::PodIp,
+        LOOPBACK_PORT => AppBind::Loopback,
+        WILDCARD_PORT => AppBind::Wildcard,
+        _ => panic!("port {port} is not one of the matrix's applications"),
+    }
+}
 
 /// Whether the test may run as root, or a skip that says why (a failure under `CI=true`).
 /// Kept for tests not yet written with [`require!`]; the name is no longer needed (libtest's
@@ -353,12 +366,12 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    /// Starts the proxy (`delivery` = `loopback` or `pod-ip`) and waits until its four
-    /// listeners (15006 and 15001, IPv4 and IPv6) are up. `log_name` must be new in the node.
-    pub fn start(node: &Node, pod: &Pod, delivery: &str, log_name: &str) -> Proxy {
+    /// Starts the proxy dialling the way `delivery` says and waits until its four listeners
+    /// (15006 and 15001, IPv4 and IPv6) are up. `log_name` must be new in the node.
+    pub fn start(node: &Node, pod: &Pod, delivery: ProxyDial, log_name: &str) -> Proxy {
         let log = node.scratch_file(log_name).expect("proxy log");
         let mut cmd = Command::new(testbed_bin());
-        cmd.args(["proxy", "--delivery", delivery, "--log"])
+        cmd.args(["proxy", "--delivery", delivery.name(), "--log"])
             .arg(&log)
             .stdout(Stdio::null());
         let mut process = pod.spawn(PROXY_UID, cmd).expect("spawn proxy");
