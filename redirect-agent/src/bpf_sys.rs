@@ -1,7 +1,16 @@
-//! The three bpf(2) commands the agent issues itself: BPF_OBJ_GET, BPF_OBJ_PIN and
-//! BPF_LINK_CREATE. aya 0.14 cannot turn every link type it creates into a pinnable link (not
-//! the cgroup sockopt one), and enrolling a pod needs every link pinned, so links are made here
-//! from the pinned programs, the same way for every hook.
+//! The bpf(2) commands the agent issues itself, each because aya 0.14 does not offer it:
+//!
+//! - `BPF_LINK_CREATE` for the cgroup sockopt hook: aya 0.14 creates that link but cannot turn
+//!   it into an `FdLink` (no `TryFrom<CgroupSockoptLink> for FdLink`), so it cannot be pinned,
+//!   and an enrolled pod needs every link pinned. The probe uses it too, for its link checks
+//!   with a throw-away program.
+//! - `BPF_LINK_UPDATE`: aya 0.14 only updates XDP links, and only internally. An upgrade swaps
+//!   the program of every pinned link in place with it.
+//! - `BPF_OBJ_GET` (with `BPF_F_RDONLY`) and `BPF_OBJ_PIN` on raw file descriptors, for the
+//!   two above and for opening pinned maps read-only (aya's `from_pin` opens them read-write).
+//!
+//! Everything else (loading, the six other links, pinning programs and links, map and
+//! program info) goes through aya.
 
 use std::{
     ffi::CString,
@@ -13,6 +22,10 @@ use std::{
 const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_LINK_CREATE: libc::c_long = 28;
+const BPF_LINK_UPDATE: libc::c_long = 29;
+
+/// `file_flags` of `BPF_OBJ_GET`: the returned fd may only read the object.
+pub const BPF_F_RDONLY: u32 = 1 << 3;
 
 /// `enum bpf_attach_type` values from the kernel's uapi (stable ABI).
 #[derive(Debug, Clone, Copy)]
@@ -57,9 +70,16 @@ fn c_path(path: &Path) -> io::Result<CString> {
 
 /// Opens a pinned object (program, map or link).
 pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
+    obj_get_with(path, 0)
+}
+
+/// Opens a pinned object with `file_flags` (`BPF_F_RDONLY`: a map fd that cannot write).
+pub fn obj_get_with(path: &Path, file_flags: u32) -> io::Result<OwnedFd> {
     let path = c_path(path)?;
     let mut attr = Attr([0; 128]);
+    // union bpf_attr, BPF_OBJ_* member: pathname (u64), bpf_fd (u32), file_flags (u32).
     put_u64(&mut attr, 0, path.as_ptr() as u64);
+    put_u32(&mut attr, 12, file_flags);
     let fd = sys_bpf(BPF_OBJ_GET, &mut attr)?;
     // SAFETY: the kernel returned a new fd that we own.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
@@ -90,4 +110,17 @@ pub fn link_create(
     let fd = sys_bpf(BPF_LINK_CREATE, &mut attr)?;
     // SAFETY: the kernel returned a new fd that we own.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Replaces the program of link `link` by `new_prog`, atomically: the hook runs the old program
+/// or the new one, never none.
+///
+/// # Minimum kernel version
+/// 5.7 for cgroup links, 5.9 for netns (sk_lookup) links.
+pub fn link_update(link: &impl AsRawFd, new_prog: &impl AsRawFd) -> io::Result<()> {
+    let mut attr = Attr([0; 128]);
+    // union bpf_attr, BPF_LINK_UPDATE member: link_fd, new_prog_fd, flags, old_prog_fd (u32s).
+    put_u32(&mut attr, 0, link.as_raw_fd() as u32);
+    put_u32(&mut attr, 4, new_prog.as_raw_fd() as u32);
+    sys_bpf(BPF_LINK_UPDATE, &mut attr).map(drop)
 }

@@ -23,7 +23,6 @@ use redirect_common::{
     Counter, ListenerKey, PortKey, AF_INET, AF_INET6, MAX_CIDR_RULES, MAX_PODS, MAX_PORT_RULES,
 };
 
-use crate::shim::OpenExisting as _;
 use crate::{
     cgroup::{self, CgroupError},
     datapath::{Datapath, DatapathError, Hook},

@@ -9,7 +9,6 @@ use std::{collections::BTreeSet, fs, io, os::unix::fs::MetadataExt as _, path::P
 
 use redirect_common::{ListenerKey, AF_INET, AF_INET6, MAX_PODS};
 
-use crate::shim::OpenExisting as _;
 use crate::{
     datapath::{Datapath, Hook},
     enroll::{self, EnrollError},

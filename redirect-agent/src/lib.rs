@@ -16,8 +16,6 @@ pub mod output;
 pub mod paths;
 pub mod probe;
 pub mod rows;
-#[doc(hidden)]
-pub mod shim;
 pub mod spec;
 pub mod state;
 pub mod stats;

@@ -5,7 +5,6 @@ use std::{net::IpAddr, path::PathBuf, process::ExitCode};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use redirect_agent::shim::OpenExisting as _;
 use redirect_agent::{
     datapath::{self, Datapath},
     enroll, gc,
@@ -313,7 +312,7 @@ fn stats_cmd(cli: &Cli, name: Option<&str>, output: Format) -> anyhow::Result<Ex
     if !pods.is_empty() {
         // Read-only: a reader never creates, loads or pins anything (a reader racing the last
         // unenroll must not resurrect programs bound to orphaned maps).
-        let mut dp = Datapath::open_existing(&cli.pin_root)
+        let mut dp = Datapath::open_read_only(&cli.pin_root)
             .context("opening the datapath")?
             .with_context(|| {
                 format!(

@@ -18,7 +18,7 @@ pub fn pod_counters(
             .get(&c.index(slot), 0)
             .map_err(|e| DatapathError::Map {
                 name: "COUNTERS",
-                detail: e.to_string(),
+                source: e,
             })?;
         out.insert(c.name(), values.iter().sum());
     }
