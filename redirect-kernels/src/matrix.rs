@@ -248,13 +248,19 @@ pub fn run(args: Args) -> Result<()> {
     println!("\n{matrix}");
     let json = to_json(&bins, &columns);
     let json_path = work.join("kernels.json");
-    fs::write(&json_path, serde_json::to_string_pretty(&json)?)?;
+    fs::write(&json_path, serde_json::to_string_pretty(&json)?)
+        .with_context(|| format!("writing {}", json_path.display()))?;
     println!("JSON: {}", json_path.display());
     let md_path = args
         .markdown
         .clone()
         .unwrap_or_else(|| dev::workspace_root().join("KERNELS.md"));
     if md_path != Path::new("-") {
+        // `--markdown target/kernels/KERNELS.md` (what `cargo xtask test` passes) names a
+        // directory that does not exist when the target directory is elsewhere.
+        if let Some(dir) = md_path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
         fs::write(
             &md_path,
             render_markdown(
@@ -264,7 +270,8 @@ pub fn run(args: Args) -> Result<()> {
                 args.timeout,
                 start.elapsed(),
             ),
-        )?;
+        )
+        .with_context(|| format!("writing {}", md_path.display()))?;
         println!("report: {}", md_path.display());
     }
     let failed: Vec<String> = columns
