@@ -220,10 +220,7 @@ fn families(s: &DiagSocket) -> Vec<&'static str> {
 }
 
 fn pod_captures(pod: &PodRecord, port: u16) -> bool {
-    !PROXY_PORTS.contains(&port)
-        && port != pod.proxy_inbound_port
-        && port != pod.proxy_outbound_port
-        && !pod.exclude_inbound_ports.contains(&port)
+    pod.captures_inbound(port)
 }
 
 /// Judges one socket.
