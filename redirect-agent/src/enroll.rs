@@ -541,10 +541,12 @@ fn teardown(dp: &mut Datapath, rec: &PodRecord) -> Vec<String> {
                 check("POD_CGROUPS", m.remove(&rec.cgroup_id));
             }
         }
+        Err(e) if e.is_not_pinned() => {} // A map that is not pinned holds no rows.
         Err(e) => failures_open.push(format!("opening POD_CGROUPS: {}", crate::error_chain(&e))),
     }
     match dp.pods() {
         Ok(mut m) => check("PODS", m.set(rec.slot, FREE_CONFIG, 0)),
+        Err(e) if e.is_not_pinned() => {} // A map that is not pinned holds no rows.
         Err(e) => failures_open.push(format!("opening PODS: {}", crate::error_chain(&e))),
     }
     match dp.pod_addrs() {
@@ -555,6 +557,7 @@ fn teardown(dp: &mut Datapath, rec: &PodRecord) -> Vec<String> {
                 }
             }
         }
+        Err(e) if e.is_not_pinned() => {} // A map that is not pinned holds no rows.
         Err(e) => failures_open.push(format!("opening POD_ADDRS: {}", crate::error_chain(&e))),
     }
     match dp.port_rules() {
@@ -563,6 +566,7 @@ fn teardown(dp: &mut Datapath, rec: &PodRecord) -> Vec<String> {
                 check("PORT_RULES", m.remove(k));
             }
         }
+        Err(e) if e.is_not_pinned() => {} // A map that is not pinned holds no rows.
         Err(e) => failures_open.push(format!("opening PORT_RULES: {}", crate::error_chain(&e))),
     }
     match dp.cidr4() {
@@ -571,6 +575,7 @@ fn teardown(dp: &mut Datapath, rec: &PodRecord) -> Vec<String> {
                 check("CIDR4", t.remove(&aya::maps::lpm_trie::Key::new(*len, *k)));
             }
         }
+        Err(e) if e.is_not_pinned() => {} // A map that is not pinned holds no rows.
         Err(e) => failures_open.push(format!("opening CIDR4: {}", crate::error_chain(&e))),
     }
     match dp.cidr6() {
@@ -579,6 +584,7 @@ fn teardown(dp: &mut Datapath, rec: &PodRecord) -> Vec<String> {
                 check("CIDR6", t.remove(&aya::maps::lpm_trie::Key::new(*len, *k)));
             }
         }
+        Err(e) if e.is_not_pinned() => {} // A map that is not pinned holds no rows.
         Err(e) => failures_open.push(format!("opening CIDR6: {}", crate::error_chain(&e))),
     }
     match dp.listeners() {
@@ -593,17 +599,19 @@ fn teardown(dp: &mut Datapath, rec: &PodRecord) -> Vec<String> {
                 );
             }
         }
+        Err(e) if e.is_not_pinned() => {} // A map that is not pinned holds no rows.
         Err(e) => failures_open.push(format!("opening LISTENERS: {}", crate::error_chain(&e))),
     }
     failures.extend(failures_open);
     // With the links gone no close callback runs for the pod's connections any more: what
     // they hold in ORIG_DST is removed here (docs/DESIGN.md, "Per-connection state").
-    match crate::conntrack::PinnedMaps::open(&dp.root().join("maps")) {
-        Ok(mut m) => {
-            if let Err(e) = m.sweep_slot(rec.slot) {
+    match dp.orig_dst_maps() {
+        Ok((mut orig_dst, mut used)) => {
+            if let Err(e) = crate::conntrack::sweep_slot(&mut orig_dst, &mut used, rec.slot) {
                 failures.push(format!("sweeping ORIG_DST: {}", crate::error_chain(&e)));
             }
         }
+        Err(e) if e.is_not_pinned() => {}
         Err(e) => failures.push(format!("opening ORIG_DST: {}", crate::error_chain(&e))),
     }
     if rec.added_lo6 {

@@ -118,7 +118,7 @@ fn failed_enroll_leaves_nothing() {
     let good = node.add_pod("good").unwrap();
     let client = node.add_pod("client").unwrap();
     let _apps = matrix_apps(&good);
-    let proxy = Proxy::start(&node, &good, "pod-ip", "proxy.log");
+    let proxy = Proxy::start(&node, &good, ProxyDial::PodIp, "proxy.log");
     bad.exec("sysctl", &["-qw", "net.ipv6.conf.lo.disable_ipv6=1"])
         .unwrap();
     let agent = Agent::new();
@@ -206,7 +206,7 @@ fn kill_anywhere_converges() {
     let server = node.add_pod("server").unwrap();
     let client = node.add_pod("client").unwrap();
     let _apps = matrix_apps(&server);
-    let proxy = Proxy::start(&node, &server, "pod-ip", "proxy.log");
+    let proxy = Proxy::start(&node, &server, ProxyDial::PodIp, "proxy.log");
     let agent = Agent::new();
     let enroll = Agent::enroll_args(&server, &server.name);
     let unenroll: Vec<String> = ["unenroll", "--name", &server.name]

@@ -56,13 +56,6 @@ pub fn app_bind(port: u16) -> AppBind {
     }
 }
 
-/// Whether the test may run as root, or a skip that says why (a failure under `CI=true`).
-/// Kept for tests not yet written with [`require!`]; the name is no longer needed (libtest's
-/// is used).
-pub fn root(_test: &str) -> bool {
-    redirect_testbed::needs::check(&[Need::Root])
-}
-
 /// The datapath's mandatory kernel features (`redirect-agent probe`'s mandatory list), probed
 /// once per test binary. Only probed as root; `require!(Need::Root, datapath())` says "needs
 /// root" first.
