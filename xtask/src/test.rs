@@ -64,7 +64,13 @@ pub fn run(args: Args) -> Result<()> {
         // The agent's library must build without the CLI's dependencies (clap, anyhow).
         (
             "agent library without the CLI",
-            cargo(&["check", "-p", "redirect-agent", "--lib", "--no-default-features"]),
+            cargo(&[
+                "check",
+                "-p",
+                "redirect-agent",
+                "--lib",
+                "--no-default-features",
+            ]),
         ),
         ("tests", cargo(&test)),
         ("clippy (eBPF)", ebpf),
