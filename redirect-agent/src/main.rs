@@ -3,13 +3,14 @@
 
 use std::{net::IpAddr, path::PathBuf, process::ExitCode};
 
+mod cli;
+
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+use cli::table::{print_table, Format};
 use redirect_agent::{
     datapath::{self, Datapath},
-    enroll, gc,
-    output::{print_table, Format},
-    spec,
+    enroll, gc, spec,
     state::{self, StateStore},
     stats,
 };
@@ -69,9 +70,9 @@ enum Command {
     /// and clear pins and rows that no record owns (after a lost state directory).
     Gc,
     /// Check the kernel features the datapath needs.
-    Probe(redirect_agent::probe::ProbeArgs),
+    Probe(cli::probe::ProbeArgs),
     /// Find listeners that the pod-IP delivery change affects.
-    Detect(redirect_agent::detect::DetectArgs),
+    Detect(cli::detect::DetectCli),
 }
 
 #[derive(Debug, clap::Args)]
@@ -164,8 +165,8 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Stats { name, output } => stats_cmd(cli, name.as_deref(), *output),
-        Command::Probe(args) => redirect_agent::probe::run(args),
-        Command::Detect(args) => redirect_agent::detect::run(args),
+        Command::Probe(args) => cli::probe::run(args),
+        Command::Detect(args) => cli::detect::run(args),
     }
 }
 

@@ -323,7 +323,7 @@ fn unusable_records_never_block_or_lie() {
     assert_eq!(agent.stats(&b.name)["inbound_captured"], 0);
     // The name of a bad record is refused with the reason, not silently replaced.
     let c = node.add_pod("c").unwrap();
-    let mut args = Agent::enroll_args(&c, "empty");
+    let args = Agent::enroll_args(&c, "empty");
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let out = agent.run(&args);
     assert!(!out.status.success());
@@ -665,7 +665,7 @@ fn cgroup2_root_is_refused_without_risk() {
         .find(|p| {
             p.parent().is_some_and(|up| {
                 nix::sys::statfs::statfs(up)
-                    .map(|s| s.filesystem_type().0 as i64 != 0x6367_7270)
+                    .map(|s| s.filesystem_type().0 != 0x6367_7270)
                     .unwrap_or(true)
             })
         })
