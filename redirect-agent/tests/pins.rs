@@ -266,9 +266,16 @@ fn open_existing_and_read_only_change_nothing() {
         assert_eq!(tree(&agent.pin_root), Vec::<String>::new());
     }
 
-    // A complete datapath (the writer made it), then the readers.
-    drop(Datapath::open(&agent.pin_root).unwrap());
+    // A complete datapath (the writer made it); the writer again finds it current and
+    // replaces nothing; then the readers.
+    let first = Datapath::open(&agent.pin_root).unwrap();
+    assert_eq!(first.program_changes().len(), Hook::ALL.len());
+    drop(first);
     let pins = tree(&agent.pin_root);
+    let again = Datapath::open(&agent.pin_root).unwrap();
+    assert_eq!(again.program_changes(), &[], "the same build replaced programs");
+    drop(again);
+    assert_eq!(tree(&agent.pin_root), pins, "the second open changed the pins");
     let mut reader = Datapath::open_read_only(&agent.pin_root)
         .unwrap()
         .expect("a complete datapath");
@@ -519,10 +526,15 @@ fn compatible_upgrade_swaps_programs_without_a_gap() {
                 outbound.lock().unwrap().push(got);
             }
         });
-        // Three upgrades, each from a pretended older build: by enrolling another pod, by an
-        // explicit upgrade, and by re-enrolling the pod itself.
-        for round in 0..3u64 {
-            pretend_older_build(&agent.pin_root, 0x01d_b01d + round);
+        // Four upgrades, each from a pretended older build: by enrolling another pod, by an
+        // explicit upgrade, by re-enrolling the pod itself, and from pins without info.
+        for round in 0..4u64 {
+            if round == 3 {
+                // Pins of the first, unversioned agent: no info at all.
+                fs::remove_file(agent.pin_root.join("info")).unwrap();
+            } else {
+                pretend_older_build(&agent.pin_root, 0x01d_b01d + round);
+            }
             let before = link_ids(&agent.pin_root, &server.name);
             std::thread::sleep(Duration::from_millis(100));
             upgrading.store(true, Ordering::SeqCst);
@@ -538,8 +550,14 @@ fn compatible_upgrade_swaps_programs_without_a_gap() {
                         assert!(c.old_id.is_some_and(|o| o != c.new_id), "{c:?}");
                     }
                 }
-                _ => {
+                2 => {
                     agent.enroll(&server, &[]);
+                }
+                _ => {
+                    let changes = Datapath::upgrade(&agent.pin_root).expect("upgrade");
+                    assert_eq!(changes.len(), Hook::ALL.len(), "{changes:?}");
+                    let info = datapath::layout::read_info(&agent.pin_root).unwrap().unwrap();
+                    assert_eq!(info, Some(datapath::layout::Info::current()));
                 }
             }
             upgrading.store(false, Ordering::SeqCst);
