@@ -273,9 +273,17 @@ fn open_existing_and_read_only_change_nothing() {
     drop(first);
     let pins = tree(&agent.pin_root);
     let again = Datapath::open(&agent.pin_root).unwrap();
-    assert_eq!(again.program_changes(), &[], "the same build replaced programs");
+    assert_eq!(
+        again.program_changes(),
+        &[],
+        "the same build replaced programs"
+    );
     drop(again);
-    assert_eq!(tree(&agent.pin_root), pins, "the second open changed the pins");
+    assert_eq!(
+        tree(&agent.pin_root),
+        pins,
+        "the second open changed the pins"
+    );
     let mut reader = Datapath::open_read_only(&agent.pin_root)
         .unwrap()
         .expect("a complete datapath");
@@ -556,7 +564,9 @@ fn compatible_upgrade_swaps_programs_without_a_gap() {
                 _ => {
                     let changes = Datapath::upgrade(&agent.pin_root).expect("upgrade");
                     assert_eq!(changes.len(), Hook::ALL.len(), "{changes:?}");
-                    let info = datapath::layout::read_info(&agent.pin_root).unwrap().unwrap();
+                    let info = datapath::layout::read_info(&agent.pin_root)
+                        .unwrap()
+                        .unwrap();
                     assert_eq!(info, Some(datapath::layout::Info::current()));
                 }
             }
