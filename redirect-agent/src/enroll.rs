@@ -433,34 +433,18 @@ fn write_rows(
                 .map_err(map_write(pod, "PORT_RULES", MAX_PORT_RULES))?;
         }
     }
-    {
-        let mut t = dp.cidr4()?;
-        if let Some(old) = old {
-            for (len, k) in &old.cidr4 {
-                if !new.cidr4.contains(&(*len, *k)) {
-                    remove_quiet(t.remove(&aya::maps::lpm_trie::Key::new(*len, *k)));
-                }
-            }
-        }
-        for (len, k) in &new.cidr4 {
-            t.insert(&aya::maps::lpm_trie::Key::new(*len, *k), 1, 0)
-                .map_err(map_write(pod, "CIDR4", MAX_CIDR_RULES))?;
-        }
-    }
-    {
-        let mut t = dp.cidr6()?;
-        if let Some(old) = old {
-            for (len, k) in &old.cidr6 {
-                if !new.cidr6.contains(&(*len, *k)) {
-                    remove_quiet(t.remove(&aya::maps::lpm_trie::Key::new(*len, *k)));
-                }
-            }
-        }
-        for (len, k) in &new.cidr6 {
-            t.insert(&aya::maps::lpm_trie::Key::new(*len, *k), 1, 0)
-                .map_err(map_write(pod, "CIDR6", MAX_CIDR_RULES))?;
-        }
-    }
+    sync_trie(
+        &mut dp.cidr4()?,
+        old.map(|o| &o.cidr4[..]),
+        &new.cidr4,
+        map_write(pod, "CIDR4", MAX_CIDR_RULES),
+    )?;
+    sync_trie(
+        &mut dp.cidr6()?,
+        old.map(|o| &o.cidr6[..]),
+        &new.cidr6,
+        map_write(pod, "CIDR6", MAX_CIDR_RULES),
+    )?;
     {
         let mut addrs = dp.pod_addrs()?;
         if let Some(old) = old {
@@ -482,6 +466,26 @@ fn write_rows(
     dp.pod_cgroups()?
         .insert(new.cgroup_id, new.slot, 0)
         .map_err(map_write(pod, "POD_CGROUPS", MAX_PODS))?;
+    Ok(())
+}
+
+/// Writes the `new` CIDR rows of one trie, removing those of `old` that `new` has not.
+fn sync_trie<K: aya::Pod + PartialEq>(
+    t: &mut aya::maps::lpm_trie::LpmTrie<&mut aya::maps::MapData, K, u32>,
+    old: Option<&[(u32, K)]>,
+    new: &[(u32, K)],
+    err: impl FnOnce(MapError) -> EnrollError,
+) -> Result<(), EnrollError> {
+    for (len, k) in old.unwrap_or_default() {
+        if !new.iter().any(|(l, n)| l == len && n == k) {
+            remove_quiet(t.remove(&aya::maps::lpm_trie::Key::new(*len, *k)));
+        }
+    }
+    for (len, k) in new {
+        if let Err(e) = t.insert(&aya::maps::lpm_trie::Key::new(*len, *k), 1, 0) {
+            return Err(err(e));
+        }
+    }
     Ok(())
 }
 

@@ -180,7 +180,7 @@ struct Listed<'a> {
 
 fn list(cli: &Cli, output: Format) -> anyhow::Result<ExitCode> {
     let records = state::list_records(&cli.state_dir)?;
-    let is_root = nix::unistd::geteuid().is_root();
+    let is_root = enroll::require_root().is_ok();
     let status = |r: &state::PodRecord| -> &'static str {
         let h = gc::health(r);
         if h == gc::Health::Ok && is_root && !enroll::links_complete(&cli.pin_root, r) {

@@ -482,6 +482,24 @@ mod tests {
         assert!(!kernel_at_least(255, 0));
     }
 
+    /// The program names are the datapath's (`Hook::program`), one feature per hook: the
+    /// table cannot drift from the programs that are really loaded.
+    #[test]
+    fn every_hook_is_probed_under_its_program_name() {
+        for hook in Hook::ALL {
+            let name = format!("program/{}", hook.program());
+            let f = feature(&name).unwrap_or_else(|| panic!("no feature {name}"));
+            assert!(
+                matches!(f.check, Check::Load(h) if h == hook),
+                "{name} does not load {hook:?}"
+            );
+        }
+        let programs = FEATURES
+            .iter()
+            .filter(|f| matches!(f.check, Check::Load(_)));
+        assert_eq!(programs.count(), Hook::ALL.len());
+    }
+
     #[test]
     fn names_are_unique() {
         for (i, a) in FEATURES.iter().enumerate() {
