@@ -34,6 +34,23 @@ fn maps_dir(root: &Path) -> PathBuf {
     root.join("maps")
 }
 
+/// Files and directories under `dir`, relative, sorted.
+fn tree(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            out.push(p.strip_prefix(dir).unwrap().display().to_string());
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                stack.push(p);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
 fn mkdir_root_only(dir: &Path) {
     fs::create_dir(dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
     fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).unwrap();
@@ -1034,5 +1051,80 @@ fn probe_as_an_unprivileged_user_says_it_needs_root() {
             stdout.trim().is_empty(),
             "{args:?} printed a report: {stdout}"
         );
+    }
+}
+
+/// bpf mount points under `/sys` in the calling thread's mount namespace.
+fn thread_bpf_mounts() -> Vec<String> {
+    fs::read_to_string("/proc/thread-self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter(|l| l.split(" - ").nth(1).is_some_and(|t| t.starts_with("bpf ")))
+        .map(|l| l.split_whitespace().nth(4).unwrap_or("").to_owned())
+        .filter(|m| m.starts_with("/sys"))
+        .collect()
+}
+
+/// On a node without bpffs (made so in a private mount namespace of the test's own thread, by
+/// unmounting `/sys/fs/bpf` there only): `--pin-root /sys/fs/bpf` gets bpffs on `/sys/fs/bpf`
+/// itself, not on `/sys/fs` as before; the default layout (a root directly below `/sys/fs/bpf`)
+/// gets it on `/sys/fs/bpf`, the kernel's mount point, and nowhere else.
+#[test]
+fn without_bpffs_it_is_mounted_at_the_pin_root_never_above() {
+    require!(Need::Root, datapath());
+    let below = format!("/sys/fs/bpf/redirect-test-{}-nobpffs", std::process::id());
+    let result = std::thread::spawn(move || -> Result<(), String> {
+        use nix::mount::{mount, umount2, MntFlags, MsFlags};
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).map_err(|e| e.to_string())?;
+        mount(
+            None::<&str>,
+            "/",
+            None::<&str>,
+            MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+            None::<&str>,
+        )
+        .map_err(|e| e.to_string())?;
+        let bpf = Path::new("/sys/fs/bpf");
+        let clear = || {
+            while thread_bpf_mounts().iter().any(|m| m == "/sys/fs/bpf") {
+                umount2(bpf, MntFlags::MNT_DETACH).map_err(|e| e.to_string())?;
+            }
+            Ok::<(), String>(())
+        };
+        clear()?;
+        let mut why = Vec::new();
+        for root in [Path::new("/sys/fs/bpf"), Path::new(&below)] {
+            match Datapath::open(root) {
+                Err(e) => why.push(format!(
+                    "{}: {}",
+                    root.display(),
+                    redirect_agent::error_chain(&e)
+                )),
+                Ok(dp) => {
+                    drop(dp);
+                    let mounts = thread_bpf_mounts();
+                    if mounts != ["/sys/fs/bpf"] {
+                        why.push(format!(
+                            "pin root {}: bpf mounts {mounts:?}",
+                            root.display()
+                        ));
+                    }
+                    if let Err(e) = Datapath::remove_shared_pins(root) {
+                        why.push(redirect_agent::error_chain(&e));
+                    }
+                }
+            }
+            clear()?;
+        }
+        if why.is_empty() {
+            Ok(())
+        } else {
+            Err(why.join("\n"))
+        }
+    })
+    .join()
+    .unwrap();
+    if let Err(why) = result {
+        panic!("{why}");
     }
 }
