@@ -37,6 +37,8 @@ pub enum AttachType {
     Inet4Connect = 10,
     Inet6Connect = 11,
     GetSockopt = 21,
+    Inet4GetPeername = 29,
+    Inet6GetPeername = 30,
     SkLookup = 36,
 }
 

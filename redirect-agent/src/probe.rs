@@ -193,6 +193,14 @@ pub static FEATURES: &[Feature] = &[
     f("program/rd_sk_lookup", Kind::Program, true, "5.10",
       "the verifier rejects the sk_lookup hook: no inbound delivery to the proxy",
       Check::Load(Hook::SkLookup)),
+    f("program/rd_getpeername4", Kind::Program, true, "5.8",
+      "the getpeername4 hook does not load: a redirected IPv4 socket's peer is the proxy's \
+       listener, not its original destination",
+      Check::Load(Hook::GetPeername4)),
+    f("program/rd_getpeername6", Kind::Program, true, "5.8",
+      "the getpeername6 hook does not load: a redirected IPv6 socket's peer is the proxy's \
+       listener, not its original destination",
+      Check::Load(Hook::GetPeername6)),
 ];
 
 /// Looks a feature up by its name.

@@ -79,6 +79,8 @@ feature_tests! {
     program_rd_sock_ops => "program/rd_sock_ops",
     program_rd_getsockopt => "program/rd_getsockopt",
     program_rd_sk_lookup => "program/rd_sk_lookup",
+    program_rd_getpeername4 => "program/rd_getpeername4",
+    program_rd_getpeername6 => "program/rd_getpeername6",
 }
 
 #[test]

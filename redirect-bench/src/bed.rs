@@ -34,6 +34,8 @@ pub const PROGRAMS: &[&str] = &[
     "rd_sock_ops",
     "rd_getsockopt",
     "rd_sk_lookup",
+    "rd_getpeername4",
+    "rd_getpeername6",
 ];
 
 pub struct Bed {

@@ -11,6 +11,8 @@ pub struct Addr {
 
 const LOOPBACK6_LAST: u32 = u32::from_be(1); // ::1
 const PASSTHROUGH6_LAST: u32 = u32::from_be(6); // ::6
+/// Third word of `::ffff:a.b.c.d`.
+const MAPPED_PREFIX: u32 = u32::from_be(0xffff);
 
 impl Addr {
     #[inline(always)]
@@ -39,7 +41,7 @@ impl Addr {
         if a == 0 && b == 0 && c == 0 && d == LOOPBACK6_LAST {
             return true;
         }
-        a == 0 && b == 0 && c == u32::from_be(0xffff) && is_loopback4(d)
+        a == 0 && b == 0 && c == MAPPED_PREFIX && is_loopback4(d)
     }
 
     /// 127.0.0.6 or ::6, the source of the proxy's inbound delivery.
@@ -50,6 +52,29 @@ impl Addr {
         }
         let [a, b, c, d] = self.words;
         a == 0 && b == 0 && c == 0 && d == PASSTHROUGH6_LAST
+    }
+
+    /// An IPv4-mapped IPv6 address (`::ffff:a.b.c.d`, what a dual-stack socket connects to for
+    /// an IPv4 destination) as the IPv4 address it is; any other address unchanged.
+    #[inline(always)]
+    pub fn unmapped(self) -> Self {
+        let [a, b, c, d] = self.words;
+        if self.family == AF_INET6 && a == 0 && b == 0 && c == MAPPED_PREFIX {
+            Addr::v4(d)
+        } else {
+            self
+        }
+    }
+
+    /// The address as a socket of `family` names it: an IPv4 address for an `AF_INET6` socket
+    /// is `::ffff:a.b.c.d`.
+    #[inline(always)]
+    pub fn words_for(&self, family: u16) -> [u32; 4] {
+        if family == AF_INET6 && self.family == AF_INET {
+            [0, 0, MAPPED_PREFIX, self.words[0]]
+        } else {
+            self.words
+        }
     }
 
     #[inline(always)]

@@ -8,6 +8,10 @@
 //! with it: a connect() that fails before its SYN leaves nothing behind anywhere else. What a
 //! pod may hold in the node-wide `ORIG_DST` is capped per pod (`orig_dst`).
 //!
+//! A dual-stack `AF_INET6` socket connecting to `::ffff:a.b.c.d` is treated as the IPv4
+//! connection the kernel makes of it: IPv4 exclusions, pod addresses and listeners, and an IPv4
+//! original destination (`SO_ORIGINAL_DST` at `SOL_IP`), as iptables' IPv4 rules see it.
+//!
 //! # Minimum kernel version
 //! 5.7: the cgroup helpers in sock_addr programs (4.17 for the hooks themselves); socket-local
 //! storage needs 5.3 (`storage`).
@@ -57,20 +61,23 @@ fn on_connect(ctx: &SockAddrContext, family: u16) {
     let Some((slot, cfg)) = current_pod() else {
         return;
     };
-    let dst = read_dst(sa, family);
+    // A dual-stack socket's `::ffff:a.b.c.d` is the IPv4 connection it is: the IPv4 rules,
+    // exclusions and pod addresses apply, and the proxy's IPv4 listener gets it.
+    let dst = read_dst(sa, family).unmapped();
     // SAFETY: `sa` is the context's own `bpf_sock_addr`; user_port is readable in connect hooks.
     let port = u16::from_be(unsafe { (*sa).user_port } as u16);
     let uid = bpf_get_current_uid_gid() as u32;
     if uid == cfg.proxy_uid {
-        proxy_connect(ctx, slot, cfg, dst, port);
+        proxy_connect(ctx, slot, cfg, dst, port, family);
     } else {
-        app_connect(ctx, slot, cfg, dst, port);
+        app_connect(ctx, slot, cfg, dst, port, family);
     }
 }
 
 /// The application's connections: everything off-pod goes to the outbound listener.
+/// `sf` is the socket's family; `dst.family` the connection's (IPv4 for a mapped address).
 #[inline(always)]
-fn app_connect(ctx: &SockAddrContext, slot: u32, cfg: &PodConfig, dst: Addr, port: u16) {
+fn app_connect(ctx: &SockAddrContext, slot: u32, cfg: &PodConfig, dst: Addr, port: u16, sf: u16) {
     // Loopback and the pod's own address are the application talking to itself.
     if dst.is_loopback() || dst.is_unspecified() || pod_of_addr(&dst) == Some(slot) {
         return;
@@ -80,8 +87,8 @@ fn app_connect(ctx: &SockAddrContext, slot: u32, cfg: &PodConfig, dst: Addr, por
         return;
     }
     if remember(ctx, slot, dst, port, ConnKind::Outbound) {
-        bind_pod_src(ctx, cfg, dst.family);
-        write_dst(ctx.sock_addr, loopback(dst.family), cfg.proxy_outbound_port);
+        bind_pod_src(ctx, cfg, dst.family, sf);
+        write_dst(ctx.sock_addr, loopback(dst.family), cfg.proxy_outbound_port, sf);
         count(slot, Counter::OutboundCaptured);
     }
 }
@@ -93,18 +100,25 @@ fn app_connect(ctx: &SockAddrContext, slot: u32, cfg: &PodConfig, dst: Addr, por
 /// key even though their proxies both listen on loopback. A socket already bound keeps its
 /// address; a failed bind leaves it unbound (loopback source).
 #[inline(always)]
-fn bind_pod_src(ctx: &SockAddrContext, cfg: &PodConfig, family: u16) {
-    if !bound_src(ctx.sock_addr, family).is_unspecified() {
+fn bind_pod_src(ctx: &SockAddrContext, cfg: &PodConfig, family: u16, sf: u16) {
+    if !bound_src(ctx.sock_addr, sf).is_unspecified() {
         return;
     }
     if let Some(pod_ip) = pod_addr(cfg, family) {
-        let _ = bind_src(ctx, pod_ip);
+        let _ = bind_src(ctx, pod_ip, sf);
     }
 }
 
 /// The proxy's connections: deliveries of inbound traffic, and its own calls to the pod address.
 #[inline(always)]
-fn proxy_connect(ctx: &SockAddrContext, slot: u32, cfg: &PodConfig, dst: Addr, port: u16) {
+fn proxy_connect(
+    ctx: &SockAddrContext,
+    slot: u32,
+    cfg: &PodConfig,
+    dst: Addr,
+    port: u16,
+    sf: u16,
+) {
     if is_proxy_port(cfg, port) {
         return;
     }
@@ -117,13 +131,13 @@ fn proxy_connect(ctx: &SockAddrContext, slot: u32, cfg: &PodConfig, dst: Addr, p
     if !to_pod && !to_loopback {
         return; // Off-pod: the proxy's upstream traffic is never captured.
     }
-    let bound = bound_src(ctx.sock_addr, dst.family);
+    let bound = bound_src(ctx.sock_addr, sf);
     if to_pod && !bound.is_passthrough_src() {
         // The proxy's outbound side calling its own pod (a Service whose endpoint is this pod):
         // through the inbound listener, so inbound policy applies (iptables: uid 1337, -o lo).
         if remember(ctx, slot, dst, port, ConnKind::ProxySelf) {
-            bind_pod_src(ctx, cfg, dst.family);
-            write_dst(ctx.sock_addr, loopback(dst.family), cfg.proxy_inbound_port);
+            bind_pod_src(ctx, cfg, dst.family, sf);
+            write_dst(ctx.sock_addr, loopback(dst.family), cfg.proxy_inbound_port, sf);
             count(slot, Counter::ProxySelfCaptured);
         }
         return;
@@ -136,16 +150,16 @@ fn proxy_connect(ctx: &SockAddrContext, slot: u32, cfg: &PodConfig, dst: Addr, p
                 return;
             };
             if to_loopback {
-                if bound.is_unspecified() && !bind_src(ctx, passthrough_src(dst.family)) {
+                if bound.is_unspecified() && !bind_src(ctx, passthrough_src(dst.family), sf) {
                     return;
                 }
-                write_dst(ctx.sock_addr, pod_ip, port);
+                write_dst(ctx.sock_addr, pod_ip, port, sf);
             }
             count(slot, Counter::DeliveredPodIp);
         }
         InboundPolicy::Localhost => {
             if to_pod {
-                write_dst(ctx.sock_addr, loopback(dst.family), port);
+                write_dst(ctx.sock_addr, loopback(dst.family), port, sf);
             }
             count(slot, Counter::DeliveredLoopback);
         }
@@ -187,7 +201,7 @@ fn sock(ctx: &SockAddrContext) -> *mut aya_ebpf::bindings::bpf_sock {
 }
 
 #[inline(always)]
-fn sock_of(sa: *mut bpf_sock_addr) -> *mut aya_ebpf::bindings::bpf_sock {
+pub(crate) fn sock_of(sa: *mut bpf_sock_addr) -> *mut aya_ebpf::bindings::bpf_sock {
     const SK: usize = core::mem::offset_of!(bpf_sock_addr, __bindgen_anon_1);
     // SAFETY: `sa` is the context; `sk` is a readable pointer field of sock_addr contexts.
     // Loaded at a fixed offset (see `ctx`): LLVM would otherwise reuse a moved ctx pointer.
@@ -239,10 +253,11 @@ fn passthrough_src(family: u16) -> Addr {
     }
 }
 
-/// Binds the socket to `addr`, port 0 (the port is chosen with the four-tuple at connect).
+/// Binds the socket (of family `sf`) to `addr`, port 0 (the port is chosen with the four-tuple
+/// at connect); an IPv4 address for an `AF_INET6` socket as `::ffff:a.b.c.d`.
 #[inline(always)]
-fn bind_src(ctx: &SockAddrContext, addr: Addr) -> bool {
-    let ret = if addr.family == AF_INET {
+fn bind_src(ctx: &SockAddrContext, addr: Addr, sf: u16) -> bool {
+    let ret = if sf == AF_INET {
         let mut sa = SockaddrIn {
             family: AF_INET,
             port_be: 0,
@@ -262,7 +277,7 @@ fn bind_src(ctx: &SockAddrContext, addr: Addr) -> bool {
             family: AF_INET6,
             port_be: 0,
             flowinfo: 0,
-            addr: addr.words,
+            addr: addr.words_for(AF_INET6),
             scope_id: 0,
         };
         // SAFETY: `sa` is a complete sockaddr_in6 on the stack, its length passed with it.
@@ -277,8 +292,9 @@ fn bind_src(ctx: &SockAddrContext, addr: Addr) -> bool {
     ret == 0
 }
 
+/// The context's destination as a socket of `family` names it (mapped addresses included).
 #[inline(always)]
-fn read_dst(sa: *mut bpf_sock_addr, family: u16) -> Addr {
+pub(crate) fn read_dst(sa: *mut bpf_sock_addr, family: u16) -> Addr {
     if family == AF_INET {
         // SAFETY: `sa` is the context; user_ip4 is readable in connect4.
         Addr::v4(unsafe { (*sa).user_ip4 })
@@ -287,26 +303,29 @@ fn read_dst(sa: *mut bpf_sock_addr, family: u16) -> Addr {
     }
 }
 
+/// Sets the context's address and port; `sf` is the hook's (the socket's) family, which
+/// decides the field: an IPv4 address goes to an `AF_INET6` socket as `::ffff:a.b.c.d`.
 #[inline(always)]
-fn write_dst(sa: *mut bpf_sock_addr, addr: Addr, port: u16) {
-    if addr.family == AF_INET {
-        // SAFETY: `sa` is the context; user_ip4 is writable in connect4.
+pub(crate) fn write_dst(sa: *mut bpf_sock_addr, addr: Addr, port: u16, sf: u16) {
+    if sf == AF_INET {
+        // SAFETY: `sa` is the context; user_ip4 is writable in connect4 and getpeername4.
         unsafe { (*sa).user_ip4 = addr.words[0] };
     } else {
-        crate::store_ip6!(sa, bpf_sock_addr, user_ip6, addr.words);
+        crate::store_ip6!(sa, bpf_sock_addr, user_ip6, addr.words_for(AF_INET6));
     }
-    // SAFETY: `sa` is the context; user_port is writable in connect hooks.
+    // SAFETY: `sa` is the context; user_port is writable in connect and getpeername hooks.
     unsafe { (*sa).user_port = port.to_be() as u32 };
 }
 
-/// The address the socket is already bound to (unspecified if none).
+/// The address the socket (of family `sf`) is already bound to (unspecified if none), a
+/// mapped address as the IPv4 one it is.
 #[inline(always)]
-fn bound_src(sa: *mut bpf_sock_addr, family: u16) -> Addr {
+fn bound_src(sa: *mut bpf_sock_addr, sf: u16) -> Addr {
     let sk = sock_of(sa);
-    if family == AF_INET {
+    if sf == AF_INET {
         // SAFETY: `sk` is a full socket (PTR_TO_SOCKET, never null); src_ip4 is readable.
         Addr::v4(unsafe { (*sk).src_ip4 })
     } else {
-        Addr::v6(crate::load_ip6!(sk, aya_ebpf::bindings::bpf_sock, src_ip6))
+        Addr::v6(crate::load_ip6!(sk, aya_ebpf::bindings::bpf_sock, src_ip6)).unmapped()
     }
 }

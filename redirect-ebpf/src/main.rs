@@ -11,6 +11,7 @@ mod connect;
 mod ctx;
 mod maps;
 mod orig_dst;
+mod peername;
 mod pod;
 mod sk_lookup;
 mod sock_ops;

@@ -181,8 +181,8 @@ fn on_state(ctx: &SockOpsContext) {
 /// The connection's four-tuple from this socket's point of view (its own address first).
 #[inline(always)]
 fn tuple(ctx: &SockOpsContext) -> SockTuple {
-    let family = ctx.family();
-    let (src, dst) = if family == AF_INET as u32 {
+    let mut family = ctx.family();
+    let (mut src, mut dst) = if family == AF_INET as u32 {
         ([ctx.local_ip4(), 0, 0, 0], [ctx.remote_ip4(), 0, 0, 0])
     } else {
         (
@@ -190,6 +190,14 @@ fn tuple(ctx: &SockOpsContext) -> SockTuple {
             crate::load_ip6!(ctx.ops, aya_ebpf::bindings::bpf_sock_ops, remote_ip6),
         )
     };
+    // A dual-stack socket's IPv4 connection (both ends `::ffff:a.b.c.d`) is named as the IPv4
+    // connection it is, which is how the proxy's IPv4 socket at its other end names it.
+    let (s4, d4) = (Addr::v6(src).unmapped(), Addr::v6(dst).unmapped());
+    if family != AF_INET as u32 && s4.family == AF_INET && d4.family == AF_INET {
+        family = AF_INET as u32;
+        src = s4.words;
+        dst = d4.words;
+    }
     SockTuple {
         src,
         dst,

@@ -43,15 +43,20 @@ fn on_getsockopt(ctx: &SockoptContext) {
     };
     // SAFETY: as above; `sk` is the socket the option is asked of (PTR_TO_SOCKET).
     let sk = unsafe { (*so).__bindgen_anon_1.sk };
-    // SAFETY: `sk` checked for null first; `family` is readable.
-    if sk.is_null() || unsafe { (*sk).family } != family as u32 {
+    if sk.is_null() {
         return;
     }
-    // SAFETY: `sk` is the context's full socket, checked for null.
+    // SAFETY: `sk` is the context's full socket, checked for null. The level names the
+    // original destination's family, whatever the socket's: a dual-stack proxy socket holding
+    // an IPv4 connection is asked at SOL_IP.
     if let Some(orig) = unsafe { ACCEPTED_ORIG.get(sk) } {
         if orig.family == family && answer(ctx, &orig) {
             count(orig.slot, Counter::OrigDstHit);
         }
+        return;
+    }
+    // SAFETY: `sk` checked for null above; `family` is readable.
+    if unsafe { (*sk).family } != family as u32 {
         return;
     }
     let (local, local_port, peer, peer_port) = endpoints(sk, family);

@@ -69,10 +69,13 @@ pub enum Hook {
     SockOps,
     GetSockopt,
     SkLookup,
+    /// Since 5.8: a redirected socket's peer is its original destination.
+    GetPeername4,
+    GetPeername6,
 }
 
 impl Hook {
-    pub const ALL: [Hook; 7] = [
+    pub const ALL: [Hook; 9] = [
         Hook::Connect4,
         Hook::Connect6,
         Hook::Bind4,
@@ -80,6 +83,8 @@ impl Hook {
         Hook::SockOps,
         Hook::GetSockopt,
         Hook::SkLookup,
+        Hook::GetPeername4,
+        Hook::GetPeername6,
     ];
 
     pub const fn attach_type(self) -> AttachType {
@@ -91,6 +96,8 @@ impl Hook {
             Hook::SockOps => AttachType::SockOps,
             Hook::GetSockopt => AttachType::GetSockopt,
             Hook::SkLookup => AttachType::SkLookup,
+            Hook::GetPeername4 => AttachType::Inet4GetPeername,
+            Hook::GetPeername6 => AttachType::Inet6GetPeername,
         }
     }
 
@@ -104,6 +111,8 @@ impl Hook {
             Hook::SockOps => "rd_sock_ops",
             Hook::GetSockopt => "rd_getsockopt",
             Hook::SkLookup => "rd_sk_lookup",
+            Hook::GetPeername4 => "rd_getpeername4",
+            Hook::GetPeername6 => "rd_getpeername6",
         }
     }
 
@@ -118,6 +127,8 @@ impl Hook {
             Hook::Connect6 => Some(CgroupSockAddrAttachType::Connect6),
             Hook::Bind4 => Some(CgroupSockAddrAttachType::Bind4),
             Hook::Bind6 => Some(CgroupSockAddrAttachType::Bind6),
+            Hook::GetPeername4 => Some(CgroupSockAddrAttachType::GetPeerName4),
+            Hook::GetPeername6 => Some(CgroupSockAddrAttachType::GetPeerName6),
             _ => None,
         }
     }
@@ -476,7 +487,7 @@ impl Datapath {
     /// `link_pin`. The pinned link keeps the attachment alive after this process exits, and
     /// removing the pin detaches it.
     ///
-    /// Six hooks go through aya's program types and links (`from_pin`, `attach`, `take_link`,
+    /// All hooks but one go through aya's program types and links (`from_pin`, `attach`, `take_link`,
     /// `FdLink::pin`). The getsockopt hook cannot: aya 0.14 has no `FdLink` conversion for
     /// `CgroupSockoptLink`, so its link is created and pinned with raw bpf(2).
     pub fn attach(&self, hook: Hook, target: &Path, link_pin: &Path) -> Result<(), DatapathError> {
@@ -693,7 +704,12 @@ pub(crate) fn load_program(ebpf: &mut Ebpf, hook: Hook) -> Result<(), DatapathEr
         source: ProgramError::NotLoaded,
     })?;
     let r = match hook {
-        Hook::Connect4 | Hook::Connect6 | Hook::Bind4 | Hook::Bind6 => {
+        Hook::Connect4
+        | Hook::Connect6
+        | Hook::Bind4
+        | Hook::Bind6
+        | Hook::GetPeername4
+        | Hook::GetPeername6 => {
             <&mut CgroupSockAddr>::try_from(prog).and_then(|p| p.load())
         }
         Hook::SockOps => <&mut SockOps>::try_from(prog).and_then(|p| p.load()),
