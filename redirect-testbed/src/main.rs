@@ -6,6 +6,7 @@ use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand};
 use redirect_testbed::{echo, probe, proxy, ProxyDial};
 
+mod addrs;
 mod demo;
 mod hostile;
 mod load;
@@ -62,6 +63,8 @@ enum Cmd {
         #[arg(long, value_parser = parse_bind)]
         bind: Option<SocketAddr>,
     },
+    /// The addresses an application's sockets report (getsockname, getpeername, the server's).
+    Addrs(addrs::Args),
     /// The conformance matrix end to end on this machine: pods, proxy, `redirect-agent` (root).
     Demo,
     /// An unprivileged application trying to fill the datapath's maps (tests/hostile.rs).
@@ -133,6 +136,7 @@ fn main() -> Result<()> {
             println!("{}", serde_json::to_string(&outcome)?);
             Ok(())
         }
+        Cmd::Addrs(args) => addrs::run(args),
         Cmd::Demo => demo::run(),
         Cmd::Hostile(args) => hostile::run(args),
     }

@@ -1,0 +1,320 @@
+//! Redirection the application cannot see (issue 13): what a captured socket reports about
+//! itself is what it would under Istio's iptables `REDIRECT` (NAT keeps the socket's addresses):
+//! its own address is the pod's, its peer the original destination, the proxy sees the pod
+//! address as the connection's source, and a dual-stack socket connecting to `::ffff:a.b.c.d`
+//! is the IPv4 connection it is, with IPv4 exclusions and an IPv4 `SO_ORIGINAL_DST`.
+//!
+//! The addresses come from `redirect-testbed addrs`, run as the application in the pod (its
+//! netns and cgroup): `getsockname`, `getpeername` and the first line the server sent (the echo
+//! server's banner: the address it accepted on and the peer it saw). Needs root; without it
+//! each test says why and returns, except under `CI=true`, where a skip is a failure.
+
+mod common;
+
+use std::{
+    io::Read as _,
+    net::{IpAddr, SocketAddr},
+    process::{Command, Stdio},
+};
+
+use common::*;
+use redirect_testbed::Banner;
+use serde::Deserialize;
+
+/// One socket of `redirect-testbed addrs`.
+#[derive(Debug, Deserialize)]
+struct Addrs {
+    to: SocketAddr,
+    local: Option<SocketAddr>,
+    peer: Option<SocketAddr>,
+    server: Option<Banner>,
+    error: Option<String>,
+}
+
+/// Runs `redirect-testbed addrs ARGS` in `pod` as `uid`: one report per `--to`.
+fn addrs(pod: &Pod, uid: u32, args: &[String]) -> Vec<Addrs> {
+    let mut cmd = Command::new(testbed_bin());
+    cmd.arg("addrs")
+        .args(args)
+        .args(["--timeout-ms", &T.as_millis().to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut p = pod.spawn(uid, cmd).expect("spawn addrs");
+    let mut stdout = String::new();
+    p.child_mut()
+        .stdout
+        .take()
+        .expect("piped")
+        .read_to_string(&mut stdout)
+        .expect("read addrs output");
+    let mut stderr = String::new();
+    let _ = p
+        .child_mut()
+        .stderr
+        .take()
+        .expect("piped")
+        .read_to_string(&mut stderr);
+    let status = p.child_mut().wait().expect("wait addrs");
+    assert!(status.success(), "addrs {args:?}: {status}: {stderr}");
+    stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad line {l:?}: {e}")))
+        .collect()
+}
+
+fn to_args(to: &[SocketAddr]) -> Vec<String> {
+    to.iter()
+        .flat_map(|t| ["--to".to_string(), t.to_string()])
+        .collect()
+}
+
+/// `::ffff:a.b.c.d:p` for an IPv4 socket address (what a dual-stack socket reports).
+fn mapped(a: SocketAddr) -> SocketAddr {
+    match a.ip() {
+        IpAddr::V4(v4) => SocketAddr::new(IpAddr::V6(v4.to_ipv6_mapped()), a.port()),
+        IpAddr::V6(_) => a,
+    }
+}
+
+fn echo_on(pod: &Pod, ports: &[u16]) -> PodProcess {
+    let mut listen = Vec::new();
+    for f in Family::BOTH {
+        for p in ports {
+            listen.push(sock(f.unspecified(), *p));
+        }
+    }
+    echo(pod, APP_UID, &listen)
+}
+
+/// What the application and the proxy see of one captured connection, against what iptables
+/// `REDIRECT` gives: `app_ip` is the application's address as its socket names it (mapped for
+/// a dual-stack socket), `to` the destination as it asked for it.
+fn check_captured(
+    failures: &mut Failures,
+    cell: &str,
+    got: &Addrs,
+    app_ip: IpAddr,
+    pod_ip: IpAddr,
+    to: SocketAddr,
+    asked: SocketAddr,
+    proxy_new: &[ProxyLogEntry],
+) {
+    let mut why = Vec::new();
+    if got.to != to {
+        why.push(format!("report for {}, expected {to}", got.to));
+    }
+    if let Some(e) = &got.error {
+        why.push(format!("error {e}"));
+    }
+    if got.local.map(|l| l.ip()) != Some(app_ip) {
+        why.push(format!("getsockname {:?}, expected {app_ip}:*", got.local));
+    }
+    if got.peer != Some(asked) {
+        why.push(format!(
+            "getpeername {:?}, expected the original destination {asked}",
+            got.peer
+        ));
+    }
+    // The server saw the proxy's upstream connection, from the pod's address.
+    match got.server {
+        Some(b) if b.local == to && b.peer.ip() == pod_ip => {}
+        other => why.push(format!(
+            "server banner {other:?}, expected {to} from {pod_ip}"
+        )),
+    }
+    // The proxy's accepted socket: its peer is the application's socket (the pod's address,
+    // unmapped), its original destination the IPv4/IPv6 destination itself.
+    let app_local = got.local.map(|l| SocketAddr::new(pod_ip, l.port()));
+    let ok = proxy_new.len() == 1
+        && proxy_new[0].listener == "outbound"
+        && Some(proxy_new[0].peer) == app_local
+        && proxy_new[0].orig_dst == Some(to)
+        && proxy_new[0].orig_dst_source.as_deref() == Some("so_original_dst")
+        && proxy_new[0].result == "ok";
+    if !ok {
+        why.push(format!(
+            "proxy: expected one outbound entry from {app_local:?} with orig_dst {to} from \
+             so_original_dst, got {proxy_new:?}"
+        ));
+    }
+    if !why.is_empty() {
+        failures.push(format!("{cell}: {}; got {got:?}", why.join(", ")));
+    }
+}
+
+/// IPv4, IPv6 and an IPv4 destination through a dual-stack socket: the application's socket
+/// reports the pod's address and the original destination, the server sees the pod's address,
+/// the proxy sees the application's socket as its peer and gets the original destination
+/// (IPv4 for the mapped one: its accepted socket is IPv4, asked at SOL_IP).
+#[test]
+fn captured_socket_reports_pod_address_and_original_destination() {
+    require!(Need::Root, datapath());
+    let node = Node::new().unwrap();
+    let app = node.add_pod("app").unwrap();
+    let other = node.add_pod("other").unwrap();
+    let _remote = echo_on(&other, &[WILDCARD_PORT]);
+    let proxy = Proxy::start(&node, &app, ProxyDial::PodIp, "proxy.log");
+    let agent = Agent::new();
+    agent.enroll(&app, &[]);
+    let before = agent.stats(&app.name);
+
+    let mut failures = Failures::default();
+    for (name, f, dual) in [
+        ("v4", Family::V4, false),
+        ("v6", Family::V6, false),
+        ("mapped", Family::V4, true),
+    ] {
+        let to = sock(f.pod_ip(&other), WILDCARD_PORT);
+        let mut args = to_args(&[to]);
+        if dual {
+            args.push("--mapped".into());
+        }
+        let seen = proxy.entries().len();
+        let got = addrs(&app, APP_UID, &args);
+        let new = proxy.entries().split_off(seen);
+        let (app_ip, asked) = if dual {
+            (mapped(sock(f.pod_ip(&app), 0)).ip(), mapped(to))
+        } else {
+            (f.pod_ip(&app), to)
+        };
+        assert_eq!(got.len(), 1, "{got:?}");
+        check_captured(
+            &mut failures,
+            &format!("{name} app -> {asked}"),
+            &got[0],
+            app_ip,
+            f.pod_ip(&app),
+            to,
+            asked,
+            &new,
+        );
+    }
+    let d = delta(&before, &agent.stats(&app.name));
+    let want = delta(
+        &counters(&[]),
+        &counters(&[("outbound_captured", 3), ("orig_dst_hit", 3)]),
+    );
+    if d != want {
+        failures.push(format!("counters moved {d:?}, expected {want:?}"));
+    }
+    failures.assert_none("addresses of captured sockets");
+}
+
+/// The same sockets in a pod that is not enrolled: the kernel's own answers, which the captured
+/// ones above must equal (the application cannot tell the difference).
+#[test]
+fn uncaptured_socket_reports_the_same() {
+    require!(Need::Root, datapath());
+    let node = Node::new().unwrap();
+    let app = node.add_pod("app").unwrap();
+    let other = node.add_pod("other").unwrap();
+    let _remote = echo_on(&other, &[WILDCARD_PORT]);
+    let mut failures = Failures::default();
+    for (name, f, dual) in [
+        ("v4", Family::V4, false),
+        ("v6", Family::V6, false),
+        ("mapped", Family::V4, true),
+    ] {
+        let to = sock(f.pod_ip(&other), WILDCARD_PORT);
+        let mut args = to_args(&[to]);
+        if dual {
+            args.push("--mapped".into());
+        }
+        let got = addrs(&app, APP_UID, &args);
+        let (app_ip, asked) = if dual {
+            (mapped(sock(f.pod_ip(&app), 0)).ip(), mapped(to))
+        } else {
+            (f.pod_ip(&app), to)
+        };
+        let g = &got[0];
+        let ok = g.error.is_none()
+            && g.local.map(|l| l.ip()) == Some(app_ip)
+            && g.peer == Some(asked)
+            && g.server.is_some_and(|b| {
+                b.local == to
+                    && Some(b.peer) == g.local.map(|l| SocketAddr::new(f.pod_ip(&app), l.port()))
+            });
+        if !ok {
+            failures.push(format!(
+                "{name}: expected {app_ip}:* -> {asked} direct, got {g:?}"
+            ));
+        }
+    }
+    failures.assert_none("addresses without capture");
+}
+
+/// A dual-stack socket's IPv4 destination is matched against the IPv4 exclusions: an excluded
+/// CIDR or port is reached directly (the server sees the application's own socket), the rest is
+/// captured.
+#[test]
+fn mapped_destinations_follow_ipv4_exclusions() {
+    require!(Need::Root, datapath());
+    let node = Node::new().unwrap();
+    let app = node.add_pod("app").unwrap();
+    let kept = node.add_pod("kept").unwrap();
+    let skipped = node.add_pod("skipped").unwrap();
+    let _e1 = echo_on(&kept, &[WILDCARD_PORT, 18090]);
+    let _e2 = echo_on(&skipped, &[WILDCARD_PORT]);
+    let proxy = Proxy::start(&node, &app, ProxyDial::PodIp, "proxy.log");
+    let agent = Agent::new();
+    let cidrs = format!("{}/32", skipped.ip4);
+    agent.enroll(
+        &app,
+        &[
+            "--exclude-outbound-ports",
+            "18090",
+            "--exclude-outbound-cidrs",
+            &cidrs,
+        ],
+    );
+    let before = agent.stats(&app.name);
+    let mut failures = Failures::default();
+    for (to, direct) in [
+        (sock(kept.ip4, 18090), true),
+        (sock(skipped.ip4, WILDCARD_PORT), true),
+        (sock(kept.ip4, WILDCARD_PORT), false),
+    ] {
+        let mut args = to_args(&[to]);
+        args.push("--mapped".into());
+        let seen = proxy.entries().len();
+        let got = addrs(&app, APP_UID, &args);
+        let new = proxy.entries().split_off(seen);
+        let g = &got[0];
+        let app_local = g
+            .local
+            .map(|l| SocketAddr::new(IpAddr::V4(app.ip4), l.port()));
+        if direct {
+            let ok = g.peer == Some(mapped(to))
+                && g.server
+                    .is_some_and(|b| b.local == to && Some(b.peer) == app_local)
+                && new.is_empty();
+            if !ok {
+                failures.push(format!("{to}: expected direct, got {g:?}, proxy {new:?}"));
+            }
+        } else {
+            check_captured(
+                &mut failures,
+                &format!("mapped app -> {to}"),
+                g,
+                mapped(sock(app.ip4, 0)).ip(),
+                IpAddr::V4(app.ip4),
+                to,
+                mapped(to),
+                &new,
+            );
+        }
+    }
+    let d = delta(&before, &agent.stats(&app.name));
+    let want = delta(
+        &counters(&[]),
+        &counters(&[
+            ("outbound_excluded", 2),
+            ("outbound_captured", 1),
+            ("orig_dst_hit", 1),
+        ]),
+    );
+    if d != want {
+        failures.push(format!("counters moved {d:?}, expected {want:?}"));
+    }
+    failures.assert_none("mapped destinations and IPv4 exclusions");
+}
