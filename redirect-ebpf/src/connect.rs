@@ -88,7 +88,12 @@ fn app_connect(ctx: &SockAddrContext, slot: u32, cfg: &PodConfig, dst: Addr, por
     }
     if remember(ctx, slot, dst, port, ConnKind::Outbound) {
         bind_pod_src(ctx, cfg, dst.family, sf);
-        write_dst(ctx.sock_addr, loopback(dst.family), cfg.proxy_outbound_port, sf);
+        write_dst(
+            ctx.sock_addr,
+            loopback(dst.family),
+            cfg.proxy_outbound_port,
+            sf,
+        );
         count(slot, Counter::OutboundCaptured);
     }
 }
@@ -111,14 +116,7 @@ fn bind_pod_src(ctx: &SockAddrContext, cfg: &PodConfig, family: u16, sf: u16) {
 
 /// The proxy's connections: deliveries of inbound traffic, and its own calls to the pod address.
 #[inline(always)]
-fn proxy_connect(
-    ctx: &SockAddrContext,
-    slot: u32,
-    cfg: &PodConfig,
-    dst: Addr,
-    port: u16,
-    sf: u16,
-) {
+fn proxy_connect(ctx: &SockAddrContext, slot: u32, cfg: &PodConfig, dst: Addr, port: u16, sf: u16) {
     if is_proxy_port(cfg, port) {
         return;
     }
@@ -137,7 +135,12 @@ fn proxy_connect(
         // through the inbound listener, so inbound policy applies (iptables: uid 1337, -o lo).
         if remember(ctx, slot, dst, port, ConnKind::ProxySelf) {
             bind_pod_src(ctx, cfg, dst.family, sf);
-            write_dst(ctx.sock_addr, loopback(dst.family), cfg.proxy_inbound_port, sf);
+            write_dst(
+                ctx.sock_addr,
+                loopback(dst.family),
+                cfg.proxy_inbound_port,
+                sf,
+            );
             count(slot, Counter::ProxySelfCaptured);
         }
         return;

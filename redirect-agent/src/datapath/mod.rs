@@ -709,9 +709,7 @@ pub(crate) fn load_program(ebpf: &mut Ebpf, hook: Hook) -> Result<(), DatapathEr
         | Hook::Bind4
         | Hook::Bind6
         | Hook::GetPeername4
-        | Hook::GetPeername6 => {
-            <&mut CgroupSockAddr>::try_from(prog).and_then(|p| p.load())
-        }
+        | Hook::GetPeername6 => <&mut CgroupSockAddr>::try_from(prog).and_then(|p| p.load()),
         Hook::SockOps => <&mut SockOps>::try_from(prog).and_then(|p| p.load()),
         Hook::GetSockopt => <&mut CgroupSockopt>::try_from(prog).and_then(|p| p.load()),
         Hook::SkLookup => <&mut SkLookup>::try_from(prog).and_then(|p| p.load()),
