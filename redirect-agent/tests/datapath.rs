@@ -348,7 +348,7 @@ fn app_outbound_is_captured_with_exact_original_destination() {
             let new = proxy.entries().split_off(seen);
             let ok = new.len() == 1
                 && new[0].listener == "outbound"
-                && new[0].local == sock(f.loopback(), 15001)
+                && is_outbound_listener(new[0].local)
                 && got.local() == Some(new[0].peer)
                 && new[0].orig_dst == Some(to)
                 && new[0].orig_dst_source.as_deref() == Some("so_original_dst")
@@ -356,9 +356,9 @@ fn app_outbound_is_captured_with_exact_original_destination() {
                 && new[0].result == "ok";
             if !ok {
                 failures.push(format!(
-                    "{cell}: expected one outbound entry at {} from the app's socket {:?} with \
-                     orig_dst {to} from so_original_dst, got {new:?}",
-                    sock(f.loopback(), 15001),
+                    "{cell}: expected one outbound entry at the outbound listener (127.128.0.0/12 \
+                     or [::1], port 15001) from the app's socket {:?} with orig_dst {to} from \
+                     so_original_dst, got {new:?}",
                     got.local()
                 ));
             }

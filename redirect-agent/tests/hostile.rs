@@ -88,6 +88,16 @@ fn finish_hostile(mut p: PodProcess) -> Value {
 /// never accepts: connections to it complete in the kernel until its queue is full, then wait
 /// in SYN_SENT. Outside the pod's cgroup, so the datapath never takes their `ORIG_DST` entries
 /// on that side: the most a pod's connections can hold there.
+/// Where a stand-in for the proxy's outbound listener listens: `0.0.0.0:15001` (captured IPv4
+/// connections arrive at addresses of 127.128.0.0/12, as at Envoy's wildcard listener) and
+/// `[::1]:15001`.
+fn outbound_listen(f: Family) -> SocketAddr {
+    match f {
+        Family::V4 => sock(f.unspecified(), 15001),
+        Family::V6 => sock(f.loopback(), 15001),
+    }
+}
+
 fn silent_listener(pod: &Pod, addr: SocketAddr) -> TcpListener {
     pod.in_netns(|| TcpListener::bind(addr))
         .expect("enter netns")
@@ -281,7 +291,7 @@ fn unprivileged_app_cannot_exhaust_maps_for_other_pods() {
     // ORIG_DST entries; the sink takes the connections the datapath no longer redirects.
     let _hostile_proxy: Vec<TcpListener> = Family::BOTH
         .iter()
-        .map(|f| silent_listener(&hostile, sock(f.loopback(), 15001)))
+        .map(|f| silent_listener(&hostile, outbound_listen(*f)))
         .collect();
     let sink_targets: Vec<SocketAddr> = Family::BOTH
         .iter()
@@ -443,7 +453,7 @@ fn orig_dst_entry_of_an_unenrolled_pod_is_swept() {
     let remote = node.add_pod("remote").unwrap();
     // Not the pod's proxy (outside its cgroup): the connection keeps its ORIG_DST entry while
     // it lives.
-    let _listener = silent_listener(&pod, sock(Family::V4.loopback(), 15001));
+    let _listener = silent_listener(&pod, outbound_listen(Family::V4));
     let agent = Agent::new();
     // Keeps the shared maps alive across the pod's unenroll.
     agent.enroll(&keeper, &[]);

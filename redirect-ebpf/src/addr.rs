@@ -101,6 +101,26 @@ pub fn loopback(family: u16) -> Addr {
     }
 }
 
+/// First address of 127.128.0.0/12, where captured IPv4 connections go (host order).
+const SPREAD4_BASE: u32 = 0x7f80_0000;
+/// Host bits of 127.128.0.0/12.
+const SPREAD4_BITS: u32 = 20;
+
+/// The loopback address a captured IPv4 connection to `ip_be:port` is sent to: one of the
+/// 2^20 addresses of 127.128.0.0/12, chosen by a hash of the original destination, so that
+/// connections to different destinations get different four-tuples (each its own ephemeral
+/// port range, as under iptables) in front of the proxy's wildcard listener (0.0.0.0:15001
+/// accepts every local address). Two destinations that hash alike share one range: fewer ports,
+/// never a wrong answer (`ORIG_DST` is keyed by the whole four-tuple).
+#[inline(always)]
+pub fn spread4(ip_be: u32, port: u16) -> Addr {
+    // Fibonacci hashing: multiplying by an odd constant mixes every input bit into the high
+    // bits, which are the ones kept.
+    let key = u32::from_be(ip_be) ^ (u32::from(port) << 16 | u32::from(port));
+    let h = key.wrapping_mul(0x9e37_79b1) >> (32 - SPREAD4_BITS);
+    Addr::v4((SPREAD4_BASE | h).to_be())
+}
+
 /// `struct sockaddr_in`, as bpf_bind and SO_ORIGINAL_DST callers expect it.
 #[repr(C)]
 pub struct SockaddrIn {

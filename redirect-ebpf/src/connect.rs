@@ -28,7 +28,7 @@ use redirect_common::{
 };
 
 use crate::{
-    addr::{loopback, Addr, SockaddrIn, SockaddrIn6},
+    addr::{loopback, spread4, Addr, SockaddrIn, SockaddrIn6},
     maps::{CIDR4, CIDR6, CONN_ORIG},
     orig_dst,
     pod::{count, current_pod, delivery, is_proxy_port, pod_of_addr, port_rule},
@@ -90,11 +90,24 @@ fn app_connect(ctx: &SockAddrContext, slot: u32, cfg: &PodConfig, dst: Addr, por
         bind_pod_src(ctx, cfg, dst.family, sf);
         write_dst(
             ctx.sock_addr,
-            loopback(dst.family),
+            outbound_target(&dst, port),
             cfg.proxy_outbound_port,
             sf,
         );
         count(slot, Counter::OutboundCaptured);
+    }
+}
+
+/// Where a captured connection to `dst:port` goes (at the proxy's outbound port): for IPv4 a
+/// loopback address of its own per original destination (`addr::spread4`), so the port space
+/// is iptables' (one ephemeral range per destination), not one range for every destination of
+/// the pod; for IPv6 `::1`, the only loopback address a namespace has.
+#[inline(always)]
+fn outbound_target(dst: &Addr, port: u16) -> Addr {
+    if dst.family == AF_INET {
+        spread4(dst.words[0], port)
+    } else {
+        loopback(AF_INET6)
     }
 }
 
