@@ -452,3 +452,35 @@ fn many_short_connections_to_many_destinations_succeed() {
     assert_eq!(d.get("outbound_captured").copied(), Some(total), "{d:?}");
     assert_eq!(d.get("map_full").copied().unwrap_or(0), 0, "{d:?}");
 }
+
+/// The proxy's own call to its pod's address goes through its inbound listener (as under
+/// iptables, uid 1337 `-o lo`); its socket's peer is still the address it dialled.
+#[test]
+fn proxy_self_call_reports_the_dialled_address() {
+    require!(Need::Root, datapath());
+    let node = Node::new().unwrap();
+    let app = node.add_pod("app").unwrap();
+    let _apps = matrix_apps(&app);
+    let proxy = Proxy::start(&node, &app, ProxyDial::PodIp, "proxy.log");
+    let agent = Agent::new();
+    agent.enroll(&app, &[]);
+    let mut failures = Failures::default();
+    for f in Family::BOTH {
+        let to = sock(f.pod_ip(&app), WILDCARD_PORT);
+        let seen = proxy.entries().len();
+        let got = addrs(&app, PROXY_UID, &to_args(&[to]));
+        let new = proxy.entries().split_off(seen);
+        let g = &got[0];
+        let ok = g.error.is_none()
+            && g.local.map(|l| l.ip()) == Some(f.pod_ip(&app))
+            && g.peer == Some(to)
+            && g.server.is_some_and(|s| s.local == to)
+            && new.len() == 1
+            && new[0].listener == "inbound"
+            && new[0].orig_dst == Some(to);
+        if !ok {
+            failures.push(format!("proxy -> {to}: got {g:?}, proxy {new:?}"));
+        }
+    }
+    failures.assert_none("the proxy's call to its own pod");
+}

@@ -179,8 +179,8 @@ fn victim_round(
 }
 
 /// (a) Failing connect() patterns, many times over, in an enrolled pod whose proxy accepts:
-/// REUSEADDR pairs on one pod address and port to two destinations (the second gets
-/// EADDRNOTAVAIL before its SYN), non-blocking connects closed in progress, connections reset,
+/// REUSEADDR pairs on one pod address and port to two destinations (for IPv6 the second gets
+/// EADDRNOTAVAIL before its SYN; for IPv4 both connect and are dropped at once), non-blocking connects closed in progress, connections reset,
 /// connections refused (the proxy's upstream refuses), binds never listened on, another pod's
 /// address claimed with IP_FREEBIND, connections held and dropped. Afterwards the pod holds
 /// nothing in ORIG_DST, and a new connection is captured exactly.

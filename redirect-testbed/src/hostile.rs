@@ -3,7 +3,7 @@
 //!
 //! Run it in an enrolled pod as a uid that is not the proxy's. Each round it: connects two
 //! `SO_REUSEADDR` sockets bound to the same pod address and port to two different destinations
-//! (the second fails with `EADDRNOTAVAIL` before its SYN); closes a non-blocking connect at once;
+//! (for IPv6 the second fails with `EADDRNOTAVAIL` before its SYN); closes a non-blocking connect at once;
 //! resets a connection (`SO_LINGER` 0); connects to an address that refuses; binds sockets it
 //! never listens on; listens on the proxy's inbound port; claims another pod's address with
 //! `IP_FREEBIND` and connects from it; and keeps up to `--hold` connections open, replacing the
@@ -91,8 +91,10 @@ pub fn run(args: Args) -> Result<()> {
         let t0 = same_family(&args.target, pod_ip).unwrap_or(t0);
         let t1 = other_target(&args.target, t0).unwrap_or(t1);
 
-        // Two sockets on one pod address and port, two destinations: the datapath sends both
-        // to the proxy's listener, so the second four-tuple is the first's.
+        // Two sockets on one pod address and port, two destinations. IPv6: the datapath sends
+        // both to [::1]:15001, so the second four-tuple is the first's (EADDRNOTAVAIL before
+        // its SYN). IPv4: each destination has its own loopback address, both connect (unless
+        // the two hash to the same one).
         let port = 20000 + (round % 20000) as u16;
         if let (Ok(a), Ok(b)) = (reuse_bound(pod_ip, port), reuse_bound(pod_ip, port)) {
             let _ = start_connect(&a, t0, &mut report);
