@@ -34,23 +34,6 @@ fn maps_dir(root: &Path) -> PathBuf {
     root.join("maps")
 }
 
-/// Files and directories under `dir`, relative, sorted.
-fn tree(dir: &Path) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in fs::read_dir(&d).into_iter().flatten().flatten() {
-            let p = e.path();
-            out.push(p.strip_prefix(dir).unwrap().display().to_string());
-            if e.file_type().is_ok_and(|t| t.is_dir()) {
-                stack.push(p);
-            }
-        }
-    }
-    out.sort();
-    out
-}
-
 fn mkdir_root_only(dir: &Path) {
     fs::create_dir(dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
     fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).unwrap();
