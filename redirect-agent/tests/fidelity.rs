@@ -484,3 +484,185 @@ fn proxy_self_call_reports_the_dialled_address() {
     }
     failures.assert_none("the proxy's call to its own pod");
 }
+
+/// Istio's rule generator, shared with the benchmark (its source, not its crate: the bench is a
+/// binary).
+#[allow(dead_code)]
+#[path = "../../redirect-bench/src/istio.rs"]
+mod istio;
+
+/// Installs Istio's sidecar rules (REDIRECT mode, Istio >= 1.10) in `pod`'s own namespace.
+fn install_istio_rules(pod: &Pod) -> Result<(), String> {
+    use std::io::Write as _;
+    let input = istio::restore_input(
+        istio::Generation::Passthrough,
+        &istio::Exclusions::default(),
+    );
+    pod.in_netns(|| -> Result<(), String> {
+        let mut child = Command::new("iptables-restore")
+            .arg("--noflush")
+            .stdin(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("iptables-restore: {e}"))?;
+        child
+            .stdin
+            .take()
+            .expect("piped")
+            .write_all(input.as_bytes())
+            .map_err(|e| e.to_string())?;
+        let out = child.wait_with_output().map_err(|e| e.to_string())?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "iptables-restore: {}: {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            ))
+        }
+    })
+    .map_err(|e| e.to_string())?
+}
+
+fn iptables() -> Need {
+    let found = Command::new("iptables-restore")
+        .arg("--version")
+        .output()
+        .map_err(|e| format!("iptables-restore: {e}"))
+        .and_then(|o| {
+            o.status
+                .success()
+                .then_some(())
+                .ok_or_else(|| format!("iptables-restore --version: {}", o.status))
+        });
+    Need::machine(
+        "iptables-restore (Istio's rules in a test pod's namespace)",
+        found,
+    )
+}
+
+/// What the application sees of its connections, with its own pod's addresses written `POD`
+/// (so that two pods' views compare): its socket's address, its peer, and the server it
+/// reached; and what the proxy got as the original destination.
+fn app_view(pod: &Pod, got: &[Addrs], proxy_new: &[ProxyLogEntry]) -> Vec<String> {
+    let name = |a: Option<SocketAddr>, keep_port: bool| -> String {
+        let Some(a) = a else {
+            return "-".into();
+        };
+        let ip = match a.ip() {
+            IpAddr::V6(v6) => v6
+                .to_ipv4_mapped()
+                .map(IpAddr::V4)
+                .unwrap_or(IpAddr::V6(v6)),
+            v4 => v4,
+        };
+        let mapped = a.is_ipv6() && ip.is_ipv4();
+        let ip = if ip == IpAddr::V4(pod.ip4) || ip == IpAddr::V6(pod.ip6) {
+            "POD".to_string()
+        } else {
+            ip.to_string()
+        };
+        let ip = if mapped { format!("::ffff:{ip}") } else { ip };
+        if keep_port {
+            format!("{ip}:{}", a.port())
+        } else {
+            format!("{ip}:*")
+        }
+    };
+    let mut view: Vec<String> = got
+        .iter()
+        .map(|g| {
+            format!(
+                "local {} peer {} server {} (its peer {}) error {:?}",
+                name(g.local, false),
+                name(g.peer, true),
+                name(g.server.map(|s| s.local), true),
+                name(g.server.map(|s| s.peer), false),
+                g.error.as_ref().map(|_| "yes"),
+            )
+        })
+        .collect();
+    let mut origs: Vec<String> = proxy_new
+        .iter()
+        .map(|e| {
+            format!(
+                "proxy: {} peer {} orig_dst {} via {:?}",
+                e.listener,
+                name(Some(e.peer), false),
+                name(e.orig_dst, true),
+                e.orig_dst_source
+            )
+        })
+        .collect();
+    origs.sort();
+    view.extend(origs);
+    view
+}
+
+/// The same application in two pods, one under Istio's iptables rules and one enrolled, each
+/// with its proxy: IPv4 and a dual-stack socket's `::ffff:a.b.c.d`, one socket each and a
+/// `SO_REUSEADDR` pair on one port to two servers. What the application sees (its socket's
+/// address, its peer, the server it reached, the server's view of it) and the original
+/// destination the proxy gets are the same. (Istio's generator writes IPv4 rules only.)
+#[test]
+fn application_sees_what_it_sees_under_istio_iptables() {
+    require!(Need::Root, datapath(), iptables());
+    let node = Node::new().unwrap();
+    let nat = node.add_pod("nat").unwrap();
+    let ebpf = node.add_pod("ebpf").unwrap();
+    let a = node.add_pod("a").unwrap();
+    let b = node.add_pod("b").unwrap();
+    let _ea = echo_on(&a, &[WILDCARD_PORT]);
+    let _eb = echo_on(&b, &[WILDCARD_PORT]);
+    let nat_proxy = Proxy::start(&node, &nat, ProxyDial::PodIp, "nat-proxy.log");
+    let ebpf_proxy = Proxy::start(&node, &ebpf, ProxyDial::PodIp, "ebpf-proxy.log");
+    install_istio_rules(&nat).expect("Istio's rules in the nat pod");
+    let agent = Agent::new();
+    agent.enroll(&ebpf, &[]);
+
+    let mut failures = Failures::default();
+    let targets = [sock(a.ip4, WILDCARD_PORT), sock(b.ip4, WILDCARD_PORT)];
+    for (case, dual, pair) in [
+        ("v4", false, false),
+        ("mapped", true, false),
+        ("v4 REUSEADDR pair", false, true),
+        ("mapped REUSEADDR pair", true, true),
+    ] {
+        let views: Vec<(Vec<String>, Vec<String>)> = [(&nat, &nat_proxy), (&ebpf, &ebpf_proxy)]
+            .iter()
+            .map(|(pod, proxy)| {
+                let mut args = if pair {
+                    to_args(&targets)
+                } else {
+                    to_args(&targets[..1])
+                };
+                if pair {
+                    let bind = sock(pod.ip4, 22000 + u16::from(dual));
+                    args.extend(["--bind".into(), bind.to_string(), "--reuseaddr".into()]);
+                }
+                if dual {
+                    args.push("--mapped".into());
+                }
+                let seen = proxy.entries().len();
+                let got = addrs(pod, APP_UID, &args);
+                let new = proxy.entries().split_off(seen);
+                let mut view = app_view(pod, &got, &new);
+                // Under NAT a clashing pair's second connection reaches the proxy from another
+                // source port (conntrack remaps it): only the original destinations compare.
+                let proxy_view = view.split_off(got.len());
+                (view, proxy_view)
+            })
+            .collect();
+        let (nat_view, ebpf_view) = (&views[0], &views[1]);
+        if nat_view != ebpf_view {
+            failures.push(format!(
+                "{case}: under iptables {nat_view:#?}\nunder redirect {ebpf_view:#?}"
+            ));
+        }
+        if !nat_view.0.iter().all(|l| l.contains("error None")) {
+            failures.push(format!("{case}: under iptables itself {nat_view:#?}"));
+        }
+    }
+    failures.assert_none("the application's view, iptables against redirect");
+}
