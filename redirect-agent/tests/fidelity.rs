@@ -89,16 +89,26 @@ fn echo_on(pod: &Pod, ports: &[u16]) -> PodProcess {
 /// What the application and the proxy see of one captured connection, against what iptables
 /// `REDIRECT` gives: `app_ip` is the application's address as its socket names it (mapped for
 /// a dual-stack socket), `to` the destination as it asked for it.
-fn check_captured(
-    failures: &mut Failures,
-    cell: &str,
-    got: &Addrs,
+struct Want {
     app_ip: IpAddr,
     pod_ip: IpAddr,
     to: SocketAddr,
     asked: SocketAddr,
+}
+
+fn check_captured(
+    failures: &mut Failures,
+    cell: &str,
+    got: &Addrs,
+    want: Want,
     proxy_new: &[ProxyLogEntry],
 ) {
+    let Want {
+        app_ip,
+        pod_ip,
+        to,
+        asked,
+    } = want;
     let mut why = Vec::new();
     if got.to != to {
         why.push(format!("report for {}, expected {to}", got.to));
@@ -182,10 +192,12 @@ fn captured_socket_reports_pod_address_and_original_destination() {
             &mut failures,
             &format!("{name} app -> {asked}"),
             &got[0],
-            app_ip,
-            f.pod_ip(&app),
-            to,
-            asked,
+            Want {
+                app_ip,
+                pod_ip: f.pod_ip(&app),
+                to,
+                asked,
+            },
             &new,
         );
     }
@@ -296,10 +308,12 @@ fn mapped_destinations_follow_ipv4_exclusions() {
                 &mut failures,
                 &format!("mapped app -> {to}"),
                 g,
-                mapped(sock(app.ip4, 0)).ip(),
-                IpAddr::V4(app.ip4),
-                to,
-                mapped(to),
+                Want {
+                    app_ip: mapped(sock(app.ip4, 0)).ip(),
+                    pod_ip: IpAddr::V4(app.ip4),
+                    to,
+                    asked: mapped(to),
+                },
                 &new,
             );
         }
