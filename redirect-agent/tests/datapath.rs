@@ -992,7 +992,11 @@ fn redirection_outlives_the_enrolling_process() {
         "the enrolling process {pid} is still there"
     );
     let links = tree(&agent.pin_root.join("pods").join(&server.name));
-    assert_eq!(links.len(), 7, "pinned links: {links:?}");
+    assert_eq!(
+        links.len(),
+        redirect_agent::datapath::Hook::ALL.len(),
+        "pinned links: {links:?}"
+    );
     std::thread::sleep(std::time::Duration::from_millis(200));
     if let Some(why) = captured_inbound(&client, &server, &proxy) {
         panic!("after the enrolling process exited: {why}");
