@@ -418,6 +418,29 @@ fn captured_destinations_have_their_own_port_ranges() {
     );
 }
 
+/// An echo server on many addresses, ready when it says so: it prints one `listening` line per
+/// address once every one is bound (a sock_diag wait per address is slow with a thousand
+/// listeners in an emulated kernel).
+fn echo_many(pod: &Pod, listen: &[SocketAddr]) -> PodProcess {
+    use std::io::BufRead as _;
+    let mut cmd = Command::new(testbed_bin());
+    cmd.arg("echo").stdout(Stdio::piped());
+    for a in listen {
+        cmd.arg("--listen").arg(a.to_string());
+    }
+    let mut p = pod.spawn(APP_UID, cmd).expect("spawn echo");
+    let out = p.child_mut().stdout.take().expect("piped");
+    let mut lines = std::io::BufReader::new(out).lines();
+    for a in listen {
+        let line = lines
+            .next()
+            .unwrap_or_else(|| panic!("echo exited before listening on {a}"))
+            .expect("read echo output");
+        assert_eq!(line, format!("listening {a}"));
+    }
+    p
+}
+
 /// Destinations of the many-connections test, and rounds over them.
 const DESTINATIONS: u16 = 1000;
 const ROUNDS: u32 = 20;
@@ -436,7 +459,7 @@ fn many_short_connections_to_many_destinations_succeed() {
     let remote = node.add_pod("remote").unwrap();
     let ports: Vec<u16> = (0..DESTINATIONS).map(|i| 30000 + i).collect();
     let listen: Vec<SocketAddr> = ports.iter().map(|p| sock(remote.ip4, *p)).collect();
-    let _echo = echo(&remote, APP_UID, &listen);
+    let _echo = echo_many(&remote, &listen);
     let _proxy = Proxy::start(&node, &app, ProxyDial::PodIp, "proxy.log");
     let agent = Agent::new();
     agent.enroll(&app, &[]);
