@@ -713,3 +713,35 @@ fn node_wide_rule_capacity_is_refused_with_pod_map_and_errno() {
     }
     assert!(!agent.pin_root.exists(), "{:?}", tree(&agent.pin_root));
 }
+
+/// Names with dots (Kubernetes names have them) enroll, list, capture and unenroll: bpffs refuses
+/// dots in names, so the pod's link directory spells them `~2e`.
+#[test]
+fn dotted_names_work_end_to_end() {
+    require!(Need::Root, datapath());
+    let node = Node::new().unwrap();
+    let server = node.add_pod("server").unwrap();
+    let client = node.add_pod("client").unwrap();
+    let _apps = matrix_apps(&server);
+    let proxy = Proxy::start(&node, &server, ProxyDial::PodIp, "proxy.log");
+    let agent = Agent::new();
+    let name = format!("{}.prod.svc", server.name);
+    let args = Agent::enroll_args(&server, &name);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = agent.ok(&args);
+    assert!(out.starts_with(&format!("enrolled {name} ")), "{out}");
+    assert_eq!(agent.listed_names(), vec![name.clone()]);
+    let dir = agent.pin_root.join("pods").join(name.replace('.', "~2e"));
+    assert_eq!(
+        tree(&dir).len(),
+        redirect_agent::datapath::Hook::ALL.len(),
+        "links of {name}: {:?}",
+        tree(&agent.pin_root)
+    );
+    if let Some(e) = captured_inbound(&client, &server, &proxy) {
+        panic!("{name}: {e}");
+    }
+    assert_eq!(agent.stats(&name)["inbound_captured"], 2);
+    agent.unenroll(&name);
+    assert!(!agent.pin_root.exists(), "{:?}", tree(&agent.pin_root));
+}
