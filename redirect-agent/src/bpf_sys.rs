@@ -39,6 +39,10 @@ pub enum AttachType {
     GetSockopt = 21,
     Inet4GetPeername = 29,
     Inet6GetPeername = 30,
+    Udp4Sendmsg = 14,
+    Udp6Sendmsg = 15,
+    Udp4Recvmsg = 19,
+    Udp6Recvmsg = 20,
     SkLookup = 36,
 }
 

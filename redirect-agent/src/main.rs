@@ -114,6 +114,12 @@ struct EnrollArgs {
     /// The proxy's outbound listener port.
     #[arg(long, value_parser = spec::parse_port, default_value = "15001")]
     proxy_outbound_port: u16,
+    /// Capture the application's DNS (UDP and TCP port 53) to the proxy's DNS port.
+    #[arg(long)]
+    dns_capture: bool,
+    /// The proxy's DNS listener port (used with --dns-capture).
+    #[arg(long, value_parser = spec::parse_port, default_value = "15053")]
+    proxy_dns_port: u16,
 }
 
 fn main() -> ExitCode {
@@ -276,6 +282,8 @@ fn enroll(cli: &Cli, a: &EnrollArgs) -> anyhow::Result<ExitCode> {
         exclude_outbound_cidrs: a.exclude_outbound_cidrs.clone(),
         proxy_inbound_port: a.proxy_inbound_port,
         proxy_outbound_port: a.proxy_outbound_port,
+        dns_capture: a.dns_capture,
+        proxy_dns_port: a.proxy_dns_port,
     };
     // Everything that can be checked without the lock is, so nothing blocks while holding it.
     let checked = enroll::inspect(spec)?;

@@ -201,6 +201,18 @@ pub static FEATURES: &[Feature] = &[
       "the getpeername6 hook does not load: a redirected IPv6 socket's peer is the proxy's \
        listener, not its original destination",
       Check::Load(Hook::GetPeername6)),
+    f("program/rd_sendmsg4", Kind::Program, true, "4.18",
+      "the sendmsg4 hook does not load: no DNS capture of unconnected IPv4 UDP",
+      Check::Load(Hook::SendMsg4)),
+    f("program/rd_sendmsg6", Kind::Program, true, "4.18",
+      "the sendmsg6 hook does not load: no DNS capture of unconnected IPv6 UDP",
+      Check::Load(Hook::SendMsg6)),
+    f("program/rd_recvmsg4", Kind::Program, true, "5.2",
+      "the recvmsg4 hook does not load: captured IPv4 DNS replies come from the proxy's port",
+      Check::Load(Hook::RecvMsg4)),
+    f("program/rd_recvmsg6", Kind::Program, true, "5.2",
+      "the recvmsg6 hook does not load: captured IPv6 DNS replies come from the proxy's port",
+      Check::Load(Hook::RecvMsg6)),
 ];
 
 /// Looks a feature up by its name.

@@ -104,7 +104,12 @@ pub fn pod_config(spec: &PodSpec) -> PodConfig {
         proxy_inbound_port: spec.proxy_inbound_port,
         proxy_outbound_port: spec.proxy_outbound_port,
         policy: spec.inbound_policy,
-        _pad: [0; 3],
+        dns_capture: u8::from(spec.dns_capture),
+        dns_port_be: if spec.dns_capture {
+            spec.proxy_dns_port.to_be_bytes()
+        } else {
+            [0; 2]
+        },
     }
 }
 
@@ -117,7 +122,8 @@ pub const FREE_CONFIG: PodConfig = PodConfig {
     proxy_inbound_port: 0,
     proxy_outbound_port: 0,
     policy: InboundPolicy::Passthrough,
-    _pad: [0; 3],
+    dns_capture: 0,
+    dns_port_be: [0; 2],
 };
 
 impl PodRows {
@@ -203,9 +209,15 @@ impl fmt::Display for PodRows {
         } else {
             words_addr(c.ip6, AF_INET6.into()).to_string()
         };
+        // DNS capture only when on: the rows of a pod without it read as they always did.
+        let dns = if c.dns_capture != 0 {
+            format!(" dns_port={}", c.dns_port())
+        } else {
+            String::new()
+        };
         writeln!(
             f,
-            "PODS[{}] = enrolled proxy_uid={} ip4={ip4} ip6={ip6} inbound_port={} outbound_port={} policy={}",
+            "PODS[{}] = enrolled proxy_uid={} ip4={ip4} ip6={ip6} inbound_port={} outbound_port={} policy={}{dns}",
             self.slot, c.proxy_uid, c.proxy_inbound_port, c.proxy_outbound_port, c.policy
         )?;
         writeln!(f, "POD_CGROUPS[{}] = {}", self.cgroup_id, self.slot)?;

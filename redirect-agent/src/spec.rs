@@ -140,6 +140,27 @@ pub struct PodSpec {
     pub exclude_outbound_cidrs: Vec<Cidr>,
     pub proxy_inbound_port: u16,
     pub proxy_outbound_port: u16,
+    /// Capture the application's DNS (UDP and TCP to port 53) to `proxy_dns_port` on loopback
+    /// (Istio's `ISTIO_META_DNS_CAPTURE`). Off by default; left out of a record when off.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub dns_capture: bool,
+    /// The proxy's DNS listener port (Istio's 15053).
+    #[serde(
+        default = "default_dns_port",
+        skip_serializing_if = "is_default_dns_port"
+    )]
+    pub proxy_dns_port: u16,
+}
+
+/// Istio's DNS proxy port.
+pub const DEFAULT_DNS_PORT: u16 = 15053;
+
+fn default_dns_port() -> u16 {
+    DEFAULT_DNS_PORT
+}
+
+fn is_default_dns_port(p: &u16) -> bool {
+    *p == DEFAULT_DNS_PORT
 }
 
 /// A port-keyed map as JSON writes it (`{"9000": ...}`), read through string keys: records
@@ -321,6 +342,12 @@ impl PodSpec {
         }
         if self.proxy_inbound_port == self.proxy_outbound_port {
             return Err(SpecError::SameProxyPorts(self.proxy_inbound_port));
+        }
+        if self.dns_capture
+            && (self.proxy_dns_port == self.proxy_inbound_port
+                || self.proxy_dns_port == self.proxy_outbound_port)
+        {
+            return Err(SpecError::SameProxyPorts(self.proxy_dns_port));
         }
         for list in [
             &mut self.exclude_inbound_ports,

@@ -636,6 +636,8 @@ fn cgroup2_root_is_refused_without_risk() {
         exclude_outbound_cidrs: vec![],
         proxy_inbound_port: 15006,
         proxy_outbound_port: 15001,
+        dns_capture: false,
+        proxy_dns_port: 15053,
     };
     let err = redirect_agent::enroll::inspect(spec).expect_err("the cgroup2 root is refused");
     assert!(

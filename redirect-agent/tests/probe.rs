@@ -81,6 +81,10 @@ feature_tests! {
     program_rd_sk_lookup => "program/rd_sk_lookup",
     program_rd_getpeername4 => "program/rd_getpeername4",
     program_rd_getpeername6 => "program/rd_getpeername6",
+    program_rd_sendmsg4 => "program/rd_sendmsg4",
+    program_rd_sendmsg6 => "program/rd_sendmsg6",
+    program_rd_recvmsg4 => "program/rd_recvmsg4",
+    program_rd_recvmsg6 => "program/rd_recvmsg6",
 }
 
 #[test]

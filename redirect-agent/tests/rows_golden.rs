@@ -26,6 +26,8 @@ fn base(name: &str) -> PodSpec {
         exclude_outbound_cidrs: vec![],
         proxy_inbound_port: 15006,
         proxy_outbound_port: 15001,
+        dns_capture: false,
+        proxy_dns_port: 15053,
     }
 }
 

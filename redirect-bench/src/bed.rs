@@ -36,6 +36,10 @@ pub const PROGRAMS: &[&str] = &[
     "rd_sk_lookup",
     "rd_getpeername4",
     "rd_getpeername6",
+    "rd_sendmsg4",
+    "rd_sendmsg6",
+    "rd_recvmsg4",
+    "rd_recvmsg6",
 ];
 
 pub struct Bed {

@@ -118,8 +118,45 @@ pub struct PodConfig {
     pub proxy_outbound_port: u16,
     /// Policy for ports without a per-port rule.
     pub policy: InboundPolicy,
-    pub _pad: [u8; 3],
+    /// Non-zero: the application's DNS (UDP and TCP port 53) goes to the proxy's DNS port.
+    /// Was padding: a row written without it (zero) leaves DNS alone.
+    pub dns_capture: u8,
+    /// The proxy's DNS port (`--proxy-dns-port`), network order bytes: a `u16` here would move
+    /// the row's layout.
+    pub dns_port_be: [u8; 2],
 }
+
+impl PodConfig {
+    /// The proxy's DNS port.
+    pub const fn dns_port(&self) -> u16 {
+        u16::from_be_bytes(self.dns_port_be)
+    }
+}
+
+/// Key of `DNS_REPLIES`: a socket (its cookie) and the loopback address one of its datagrams
+/// to port 53 was sent to instead.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DnsKey {
+    pub cookie: u64,
+    pub addr: [u32; 4],
+    pub family: u32,
+    pub _pad: u32,
+}
+
+/// Value of `DNS_REPLIES`: the server the application asked, and the proxy's DNS port its
+/// datagram went to; replies from that port are reported as coming from the server.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DnsOrig {
+    pub addr: [u32; 4],
+    pub family: u32,
+    pub port: u16,
+    pub dns_port: u16,
+}
+
+/// Entries of `DNS_REPLIES` (LRU: a socket that closes leaves its entries to be evicted).
+pub const MAX_DNS_REPLIES: u32 = 16_384;
 
 /// Key of `POD_ADDRS`: one of a pod's addresses.
 #[repr(C)]
@@ -188,6 +225,8 @@ pub enum ConnKind {
     /// An inbound connection sk_lookup handed to the proxy: never rewritten, so the accepted
     /// socket's own address is the original destination (`orig_dst_local`).
     Inbound = 4,
+    /// An application's DNS (connected UDP or TCP to port 53) sent to the proxy's DNS port.
+    Dns = 5,
 }
 
 /// The original destination of a redirected connection: the value of `ORIG_DST` and of the

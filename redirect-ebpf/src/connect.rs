@@ -29,6 +29,7 @@ use redirect_common::{
 
 use crate::{
     addr::{loopback, spread4, Addr, SockaddrIn, SockaddrIn6},
+    dns,
     maps::{CIDR4, CIDR6, CONN_ORIG},
     orig_dst,
     pod::{count, current_pod, delivery, is_proxy_port, pod_of_addr, port_rule},
@@ -36,6 +37,7 @@ use crate::{
 
 const ALLOW: i32 = 1;
 const SOCK_STREAM: u32 = 1;
+const SOCK_DGRAM: u32 = 2;
 
 #[cgroup_sock_addr(connect4)]
 pub fn rd_connect4(ctx: SockAddrContext) -> i32 {
@@ -55,7 +57,11 @@ fn on_connect(ctx: &SockAddrContext, family: u16) {
     let sa = ctx.sock_addr;
     // SAFETY: `sa` is the context's own `bpf_sock_addr`; `type` is readable in every sock_addr
     // hook.
-    if unsafe { (*sa).type_ } != SOCK_STREAM {
+    let ty = unsafe { (*sa).type_ };
+    if ty != SOCK_STREAM {
+        if ty == SOCK_DGRAM {
+            udp_connect(ctx, family);
+        }
         return;
     }
     let Some((slot, cfg)) = current_pod() else {
@@ -82,6 +88,20 @@ fn app_connect(ctx: &SockAddrContext, slot: u32, cfg: &PodConfig, dst: Addr, por
     if dst.is_loopback() || dst.is_unspecified() || pod_of_addr(&dst) == Some(slot) {
         return;
     }
+    if cfg.dns_capture != 0 && dns::is_dns(&dst, port) {
+        // DNS over TCP goes to the proxy's DNS port, before any exclusion (as Istio's rules),
+        // at 127.0.0.1 / ::1: a DNS server bound to the wildcard accepts TCP only at an
+        // address of one of its interfaces (dnsmasq does), and TCP needs no per-server reply
+        // address (getpeername answers from CONN_ORIG).
+        let to = loopback(dst.family);
+        if remember_quiet(ctx, slot, dst, port, ConnKind::Dns) {
+            bind_pod_src(ctx, cfg, dst.family, sf);
+            write_dst(ctx.sock_addr, to, cfg.dns_port(), sf);
+        } else {
+            count(slot, Counter::MapFull);
+        }
+        return;
+    }
     if port_rule(slot, port) & port_rule::EXCLUDE_OUTBOUND != 0 || cidr_excluded(slot, &dst) {
         count(slot, Counter::OutboundExcluded);
         return;
@@ -95,6 +115,29 @@ fn app_connect(ctx: &SockAddrContext, slot: u32, cfg: &PodConfig, dst: Addr, por
             sf,
         );
         count(slot, Counter::OutboundCaptured);
+    }
+}
+
+/// A UDP socket connected to a DNS server: connected to the proxy's DNS port instead (see
+/// `dns`), its `CONN_ORIG` (kind `Dns`) for getpeername and its `DNS_REPLIES` entry for
+/// recvmsg. Never the proxy's own sockets.
+#[inline(always)]
+fn udp_connect(ctx: &SockAddrContext, sf: u16) {
+    let Some((slot, cfg)) = dns::dns_pod() else {
+        return;
+    };
+    let sa = ctx.sock_addr;
+    let dst = read_dst(sa, sf).unmapped();
+    // SAFETY: `sa` is the context's own `bpf_sock_addr`; user_port is readable in connect hooks.
+    let port = u16::from_be(unsafe { (*sa).user_port } as u16);
+    if !dns::is_dns(&dst, port) {
+        return;
+    }
+    let to = dns::target(&dst);
+    if remember_quiet(ctx, slot, dst, port, ConnKind::Dns)
+        && dns::remember(sa, &to, &dst, cfg.dns_port())
+    {
+        write_dst(sa, to, cfg.dns_port(), sf);
     }
 }
 

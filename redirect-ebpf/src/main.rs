@@ -9,6 +9,7 @@ mod addr;
 mod bind;
 mod connect;
 mod ctx;
+mod dns;
 mod maps;
 mod orig_dst;
 mod peername;

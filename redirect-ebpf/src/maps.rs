@@ -4,11 +4,12 @@
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     macros::{btf_map, map},
-    maps::{lpm_trie::LpmTrie, Array, HashMap, PerCpuArray, SockHash},
+    maps::{lpm_trie::LpmTrie, Array, HashMap, LruHashMap, PerCpuArray, SockHash},
 };
 use redirect_common::{
-    AddrKey, CidrKey4, CidrKey6, ListenerKey, OrigDst, PodConfig, PortKey, SockTuple,
-    COUNTERS_PER_POD, MAX_CIDR_RULES, MAX_ORIG_DST, MAX_PODS, MAX_PORT_RULES,
+    AddrKey, CidrKey4, CidrKey6, DnsKey, DnsOrig, ListenerKey, OrigDst, PodConfig, PortKey,
+    SockTuple, COUNTERS_PER_POD, MAX_CIDR_RULES, MAX_DNS_REPLIES, MAX_ORIG_DST, MAX_PODS,
+    MAX_PORT_RULES,
 };
 
 use crate::storage::SkStorage;
@@ -75,3 +76,10 @@ pub static ORIG_DST_USED: Array<u32> = Array::pinned(MAX_PODS, 0);
 /// Per-pod event counters, `Counter::index(slot)`.
 #[map]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(MAX_PODS * COUNTERS_PER_POD, 0);
+
+/// Where an application's DNS datagram was sent instead (socket and loopback address) -> the
+/// server it asked: recvmsg reports replies as the server's. LRU, because UDP sockets close
+/// without any callback; a socket that asks more servers than the map keeps for it gets the
+/// proxy's address as the source of an old reply, never another server's.
+#[map]
+pub static DNS_REPLIES: LruHashMap<DnsKey, DnsOrig> = LruHashMap::pinned(MAX_DNS_REPLIES, 0);

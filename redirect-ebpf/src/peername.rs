@@ -51,6 +51,7 @@ fn on_getpeername(ctx: &SockAddrContext, family: u16) {
     let listener = match orig.kind {
         ConnKind::Outbound => cfg.proxy_outbound_port,
         ConnKind::ProxySelf => cfg.proxy_inbound_port,
+        ConnKind::Dns => cfg.dns_port(),
         ConnKind::Delivery | ConnKind::Inbound => return,
     };
     let peer = crate::connect::read_dst(sa, family);

@@ -174,7 +174,7 @@ fn on_state(ctx: &SockOpsContext) {
         // Closed before the proxy's side took the entry (refused, reset, closed in SYN_SENT):
         // remove it if it is still this pod's.
         ConnKind::Outbound | ConnKind::ProxySelf => orig_dst::release(&tuple(ctx), orig.slot),
-        ConnKind::Inbound => {}
+        ConnKind::Inbound | ConnKind::Dns => {}
     }
 }
 

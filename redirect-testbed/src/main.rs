@@ -8,6 +8,7 @@ use redirect_testbed::{echo, probe, proxy, ProxyDial};
 
 mod addrs;
 mod demo;
+mod dnsq;
 mod hostile;
 mod load;
 
@@ -65,6 +66,8 @@ enum Cmd {
     },
     /// The addresses an application's sockets report (getsockname, getpeername, the server's).
     Addrs(addrs::Args),
+    /// One UDP socket asking several DNS servers; prints who each reply came from.
+    DnsQuery(dnsq::Args),
     /// The conformance matrix end to end on this machine: pods, proxy, `redirect-agent` (root).
     Demo,
     /// An unprivileged application trying to fill the datapath's maps (tests/hostile.rs).
@@ -137,6 +140,7 @@ fn main() -> Result<()> {
             Ok(())
         }
         Cmd::Addrs(args) => addrs::run(args),
+        Cmd::DnsQuery(args) => dnsq::run(args),
         Cmd::Demo => demo::run(),
         Cmd::Hostile(args) => hostile::run(args),
     }

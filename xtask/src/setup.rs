@@ -35,6 +35,9 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
     "conntrack",
     "libnginx-mod-stream",
     "fonts-dejavu-core",
+    // DNS capture tests (redirect-agent/tests/dns.rs): the servers and the client
+    "dnsmasq-base",
+    "bind9-dnsutils",
 ];
 
 pub fn run() -> Result<()> {

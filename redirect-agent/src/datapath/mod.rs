@@ -72,10 +72,16 @@ pub enum Hook {
     /// Since 5.8: a redirected socket's peer is its original destination.
     GetPeername4,
     GetPeername6,
+    /// DNS capture (only for pods that ask for it): unconnected UDP to port 53, and the
+    /// replies' source.
+    SendMsg4,
+    SendMsg6,
+    RecvMsg4,
+    RecvMsg6,
 }
 
 impl Hook {
-    pub const ALL: [Hook; 9] = [
+    pub const ALL: [Hook; 13] = [
         Hook::Connect4,
         Hook::Connect6,
         Hook::Bind4,
@@ -85,6 +91,10 @@ impl Hook {
         Hook::SkLookup,
         Hook::GetPeername4,
         Hook::GetPeername6,
+        Hook::SendMsg4,
+        Hook::SendMsg6,
+        Hook::RecvMsg4,
+        Hook::RecvMsg6,
     ];
 
     pub const fn attach_type(self) -> AttachType {
@@ -98,6 +108,10 @@ impl Hook {
             Hook::SkLookup => AttachType::SkLookup,
             Hook::GetPeername4 => AttachType::Inet4GetPeername,
             Hook::GetPeername6 => AttachType::Inet6GetPeername,
+            Hook::SendMsg4 => AttachType::Udp4Sendmsg,
+            Hook::SendMsg6 => AttachType::Udp6Sendmsg,
+            Hook::RecvMsg4 => AttachType::Udp4Recvmsg,
+            Hook::RecvMsg6 => AttachType::Udp6Recvmsg,
         }
     }
 
@@ -113,6 +127,10 @@ impl Hook {
             Hook::SkLookup => "rd_sk_lookup",
             Hook::GetPeername4 => "rd_getpeername4",
             Hook::GetPeername6 => "rd_getpeername6",
+            Hook::SendMsg4 => "rd_sendmsg4",
+            Hook::SendMsg6 => "rd_sendmsg6",
+            Hook::RecvMsg4 => "rd_recvmsg4",
+            Hook::RecvMsg6 => "rd_recvmsg6",
         }
     }
 
@@ -129,6 +147,10 @@ impl Hook {
             Hook::Bind6 => Some(CgroupSockAddrAttachType::Bind6),
             Hook::GetPeername4 => Some(CgroupSockAddrAttachType::GetPeerName4),
             Hook::GetPeername6 => Some(CgroupSockAddrAttachType::GetPeerName6),
+            Hook::SendMsg4 => Some(CgroupSockAddrAttachType::UDPSendMsg4),
+            Hook::SendMsg6 => Some(CgroupSockAddrAttachType::UDPSendMsg6),
+            Hook::RecvMsg4 => Some(CgroupSockAddrAttachType::UDPRecvMsg4),
+            Hook::RecvMsg6 => Some(CgroupSockAddrAttachType::UDPRecvMsg6),
             _ => None,
         }
     }
@@ -710,7 +732,11 @@ pub(crate) fn load_program(ebpf: &mut Ebpf, hook: Hook) -> Result<(), DatapathEr
         | Hook::Bind4
         | Hook::Bind6
         | Hook::GetPeername4
-        | Hook::GetPeername6 => <&mut CgroupSockAddr>::try_from(prog).and_then(|p| p.load()),
+        | Hook::GetPeername6
+        | Hook::SendMsg4
+        | Hook::SendMsg6
+        | Hook::RecvMsg4
+        | Hook::RecvMsg6 => <&mut CgroupSockAddr>::try_from(prog).and_then(|p| p.load()),
         Hook::SockOps => <&mut SockOps>::try_from(prog).and_then(|p| p.load()),
         Hook::GetSockopt => <&mut CgroupSockopt>::try_from(prog).and_then(|p| p.load()),
         Hook::SkLookup => <&mut SkLookup>::try_from(prog).and_then(|p| p.load()),

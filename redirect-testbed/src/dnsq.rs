@@ -1,0 +1,105 @@
+//! `redirect-testbed dns-query`: one unconnected UDP socket asking several DNS servers.
+//!
+//! Sends one `A` query for `--name` to each `--server` in order (query id = 1 + its index)
+//! from the same socket, then reads as many replies and prints one JSON line per reply
+//! ([`DnsReply`]): the query id, the address `recvfrom` says it came from, and the first `A`
+//! record. What DNS capture must show: each reply comes from the server its query went to.
+
+use std::{
+    net::{Ipv4Addr, SocketAddr, UdpSocket},
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result};
+use serde::Serialize;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// DNS servers (repeatable), all of one family.
+    #[arg(long, required = true)]
+    server: Vec<SocketAddr>,
+    #[arg(long)]
+    name: String,
+    #[arg(long, default_value_t = 2000)]
+    timeout_ms: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct DnsReply {
+    pub id: u16,
+    pub from: SocketAddr,
+    pub answer: Option<Ipv4Addr>,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let bind: SocketAddr = if args.server[0].is_ipv4() {
+        "0.0.0.0:0".parse()?
+    } else {
+        "[::]:0".parse()?
+    };
+    let socket = UdpSocket::bind(bind).context("bind")?;
+    socket.set_read_timeout(Some(Duration::from_millis(args.timeout_ms)))?;
+    for (i, server) in args.server.iter().enumerate() {
+        let id = 1 + i as u16;
+        socket
+            .send_to(&query(id, &args.name), server)
+            .with_context(|| format!("send to {server}"))?;
+    }
+    let mut buf = [0u8; 1500];
+    for _ in &args.server {
+        let (n, from) = socket.recv_from(&mut buf).context("recvfrom")?;
+        let reply = &buf[..n];
+        let id = u16::from_be_bytes([reply[0], reply[1]]);
+        let out = DnsReply {
+            id,
+            from,
+            answer: first_a(reply),
+        };
+        println!("{}", serde_json::to_string(&out)?);
+    }
+    Ok(())
+}
+
+/// A recursive `A IN` query for `name`.
+fn query(id: u16, name: &str) -> Vec<u8> {
+    let mut q = Vec::new();
+    q.extend_from_slice(&id.to_be_bytes());
+    q.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
+    for label in name.trim_end_matches('.').split('.') {
+        q.push(label.len() as u8);
+        q.extend_from_slice(label.as_bytes());
+    }
+    q.extend_from_slice(&[0, 0, 1, 0, 1]);
+    q
+}
+
+/// The first `A` record of the answer section, if any.
+fn first_a(reply: &[u8]) -> Option<Ipv4Addr> {
+    let answers = u16::from_be_bytes([*reply.get(6)?, *reply.get(7)?]);
+    let mut i = 12;
+    // The question: labels up to the root, then type and class.
+    while *reply.get(i)? != 0 {
+        i += 1 + usize::from(reply[i]);
+    }
+    i += 5;
+    for _ in 0..answers {
+        // The owner name: a pointer, or labels.
+        if reply.get(i)? & 0xc0 == 0xc0 {
+            i += 2;
+        } else {
+            while *reply.get(i)? != 0 {
+                i += 1 + usize::from(reply[i]);
+            }
+            i += 1;
+        }
+        let ty = u16::from_be_bytes([*reply.get(i)?, *reply.get(i + 1)?]);
+        let len = usize::from(u16::from_be_bytes([*reply.get(i + 8)?, *reply.get(i + 9)?]));
+        i += 10;
+        if ty == 1 && len == 4 {
+            let d = reply.get(i..i + 4)?;
+            return Some(Ipv4Addr::new(d[0], d[1], d[2], d[3]));
+        }
+        i += len;
+    }
+    None
+}
