@@ -35,6 +35,8 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
     "conntrack",
     "libnginx-mod-stream",
     "fonts-dejavu-core",
+    // tests/agent.rs: a real Prometheus scrapes the node agent; promtool checks /metrics
+    "prometheus",
 ];
 
 pub fn run() -> Result<()> {
