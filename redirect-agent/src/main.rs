@@ -178,27 +178,33 @@ fn run(cli: &Cli, matches: &clap::ArgMatches) -> anyhow::Result<ExitCode> {
             through_agent_or(cli, Request::Enroll { spec: spec.clone() }, || {
                 commands::enroll(&cli.state_dir, &cli.pin_root, spec)
                     .map(|r| commands::render_enroll(&r))
+                    .map_err(message)
             })
         }
         Command::Unenroll { name } => {
             through_agent_or(cli, Request::Unenroll { name: name.clone() }, || {
                 commands::unenroll(&cli.state_dir, &cli.pin_root, name)
                     .map(|r| commands::render_unenroll(&r))
+                    .map_err(message)
             })
         }
         Command::List { output } => through_agent_or(cli, Request::List, || {
             let is_root = nix::unistd::geteuid().is_root();
             commands::list(&cli.state_dir, &cli.pin_root, is_root)
                 .map(|r| commands::render_list(&r, *output))
+                .map_err(message)
         }),
         Command::Gc => through_agent_or(cli, Request::Gc, || {
-            commands::gc(&cli.state_dir, &cli.pin_root).map(|r| commands::render_gc(&r))
+            commands::gc(&cli.state_dir, &cli.pin_root)
+                .map(|r| commands::render_gc(&r))
+                .map_err(message)
         }),
         Command::Stats { name, output } => {
             let req = Request::Stats { name: name.clone() };
             through_agent_or(cli, req, || {
                 commands::stats(&cli.state_dir, &cli.pin_root, name.as_deref())
                     .map(|r| commands::render_stats(&r, *output))
+                    .map_err(message)
             })
         }
         Command::Run(args) => run_agent(cli, matches, args),
@@ -213,7 +219,7 @@ fn run(cli: &Cli, matches: &clap::ArgMatches) -> anyhow::Result<ExitCode> {
 fn through_agent_or(
     cli: &Cli,
     req: Request,
-    direct: impl FnOnce() -> Result<Printed, commands::CommandError>,
+    direct: impl FnOnce() -> Result<Printed, String>,
 ) -> anyhow::Result<ExitCode> {
     let answer = if nix::unistd::geteuid().is_root() {
         proto::call(&cli.socket, &req)?
@@ -221,7 +227,7 @@ fn through_agent_or(
         None
     };
     let printed = match answer {
-        None => direct().map_err(|e| redirect_agent::error_chain(&e)),
+        None => direct(),
         Some(resp) => rendered(cli, resp),
     };
     match printed {
@@ -234,6 +240,11 @@ fn through_agent_or(
             Ok(ExitCode::FAILURE)
         }
     }
+}
+
+/// The line an error prints after `error: `, its causes included.
+fn message(e: commands::CommandError) -> String {
+    redirect_agent::error_chain(&e)
 }
 
 /// What the command prints for the agent's answer.

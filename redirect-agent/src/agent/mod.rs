@@ -285,6 +285,11 @@ async fn connection(
             Err(e) => format!("unknown peer ({e})"),
         };
         log::warn!("refused a connection from {who}: the agent serves root only");
+        // Read (and drop) what the peer sends first, briefly, so that it is there to read the
+        // refusal instead of writing into a closed socket.
+        let mut sink = vec![0u8; 4096];
+        let mut read = read;
+        let _ = tokio::time::timeout(Duration::from_millis(500), read.read(&mut sink)).await;
         let resp = Response::Error {
             message: format!("refused: the agent serves root only, and the peer is {who}"),
         };
