@@ -433,34 +433,18 @@ fn write_rows(
                 .map_err(map_write(pod, "PORT_RULES", MAX_PORT_RULES))?;
         }
     }
-    {
-        let mut t = dp.cidr4()?;
-        if let Some(old) = old {
-            for (len, k) in &old.cidr4 {
-                if !new.cidr4.contains(&(*len, *k)) {
-                    remove_quiet(t.remove(&aya::maps::lpm_trie::Key::new(*len, *k)));
-                }
-            }
-        }
-        for (len, k) in &new.cidr4 {
-            t.insert(&aya::maps::lpm_trie::Key::new(*len, *k), 1, 0)
-                .map_err(map_write(pod, "CIDR4", MAX_CIDR_RULES))?;
-        }
-    }
-    {
-        let mut t = dp.cidr6()?;
-        if let Some(old) = old {
-            for (len, k) in &old.cidr6 {
-                if !new.cidr6.contains(&(*len, *k)) {
-                    remove_quiet(t.remove(&aya::maps::lpm_trie::Key::new(*len, *k)));
-                }
-            }
-        }
-        for (len, k) in &new.cidr6 {
-            t.insert(&aya::maps::lpm_trie::Key::new(*len, *k), 1, 0)
-                .map_err(map_write(pod, "CIDR6", MAX_CIDR_RULES))?;
-        }
-    }
+    sync_trie(
+        &mut dp.cidr4()?,
+        old.map(|o| &o.cidr4[..]),
+        &new.cidr4,
+        map_write(pod, "CIDR4", MAX_CIDR_RULES),
+    )?;
+    sync_trie(
+        &mut dp.cidr6()?,
+        old.map(|o| &o.cidr6[..]),
+        &new.cidr6,
+        map_write(pod, "CIDR6", MAX_CIDR_RULES),
+    )?;
     {
         let mut addrs = dp.pod_addrs()?;
         if let Some(old) = old {
@@ -482,6 +466,26 @@ fn write_rows(
     dp.pod_cgroups()?
         .insert(new.cgroup_id, new.slot, 0)
         .map_err(map_write(pod, "POD_CGROUPS", MAX_PODS))?;
+    Ok(())
+}
+
+/// Writes the `new` CIDR rows of one trie, removing those of `old` that `new` has not.
+fn sync_trie<K: aya::Pod + PartialEq>(
+    t: &mut aya::maps::lpm_trie::LpmTrie<&mut aya::maps::MapData, K, u32>,
+    old: Option<&[(u32, K)]>,
+    new: &[(u32, K)],
+    err: impl FnOnce(MapError) -> EnrollError,
+) -> Result<(), EnrollError> {
+    for (len, k) in old.unwrap_or_default() {
+        if !new.iter().any(|(l, n)| l == len && n == k) {
+            remove_quiet(t.remove(&aya::maps::lpm_trie::Key::new(*len, *k)));
+        }
+    }
+    for (len, k) in new {
+        if let Err(e) = t.insert(&aya::maps::lpm_trie::Key::new(*len, *k), 1, 0) {
+            return Err(err(e));
+        }
+    }
     Ok(())
 }
 
@@ -541,10 +545,12 @@ fn teardown(dp: &mut Datapath, rec: &PodRecord) -> Vec<String> {
                 check("POD_CGROUPS", m.remove(&rec.cgroup_id));
             }
         }
+        Err(e) if e.is_not_pinned() => {} // A map that is not pinned holds no rows.
         Err(e) => failures_open.push(format!("opening POD_CGROUPS: {}", crate::error_chain(&e))),
     }
     match dp.pods() {
         Ok(mut m) => check("PODS", m.set(rec.slot, FREE_CONFIG, 0)),
+        Err(e) if e.is_not_pinned() => {} // A map that is not pinned holds no rows.
         Err(e) => failures_open.push(format!("opening PODS: {}", crate::error_chain(&e))),
     }
     match dp.pod_addrs() {
@@ -555,6 +561,7 @@ fn teardown(dp: &mut Datapath, rec: &PodRecord) -> Vec<String> {
                 }
             }
         }
+        Err(e) if e.is_not_pinned() => {} // A map that is not pinned holds no rows.
         Err(e) => failures_open.push(format!("opening POD_ADDRS: {}", crate::error_chain(&e))),
     }
     match dp.port_rules() {
@@ -563,6 +570,7 @@ fn teardown(dp: &mut Datapath, rec: &PodRecord) -> Vec<String> {
                 check("PORT_RULES", m.remove(k));
             }
         }
+        Err(e) if e.is_not_pinned() => {} // A map that is not pinned holds no rows.
         Err(e) => failures_open.push(format!("opening PORT_RULES: {}", crate::error_chain(&e))),
     }
     match dp.cidr4() {
@@ -571,6 +579,7 @@ fn teardown(dp: &mut Datapath, rec: &PodRecord) -> Vec<String> {
                 check("CIDR4", t.remove(&aya::maps::lpm_trie::Key::new(*len, *k)));
             }
         }
+        Err(e) if e.is_not_pinned() => {} // A map that is not pinned holds no rows.
         Err(e) => failures_open.push(format!("opening CIDR4: {}", crate::error_chain(&e))),
     }
     match dp.cidr6() {
@@ -579,6 +588,7 @@ fn teardown(dp: &mut Datapath, rec: &PodRecord) -> Vec<String> {
                 check("CIDR6", t.remove(&aya::maps::lpm_trie::Key::new(*len, *k)));
             }
         }
+        Err(e) if e.is_not_pinned() => {} // A map that is not pinned holds no rows.
         Err(e) => failures_open.push(format!("opening CIDR6: {}", crate::error_chain(&e))),
     }
     match dp.listeners() {
@@ -593,17 +603,19 @@ fn teardown(dp: &mut Datapath, rec: &PodRecord) -> Vec<String> {
                 );
             }
         }
+        Err(e) if e.is_not_pinned() => {} // A map that is not pinned holds no rows.
         Err(e) => failures_open.push(format!("opening LISTENERS: {}", crate::error_chain(&e))),
     }
     failures.extend(failures_open);
     // With the links gone no close callback runs for the pod's connections any more: what
     // they hold in ORIG_DST is removed here (docs/DESIGN.md, "Per-connection state").
-    match crate::conntrack::PinnedMaps::open(&dp.root().join("maps")) {
-        Ok(mut m) => {
-            if let Err(e) = m.sweep_slot(rec.slot) {
+    match dp.orig_dst_maps() {
+        Ok((mut orig_dst, mut used)) => {
+            if let Err(e) = crate::conntrack::sweep_slot(&mut orig_dst, &mut used, rec.slot) {
                 failures.push(format!("sweeping ORIG_DST: {}", crate::error_chain(&e)));
             }
         }
+        Err(e) if e.is_not_pinned() => {}
         Err(e) => failures.push(format!("opening ORIG_DST: {}", crate::error_chain(&e))),
     }
     if rec.added_lo6 {

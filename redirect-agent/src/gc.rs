@@ -106,6 +106,24 @@ pub fn gc(store: &StateStore, pin_root: &Path) -> Result<Collected, EnrollError>
     Ok(out)
 }
 
+/// Removes the rows of `t` whose slot (`slot_be` of the key, big-endian) no record owns.
+fn clear_trie<K: aya::Pod>(
+    t: &mut aya::maps::lpm_trie::LpmTrie<&mut aya::maps::MapData, K, u32>,
+    slot_be: impl Fn(&K) -> u32,
+    orphan: &impl Fn(u32) -> bool,
+    found: &mut BTreeSet<u32>,
+) {
+    let stale: Vec<_> = t
+        .keys()
+        .flatten()
+        .filter(|k| orphan(u32::from_be(slot_be(&k.data()))))
+        .collect();
+    for k in stale {
+        found.insert(u32::from_be(slot_be(&k.data())));
+        let _ = t.remove(&k);
+    }
+}
+
 fn remove_orphan_links(
     pin_root: &Path,
     live: &BTreeSet<String>,
@@ -187,30 +205,8 @@ fn clear_orphan_slots(dp: &mut Datapath, owned: &BTreeSet<u32>) -> Result<Vec<u3
             let _ = m.remove(&k);
         }
     }
-    {
-        let mut t = dp.cidr4()?;
-        let stale: Vec<_> = t
-            .keys()
-            .flatten()
-            .filter(|k| orphan(u32::from_be(k.data().slot_be)))
-            .collect();
-        for k in stale {
-            orphans.insert(u32::from_be(k.data().slot_be));
-            let _ = t.remove(&k);
-        }
-    }
-    {
-        let mut t = dp.cidr6()?;
-        let stale: Vec<_> = t
-            .keys()
-            .flatten()
-            .filter(|k| orphan(u32::from_be(k.data().slot_be)))
-            .collect();
-        for k in stale {
-            orphans.insert(u32::from_be(k.data().slot_be));
-            let _ = t.remove(&k);
-        }
-    }
+    clear_trie(&mut dp.cidr4()?, |k| k.slot_be, &orphan, &mut orphans);
+    clear_trie(&mut dp.cidr6()?, |k| k.slot_be, &orphan, &mut orphans);
     {
         let mut pods = dp.pods()?;
         for s in &orphans {

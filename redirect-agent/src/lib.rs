@@ -14,7 +14,6 @@ pub mod enroll;
 pub mod gc;
 pub mod listener;
 pub mod netns;
-pub mod output;
 pub mod paths;
 pub mod probe;
 pub mod rows;

@@ -6,76 +6,38 @@
 //! 5.6 (`pidfd_getfd`).
 
 use std::{
-    fs, io,
+    io,
     os::fd::{FromRawFd as _, OwnedFd},
 };
 
 use redirect_common::{ListenerKey, AF_INET, AF_INET6};
 
-use crate::{cgroup, datapath::Datapath, netns, state::PodRecord};
+use crate::{
+    cgroup,
+    datapath::Datapath,
+    detect::{
+        procs,
+        sockdiag::{self, Protocol, SockDiagError},
+    },
+    netns,
+    state::PodRecord,
+};
 
-/// A listening TCP socket, as `/proc/net/tcp{,6}` shows it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Listening {
-    pub inode: u64,
-    pub family: u16,
-}
-
-/// Listening sockets on `port` in the calling thread's network namespace.
-fn listening_on(port: u16) -> Vec<Listening> {
-    let mut out = Vec::new();
-    for (file, family) in [("tcp", AF_INET), ("tcp6", AF_INET6)] {
-        // thread-self: /proc/self/net follows the thread group leader, not this setns'd thread.
-        let Ok(text) = fs::read_to_string(format!("/proc/thread-self/net/{file}")) else {
-            continue;
-        };
-        for line in text.lines().skip(1) {
-            let f: Vec<&str> = line.split_whitespace().collect();
-            if f.len() < 10 || f[3] != "0A" {
-                continue;
-            }
-            let Some(p) = f[1]
-                .rsplit(':')
-                .next()
-                .and_then(|p| u16::from_str_radix(p, 16).ok())
-            else {
-                continue;
+/// The proxy's listening TCP sockets on `port` in the calling thread's network namespace, by
+/// sock_diag (which names each socket's inode and creator uid), as `(inode, family)`.
+fn listening_on(port: u16, uid: u32) -> Result<Vec<(u64, u16)>, SockDiagError> {
+    Ok(sockdiag::dump_listeners()?
+        .into_iter()
+        .filter(|s| s.protocol == Protocol::Tcp && s.port == port && s.uid == uid)
+        .map(|s| {
+            let family = if s.address.is_ipv4() {
+                AF_INET
+            } else {
+                AF_INET6
             };
-            if p == port {
-                if let Ok(inode) = f[9].parse() {
-                    out.push(Listening { inode, family });
-                }
-            }
-        }
-    }
-    out
-}
-
-/// Finds (pid, fd) holding socket `inode` among `pids` owned by `uid`.
-fn owner(pids: &[u32], uid: u32, inode: u64) -> Option<(u32, i32)> {
-    let target = format!("socket:[{inode}]");
-    for pid in pids {
-        let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-        let real_uid = status
-            .lines()
-            .find_map(|l| l.strip_prefix("Uid:"))
-            .and_then(|l| l.split_whitespace().next())
-            .and_then(|u| u.parse::<u32>().ok());
-        if real_uid != Some(uid) {
-            continue;
-        }
-        let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else {
-            continue;
-        };
-        for fd in fds.flatten() {
-            if fs::read_link(fd.path()).is_ok_and(|l| l.as_os_str() == target.as_str()) {
-                if let Some(n) = fd.file_name().to_str().and_then(|n| n.parse().ok()) {
-                    return Some((*pid, n));
-                }
-            }
-        }
-    }
-    None
+            (s.inode, family)
+        })
+        .collect())
 }
 
 fn pidfd_getfd(pid: u32, fd: i32) -> io::Result<OwnedFd> {
@@ -102,22 +64,24 @@ fn pidfd_getfd(pid: u32, fd: i32) -> io::Result<OwnedFd> {
 /// Puts the running proxy's inbound listeners into the listener map; returns how many.
 pub fn adopt(dp: &mut Datapath, rec: &PodRecord) -> io::Result<usize> {
     let port = rec.spec.proxy_inbound_port;
-    let sockets =
-        netns::run_at(&rec.spec.netns, || listening_on(port)).map_err(io::Error::other)?;
+    let uid = rec.spec.proxy_uid;
+    let sockets = netns::run_at(&rec.spec.netns, || listening_on(port, uid))
+        .map_err(io::Error::other)?
+        .map_err(io::Error::other)?;
     if sockets.is_empty() {
         return Ok(0);
     }
     let pids = cgroup::pids(&rec.spec.cgroup);
     let mut adopted = 0;
     let mut map = dp.listeners().map_err(io::Error::other)?;
-    for s in sockets {
-        let Some((pid, fd)) = owner(&pids, rec.spec.proxy_uid, s.inode) else {
+    for (inode, family) in sockets {
+        let Some((pid, fd)) = procs::socket_fd(&pids, inode) else {
             continue;
         };
         let sock = pidfd_getfd(pid, fd)?;
         let key = ListenerKey {
             slot: rec.slot,
-            family: s.family as u32,
+            family: u32::from(family),
         };
         map.insert(key, std::os::fd::AsRawFd::as_raw_fd(&sock), 0)
             .map_err(io::Error::other)?;

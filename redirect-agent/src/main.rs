@@ -5,14 +5,17 @@
 
 use std::{net::IpAddr, path::PathBuf, process::ExitCode};
 
+mod cli;
+
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+use cli::{
+    render::{self, Printed},
+    table::Format,
+};
 use redirect_agent::{
     agent::{self, proto, Request, Response},
-    commands::{self, Printed},
-    datapath,
-    output::Format,
-    spec, state,
+    commands, datapath, spec, state,
 };
 use redirect_common::InboundPolicy;
 
@@ -77,9 +80,9 @@ enum Command {
     /// disappears. Exits on SIGTERM, leaving every pod enrolled for the next agent to adopt.
     Run(RunArgs),
     /// Check the kernel features the datapath needs.
-    Probe(redirect_agent::probe::ProbeArgs),
+    Probe(cli::probe::ProbeArgs),
     /// Find listeners that the pod-IP delivery change affects.
-    Detect(redirect_agent::detect::DetectArgs),
+    Detect(cli::detect::DetectCli),
 }
 
 #[derive(Debug, clap::Args)]
@@ -177,39 +180,39 @@ fn run(cli: &Cli, matches: &clap::ArgMatches) -> anyhow::Result<ExitCode> {
             let spec = enroll_spec(args)?;
             through_agent_or(cli, Request::Enroll { spec: spec.clone() }, || {
                 commands::enroll(&cli.state_dir, &cli.pin_root, spec)
-                    .map(|r| commands::render_enroll(&r))
+                    .map(|r| render::render_enroll(&r))
                     .map_err(message)
             })
         }
         Command::Unenroll { name } => {
             through_agent_or(cli, Request::Unenroll { name: name.clone() }, || {
                 commands::unenroll(&cli.state_dir, &cli.pin_root, name)
-                    .map(|r| commands::render_unenroll(&r))
+                    .map(|r| render::render_unenroll(&r))
                     .map_err(message)
             })
         }
         Command::List { output } => through_agent_or(cli, Request::List, || {
-            let is_root = nix::unistd::geteuid().is_root();
+            let is_root = redirect_agent::enroll::require_root().is_ok();
             commands::list(&cli.state_dir, &cli.pin_root, is_root)
-                .map(|r| commands::render_list(&r, *output))
+                .map(|r| render::render_list(&r, *output))
                 .map_err(message)
         }),
         Command::Gc => through_agent_or(cli, Request::Gc, || {
             commands::gc(&cli.state_dir, &cli.pin_root)
-                .map(|r| commands::render_gc(&r))
+                .map(|r| render::render_gc(&r))
                 .map_err(message)
         }),
         Command::Stats { name, output } => {
             let req = Request::Stats { name: name.clone() };
             through_agent_or(cli, req, || {
                 commands::stats(&cli.state_dir, &cli.pin_root, name.as_deref())
-                    .map(|r| commands::render_stats(&r, *output))
+                    .map(|r| render::render_stats(&r, *output))
                     .map_err(message)
             })
         }
         Command::Run(args) => run_agent(cli, matches, args),
-        Command::Probe(args) => redirect_agent::probe::run(args),
-        Command::Detect(args) => redirect_agent::detect::run(args),
+        Command::Probe(args) => cli::probe::run(args),
+        Command::Detect(args) => cli::detect::run(args),
     }
 }
 
@@ -254,11 +257,11 @@ fn rendered(cli: &Cli, resp: Response) -> Result<Printed, String> {
         _ => Format::Table,
     };
     match resp {
-        Response::Enrolled(r) => Ok(commands::render_enroll(&r)),
-        Response::Unenrolled(r) => Ok(commands::render_unenroll(&r)),
-        Response::List(r) => Ok(commands::render_list(&r, format)),
-        Response::Stats(r) => Ok(commands::render_stats(&r, format)),
-        Response::Gc(r) => Ok(commands::render_gc(&r)),
+        Response::Enrolled(r) => Ok(render::render_enroll(&r)),
+        Response::Unenrolled(r) => Ok(render::render_unenroll(&r)),
+        Response::List(r) => Ok(render::render_list(&r, format)),
+        Response::Stats(r) => Ok(render::render_stats(&r, format)),
+        Response::Gc(r) => Ok(render::render_gc(&r)),
         Response::Error { message } => Err(message),
         Response::Status { .. } => Err("the agent answered a status to a command".into()),
     }
@@ -269,7 +272,7 @@ fn run_agent(cli: &Cli, matches: &clap::ArgMatches, args: &RunArgs) -> anyhow::R
         Some(path) => {
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("reading {}", path.display()))?;
-            serde_yaml::from_str::<ConfigFile>(&text)
+            serde_norway::from_str::<ConfigFile>(&text)
                 .with_context(|| format!("parsing {}", path.display()))?
         }
         None => ConfigFile::default(),

@@ -13,7 +13,6 @@ use std::{
     fs,
     os::fd::{FromRawFd as _, OwnedFd},
     path::PathBuf,
-    process::ExitCode,
     sync::OnceLock,
 };
 
@@ -27,16 +26,7 @@ use serde::Serialize;
 use crate::{
     bpf_sys::{self, AttachType},
     datapath::{self, Hook},
-    output::{print_table, Format},
 };
-
-/// Arguments of `redirect-agent probe`.
-#[derive(Debug, clap::Args)]
-pub struct ProbeArgs {
-    /// Output format.
-    #[arg(long, value_enum, default_value_t = crate::output::Format::Table)]
-    pub output: crate::output::Format,
-}
 
 /// What kind of kernel feature a [`Feature`] is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -481,85 +471,6 @@ fn pidfd_getfd() -> Result<bool, String> {
     }
 }
 
-/// Runs `probe` and prints its report.
-pub fn run(args: &ProbeArgs) -> anyhow::Result<ExitCode> {
-    // Most checks load programs and create a cgroup and a network namespace: as another user
-    // every one would fail, and a report of everything "missing" would be a lie.
-    crate::enroll::require_root().map_err(|e| {
-        anyhow::Error::new(e).context("probe cannot check this kernel as a non-root user")
-    })?;
-    let report = probe();
-    match args.output {
-        Format::Json => println!("{}", serde_json::to_string_pretty(&report)?),
-        Format::Table => print_report(&report),
-    }
-    Ok(if report.ok {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
-}
-
-fn print_report(report: &Report) {
-    println!("kernel {}", report.kernel);
-    let rows: Vec<Vec<String>> = report
-        .features
-        .iter()
-        .map(|s| {
-            vec![
-                s.name.to_string(),
-                s.kind.as_str().to_string(),
-                if s.mandatory { "mandatory" } else { "optional" }.to_string(),
-                if s.present { "present" } else { "MISSING" }.to_string(),
-                s.since.to_string(),
-                match (&s.detail, s.present) {
-                    (_, true) => String::new(),
-                    (Some(d), false) => format!("{}: {}", s.impact, first_line(d)),
-                    (None, false) => s.impact.to_string(),
-                },
-            ]
-        })
-        .collect();
-    print_table(
-        &[
-            "FEATURE",
-            "KIND",
-            "REQUIRED",
-            "STATUS",
-            "SINCE",
-            "IF MISSING",
-        ],
-        &rows,
-    );
-    if report.ok {
-        println!("\nall mandatory features present");
-        if !report.missing_optional.is_empty() {
-            println!(
-                "optional features missing: {}",
-                report.missing_optional.join(", ")
-            );
-        }
-    } else {
-        println!(
-            "\nmissing mandatory features: {}",
-            report.missing_mandatory.join(", ")
-        );
-    }
-}
-
-fn first_line(s: &str) -> &str {
-    let s = s.lines().next().unwrap_or("");
-    if s.len() > 160 {
-        let mut end = 160;
-        while !s.is_char_boundary(end) {
-            end -= 1;
-        }
-        &s[..end]
-    } else {
-        s
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -569,6 +480,24 @@ mod tests {
         // Every kernel this runs on is newer than 3.0 and older than 255.0.
         assert!(kernel_at_least(3, 0));
         assert!(!kernel_at_least(255, 0));
+    }
+
+    /// The program names are the datapath's (`Hook::program`), one feature per hook: the
+    /// table cannot drift from the programs that are really loaded.
+    #[test]
+    fn every_hook_is_probed_under_its_program_name() {
+        for hook in Hook::ALL {
+            let name = format!("program/{}", hook.program());
+            let f = feature(&name).unwrap_or_else(|| panic!("no feature {name}"));
+            assert!(
+                matches!(f.check, Check::Load(h) if h == hook),
+                "{name} does not load {hook:?}"
+            );
+        }
+        let programs = FEATURES
+            .iter()
+            .filter(|f| matches!(f.check, Check::Load(_)));
+        assert_eq!(programs.count(), Hook::ALL.len());
     }
 
     #[test]

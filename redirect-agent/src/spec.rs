@@ -398,6 +398,18 @@ impl PodSpec {
         })
     }
 
+    /// Whether an inbound connection to `port` of the pod is captured: the question the
+    /// datapath's sk_lookup answers from the rows of [`crate::rows::port_rules`], asked here of
+    /// the same rows (for `detect`).
+    pub fn captures_inbound(&self, port: u16) -> bool {
+        !redirect_common::is_proxy_port(port)
+            && port != self.proxy_inbound_port
+            && port != self.proxy_outbound_port
+            && crate::rows::port_rules(self)
+                .get(&port)
+                .is_none_or(|bits| bits & redirect_common::port_rule::EXCLUDE_INBOUND == 0)
+    }
+
     /// The policy that applies to inbound port `port`: the per-port override or the pod's.
     pub fn policy_for(&self, port: u16) -> InboundPolicy {
         self.port_policies

@@ -513,48 +513,6 @@ fn excluded_outbound_ports_and_cidrs_bypass_the_proxy() {
     failures.assert_none("outbound exclusions");
 }
 
-/// A client elsewhere reaches the server's wildcard app through the proxy (policy passthrough),
-/// for both families; `Some(why)` otherwise.
-fn captured_inbound(client: &Pod, server: &Pod, proxy: &Proxy) -> Option<String> {
-    let mut why = Vec::new();
-    for f in Family::BOTH {
-        let to = sock(f.pod_ip(server), WILDCARD_PORT);
-        let seen = proxy.entries().len();
-        let got = probe(client, to);
-        let expect = Expect::Echo {
-            local: to,
-            peer: f.passthrough_src(),
-            direct: false,
-        };
-        if let Some(w) = expect.check(&got) {
-            why.push(format!("client -> {to}: {w}"));
-        }
-        let new = proxy.entries().split_off(seen);
-        if new.len() != 1 || new[0].orig_dst != Some(to) {
-            why.push(format!("client -> {to}: proxy log {new:?}"));
-        }
-    }
-    (!why.is_empty()).then(|| why.join("; "))
-}
-
-/// What a client elsewhere gets from the server's wildcard app without any redirection.
-fn direct_inbound(client: &Pod, server: &Pod) -> Option<String> {
-    let mut why = Vec::new();
-    for f in Family::BOTH {
-        let to = sock(f.pod_ip(server), WILDCARD_PORT);
-        let got = probe(client, to);
-        let expect = Expect::Echo {
-            local: to,
-            peer: f.pod_ip(client),
-            direct: true,
-        };
-        if let Some(w) = expect.check(&got) {
-            why.push(format!("client -> {to}: {w}"));
-        }
-    }
-    (!why.is_empty()).then(|| why.join("; "))
-}
-
 /// No inbound listener: the pod's inbound connections are refused (not blackholed, not
 /// delivered around the proxy), for both families.
 fn refused_inbound(client: &Pod, server: &Pod) -> Option<String> {
@@ -874,23 +832,6 @@ fn stats_show_exact_counts_after_known_connections() {
         serde_json::json!({"pods": [{"name": server.name, "counters": want}]}),
         "stats --output json"
     );
-}
-
-/// Files and directories under `dir`, relative, sorted (a pin root's layout).
-fn tree(dir: &std::path::Path) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
-            let p = e.path();
-            out.push(p.strip_prefix(dir).unwrap().display().to_string());
-            if e.file_type().is_ok_and(|t| t.is_dir()) {
-                stack.push(p);
-            }
-        }
-    }
-    out.sort();
-    out
 }
 
 /// `unenroll` restores plain behaviour at once; with two pods enrolled, unenrolling one leaves

@@ -124,29 +124,6 @@ fn outbound_captured(pod: &Pod, proxy: &Proxy, to: SocketAddr) -> Option<String>
     (!why.is_empty()).then(|| format!("app -> {to}: {}", why.join("; ")))
 }
 
-/// A client elsewhere reaches `server`'s wildcard app through its proxy (passthrough).
-fn inbound_captured(client: &Pod, server: &Pod, proxy: &Proxy) -> Option<String> {
-    let mut why = Vec::new();
-    for f in Family::BOTH {
-        let to = sock(f.pod_ip(server), WILDCARD_PORT);
-        let seen = proxy.entries().len();
-        let got = probe(client, to);
-        let expect = Expect::Echo {
-            local: to,
-            peer: f.passthrough_src(),
-            direct: false,
-        };
-        if let Some(w) = expect.check(&got) {
-            why.push(format!("client -> {to}: {w}"));
-        }
-        let new = proxy.entries().split_off(seen);
-        if new.len() != 1 || new[0].orig_dst != Some(to) {
-            why.push(format!("client -> {to}: proxy log {new:?}"));
-        }
-    }
-    (!why.is_empty()).then(|| why.join("; "))
-}
-
 /// The counters one round of [`victim_round`] moves: an outbound capture per family (answered
 /// from the proxy's socket storage), an inbound capture per family (answered from the socket's
 /// own address) delivered to the pod IP.
@@ -180,7 +157,7 @@ fn victim_round(
             failures.push(why);
         }
     }
-    if let Some(why) = inbound_captured(client, victim, proxy) {
+    if let Some(why) = captured_inbound(client, victim, proxy) {
         failures.push(why);
     }
     let d = delta(&before, &agent.stats(&victim.name));

@@ -29,63 +29,8 @@ fn statuses(agent: &Agent) -> Vec<(String, String)> {
         .collect()
 }
 
-/// Files and directories under `dir`, relative, sorted.
-fn tree(dir: &Path) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
-            let p = e.path();
-            out.push(p.strip_prefix(dir).unwrap().display().to_string());
-            if e.file_type().is_ok_and(|t| t.is_dir()) {
-                stack.push(p);
-            }
-        }
-    }
-    out.sort();
-    out
-}
-
 fn has_six(pod: &Pod) -> bool {
     lo_addresses(pod).contains("::6/128")
-}
-
-/// The client reaches the server's wildcard app through the proxy for both families.
-fn captured(client: &Pod, server: &Pod, proxy: &Proxy) -> Result<(), String> {
-    for f in Family::BOTH {
-        let to = sock(f.pod_ip(server), WILDCARD_PORT);
-        let seen = proxy.entries().len();
-        let got = probe(client, to);
-        let expect = Expect::Echo {
-            local: to,
-            peer: f.passthrough_src(),
-            direct: false,
-        };
-        if let Some(w) = expect.check(&got) {
-            return Err(format!("client -> {to}: {w}"));
-        }
-        let new = proxy.entries().split_off(seen);
-        if new.len() != 1 || new[0].orig_dst != Some(to) {
-            return Err(format!("client -> {to}: proxy log {new:?}"));
-        }
-    }
-    Ok(())
-}
-
-/// The client reaches the server's wildcard app directly, as without redirect.
-fn direct(client: &Pod, server: &Pod) -> Result<(), String> {
-    for f in Family::BOTH {
-        let to = sock(f.pod_ip(server), WILDCARD_PORT);
-        let expect = Expect::Echo {
-            local: to,
-            peer: f.pod_ip(client),
-            direct: true,
-        };
-        if let Some(w) = expect.check(&probe(client, to)) {
-            return Err(format!("client -> {to}: {w}"));
-        }
-    }
-    Ok(())
 }
 
 /// The pod is as if redirect had never been there: nothing attached, no pins, no record.
@@ -118,7 +63,7 @@ fn failed_enroll_leaves_nothing() {
     let good = node.add_pod("good").unwrap();
     let client = node.add_pod("client").unwrap();
     let _apps = matrix_apps(&good);
-    let proxy = Proxy::start(&node, &good, "pod-ip", "proxy.log");
+    let proxy = Proxy::start(&node, &good, ProxyDial::PodIp, "proxy.log");
     bad.exec("sysctl", &["-qw", "net.ipv6.conf.lo.disable_ipv6=1"])
         .unwrap();
     let agent = Agent::new();
@@ -146,7 +91,9 @@ fn failed_enroll_leaves_nothing() {
         if variant.starts_with("first") {
             agent.enroll(&good, &[]);
         } else {
-            captured(&client, &good, &proxy).unwrap_or_else(|e| panic!("{variant}: good pod: {e}"));
+            if let Some(e) = captured_inbound(&client, &good, &proxy) {
+                panic!("{variant}: good pod: {e}");
+            }
         }
     }
     agent.unenroll(&good.name);
@@ -206,7 +153,7 @@ fn kill_anywhere_converges() {
     let server = node.add_pod("server").unwrap();
     let client = node.add_pod("client").unwrap();
     let _apps = matrix_apps(&server);
-    let proxy = Proxy::start(&node, &server, "pod-ip", "proxy.log");
+    let proxy = Proxy::start(&node, &server, ProxyDial::PodIp, "proxy.log");
     let agent = Agent::new();
     let enroll = Agent::enroll_args(&server, &server.name);
     let unenroll: Vec<String> = ["unenroll", "--name", &server.name]
@@ -246,8 +193,9 @@ fn kill_anywhere_converges() {
             vec![(server.name.clone(), "ok".to_owned())],
             "round {round}: after re-running enroll"
         );
-        captured(&client, &server, &proxy)
-            .unwrap_or_else(|e| panic!("round {round}: after enroll killed at {at:?}: {e}"));
+        if let Some(e) = captured_inbound(&client, &server, &proxy) {
+            panic!("round {round}: after enroll killed at {at:?}: {e}");
+        }
 
         let at = unenroll_time.mul_f64(frac(round, &mut rng));
         kill_after(&agent, &unenroll, at);
@@ -264,7 +212,9 @@ fn kill_anywhere_converges() {
             "round {round}: re-running unenroll: {err}"
         );
         assert_clean(&agent, &[&server], &[false]);
-        direct(&client, &server).unwrap_or_else(|e| panic!("round {round}: after unenroll: {e}"));
+        if let Some(e) = direct_inbound(&client, &server) {
+            panic!("round {round}: after unenroll: {e}");
+        }
     }
 }
 
@@ -323,7 +273,7 @@ fn unusable_records_never_block_or_lie() {
     assert_eq!(agent.stats(&b.name)["inbound_captured"], 0);
     // The name of a bad record is refused with the reason, not silently replaced.
     let c = node.add_pod("c").unwrap();
-    let mut args = Agent::enroll_args(&c, "empty");
+    let args = Agent::enroll_args(&c, "empty");
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let out = agent.run(&args);
     assert!(!out.status.success());
@@ -486,7 +436,9 @@ fn lost_state_directory_orphans_are_found_and_collected() {
         "{out}"
     );
     assert_eq!(cgroup_programs(&orphan.cgroup), "", "orphan still attached");
-    direct(&client, &orphan).unwrap_or_else(|e| panic!("orphan after gc: {e}"));
+    if let Some(e) = direct_inbound(&client, &orphan) {
+        panic!("orphan after gc: {e}");
+    }
     agent.unenroll(&next.name);
     assert!(!agent.pin_root.exists(), "{:?}", tree(&agent.pin_root));
 }
@@ -665,7 +617,7 @@ fn cgroup2_root_is_refused_without_risk() {
         .find(|p| {
             p.parent().is_some_and(|up| {
                 nix::sys::statfs::statfs(up)
-                    .map(|s| s.filesystem_type().0 as i64 != 0x6367_7270)
+                    .map(|s| s.filesystem_type().0 != 0x6367_7270)
                     .unwrap_or(true)
             })
         })

@@ -266,9 +266,24 @@ fn open_existing_and_read_only_change_nothing() {
         assert_eq!(tree(&agent.pin_root), Vec::<String>::new());
     }
 
-    // A complete datapath (the writer made it), then the readers.
-    drop(Datapath::open(&agent.pin_root).unwrap());
+    // A complete datapath (the writer made it); the writer again finds it current and
+    // replaces nothing; then the readers.
+    let first = Datapath::open(&agent.pin_root).unwrap();
+    assert_eq!(first.program_changes().len(), Hook::ALL.len());
+    drop(first);
     let pins = tree(&agent.pin_root);
+    let again = Datapath::open(&agent.pin_root).unwrap();
+    assert_eq!(
+        again.program_changes(),
+        &[],
+        "the same build replaced programs"
+    );
+    drop(again);
+    assert_eq!(
+        tree(&agent.pin_root),
+        pins,
+        "the second open changed the pins"
+    );
     let mut reader = Datapath::open_read_only(&agent.pin_root)
         .unwrap()
         .expect("a complete datapath");
@@ -519,10 +534,15 @@ fn compatible_upgrade_swaps_programs_without_a_gap() {
                 outbound.lock().unwrap().push(got);
             }
         });
-        // Three upgrades, each from a pretended older build: by enrolling another pod, by an
-        // explicit upgrade, and by re-enrolling the pod itself.
-        for round in 0..3u64 {
-            pretend_older_build(&agent.pin_root, 0x01d_b01d + round);
+        // Four upgrades, each from a pretended older build: by enrolling another pod, by an
+        // explicit upgrade, by re-enrolling the pod itself, and from pins without info.
+        for round in 0..4u64 {
+            if round == 3 {
+                // Pins of the first, unversioned agent: no info at all.
+                fs::remove_file(agent.pin_root.join("info")).unwrap();
+            } else {
+                pretend_older_build(&agent.pin_root, 0x01d_b01d + round);
+            }
             let before = link_ids(&agent.pin_root, &server.name);
             std::thread::sleep(Duration::from_millis(100));
             upgrading.store(true, Ordering::SeqCst);
@@ -538,8 +558,16 @@ fn compatible_upgrade_swaps_programs_without_a_gap() {
                         assert!(c.old_id.is_some_and(|o| o != c.new_id), "{c:?}");
                     }
                 }
-                _ => {
+                2 => {
                     agent.enroll(&server, &[]);
+                }
+                _ => {
+                    let changes = Datapath::upgrade(&agent.pin_root).expect("upgrade");
+                    assert_eq!(changes.len(), Hook::ALL.len(), "{changes:?}");
+                    let info = datapath::layout::read_info(&agent.pin_root)
+                        .unwrap()
+                        .unwrap();
+                    assert_eq!(info, Some(datapath::layout::Info::current()));
                 }
             }
             upgrading.store(false, Ordering::SeqCst);
@@ -1023,5 +1051,80 @@ fn probe_as_an_unprivileged_user_says_it_needs_root() {
             stdout.trim().is_empty(),
             "{args:?} printed a report: {stdout}"
         );
+    }
+}
+
+/// bpf mount points under `/sys` in the calling thread's mount namespace.
+fn thread_bpf_mounts() -> Vec<String> {
+    fs::read_to_string("/proc/thread-self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter(|l| l.split(" - ").nth(1).is_some_and(|t| t.starts_with("bpf ")))
+        .map(|l| l.split_whitespace().nth(4).unwrap_or("").to_owned())
+        .filter(|m| m.starts_with("/sys"))
+        .collect()
+}
+
+/// On a node without bpffs (made so in a private mount namespace of the test's own thread, by
+/// unmounting `/sys/fs/bpf` there only): `--pin-root /sys/fs/bpf` gets bpffs on `/sys/fs/bpf`
+/// itself, not on `/sys/fs` as before; the default layout (a root directly below `/sys/fs/bpf`)
+/// gets it on `/sys/fs/bpf`, the kernel's mount point, and nowhere else.
+#[test]
+fn without_bpffs_it_is_mounted_at_the_pin_root_never_above() {
+    require!(Need::Root, datapath());
+    let below = format!("/sys/fs/bpf/redirect-test-{}-nobpffs", std::process::id());
+    let result = std::thread::spawn(move || -> Result<(), String> {
+        use nix::mount::{mount, umount2, MntFlags, MsFlags};
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).map_err(|e| e.to_string())?;
+        mount(
+            None::<&str>,
+            "/",
+            None::<&str>,
+            MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+            None::<&str>,
+        )
+        .map_err(|e| e.to_string())?;
+        let bpf = Path::new("/sys/fs/bpf");
+        let clear = || {
+            while thread_bpf_mounts().iter().any(|m| m == "/sys/fs/bpf") {
+                umount2(bpf, MntFlags::MNT_DETACH).map_err(|e| e.to_string())?;
+            }
+            Ok::<(), String>(())
+        };
+        clear()?;
+        let mut why = Vec::new();
+        for root in [Path::new("/sys/fs/bpf"), Path::new(&below)] {
+            match Datapath::open(root) {
+                Err(e) => why.push(format!(
+                    "{}: {}",
+                    root.display(),
+                    redirect_agent::error_chain(&e)
+                )),
+                Ok(dp) => {
+                    drop(dp);
+                    let mounts = thread_bpf_mounts();
+                    if mounts != ["/sys/fs/bpf"] {
+                        why.push(format!(
+                            "pin root {}: bpf mounts {mounts:?}",
+                            root.display()
+                        ));
+                    }
+                    if let Err(e) = Datapath::remove_shared_pins(root) {
+                        why.push(redirect_agent::error_chain(&e));
+                    }
+                }
+            }
+            clear()?;
+        }
+        if why.is_empty() {
+            Ok(())
+        } else {
+            Err(why.join("\n"))
+        }
+    })
+    .join()
+    .unwrap();
+    if let Err(why) = result {
+        panic!("{why}");
     }
 }

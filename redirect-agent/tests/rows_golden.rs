@@ -92,7 +92,8 @@ fn dotted_name_is_valid() {
 /// Each refusal of dangerous input, one line naming the value.
 #[test]
 fn dangerous_specs_are_refused() {
-    let cases: Vec<(&str, Box<dyn Fn(&mut PodSpec)>, &str)> = vec![
+    type Mutate = Box<dyn Fn(&mut PodSpec)>;
+    let cases: Vec<(&str, Mutate, &str)> = vec![
         ("proxy uid 0", Box::new(|s| s.proxy_uid = 0), "uid 0"),
         (
             "limited broadcast",

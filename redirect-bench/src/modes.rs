@@ -81,6 +81,9 @@ impl Config {
     }
 }
 
+/// What the load generator does (`redirect-testbed load`): `kind` `rr` (request/response on
+/// one kept connection), `crr` (a connection per request/response) or `bulk` (streamed and
+/// echoed back) with `size`-byte requests; `name` is the label in the results.
 #[derive(Clone, Copy, Debug)]
 pub struct Workload {
     pub name: &'static str,
@@ -88,26 +91,14 @@ pub struct Workload {
     pub size: usize,
 }
 
-pub const RR_1B: Workload = Workload {
-    name: "rr-1B",
-    kind: "rr",
-    size: 1,
-};
-pub const RR_1K: Workload = Workload {
-    name: "rr-1KiB",
-    kind: "rr",
-    size: 1024,
-};
-pub const CRR: Workload = Workload {
-    name: "crr-1B",
-    kind: "crr",
-    size: 1,
-};
-pub const BULK: Workload = Workload {
-    name: "bulk",
-    kind: "bulk",
-    size: 0,
-};
+const fn workload(name: &'static str, kind: &'static str, size: usize) -> Workload {
+    Workload { name, kind, size }
+}
+
+pub const RR_1B: Workload = workload("rr-1B", "rr", 1);
+pub const RR_1K: Workload = workload("rr-1KiB", "rr", 1024);
+pub const CRR: Workload = workload("crr-1B", "crr", 1);
+pub const BULK: Workload = workload("bulk", "bulk", 0);
 
 /// Windows of one measurement.
 #[derive(Clone, Copy, Debug, Serialize)]

@@ -127,8 +127,7 @@ fn judge(outcome: &Outcome, want: Option<(SocketAddr, IpAddr)>) -> (String, bool
 
 /// Runs the demo; exits 1 (after cleaning up) when a cell is not as expected.
 pub fn run() -> Result<()> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
+    if !redirect_testbed::needs::is_root() {
         bail!(
             "the demo needs root (network namespaces, cgroups, eBPF); try: sudo {} demo",
             exe()

@@ -33,6 +33,7 @@ mod netns;
 mod node;
 pub mod probe;
 pub mod proxy;
+mod sockdiag;
 mod state;
 mod sweep;
 

@@ -523,9 +523,8 @@ impl PodProcess {
     }
 
     /// Waits until the process has a TCP socket listening on `addr` (a wildcard listener on
-    /// the port counts for a specific address). Reads `/proc/PID/net/tcp{,6}`, which shows the
-    /// process's own netns, instead of connecting: a probe connection would reach a proxy and
-    /// appear in its log.
+    /// the port counts for a specific address). Asks sock_diag in the process's own netns
+    /// instead of connecting: a probe connection would reach a proxy and appear in its log.
     pub fn wait_for_listen(&mut self, addr: SocketAddr, timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;
         loop {
@@ -609,44 +608,20 @@ impl Drop for PodProcess {
     }
 }
 
-/// Listening sockets in `/proc/PID/net/tcp` and `tcp6` (state `0A`).
+/// Whether a TCP socket listens on `want` (or on the wildcard address of its port) in the
+/// network namespace of process `pid`, as sock_diag reports it.
 pub(crate) fn listening(pid: u32, want: SocketAddr) -> bool {
-    ["tcp", "tcp6"].iter().any(|f| {
-        let table = fs::read_to_string(format!("/proc/{pid}/net/{f}")).unwrap_or_default();
-        table
-            .lines()
-            .skip(1)
-            .filter_map(parse_proc_tcp_line)
-            .any(|(local, state)| {
-                state == 0x0A
-                    && local.port() == want.port()
-                    && (local.ip() == want.ip()
-                        || (local.ip().is_unspecified()
-                            && (local.is_ipv6() || want.is_ipv4())
-                            && !want.ip().is_unspecified()))
-            })
-    })
-}
-
-/// `sl local_address rem_address st ...`, addresses as hex of the in-memory (network order)
-/// words printed as native integers.
-fn parse_proc_tcp_line(line: &str) -> Option<(SocketAddr, u8)> {
-    let mut f = line.split_whitespace();
-    let local = f.nth(1)?;
-    let state = u8::from_str_radix(f.nth(1)?, 16).ok()?;
-    let (ip_hex, port_hex) = local.split_once(':')?;
-    let port = u16::from_str_radix(port_hex, 16).ok()?;
-    let mut bytes = Vec::with_capacity(16);
-    for chunk in ip_hex.as_bytes().chunks(8) {
-        let word = u32::from_str_radix(std::str::from_utf8(chunk).ok()?, 16).ok()?;
-        bytes.extend_from_slice(&word.to_ne_bytes());
-    }
-    let ip = match bytes.len() {
-        4 => IpAddr::from(<[u8; 4]>::try_from(bytes).ok()?),
-        16 => IpAddr::from(<[u8; 16]>::try_from(bytes).ok()?),
-        _ => return None,
+    let ns = PathBuf::from(format!("/proc/{pid}/ns/net"));
+    let Ok(Ok(listeners)) = netns::run_in(&ns, crate::sockdiag::tcp_listeners) else {
+        return false;
     };
-    Some((SocketAddr::new(ip, port), state))
+    listeners.iter().any(|local| {
+        local.port() == want.port()
+            && (local.ip() == want.ip()
+                || (local.ip().is_unspecified()
+                    && (local.is_ipv6() || want.is_ipv4())
+                    && !want.ip().is_unspecified()))
+    })
 }
 
 #[cfg(test)]
@@ -663,29 +638,25 @@ mod tests {
     }
 
     #[test]
-    fn parses_proc_net_tcp() {
-        let v4 =
-            "   0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0";
-        assert_eq!(
-            parse_proc_tcp_line(v4),
-            Some(("127.0.0.1:8080".parse().unwrap(), 0x0A))
-        );
-        let v6 =
-            "   0: 00000000000000000000000001000000:3A98 00000000000000000000000000000000:0000 0A";
-        assert_eq!(
-            parse_proc_tcp_line(v6),
-            Some(("[::1]:15000".parse().unwrap(), 0x0A))
-        );
-    }
-
-    #[test]
     fn finds_own_listener() {
+        crate::require!(crate::Need::Root);
+        let me = std::process::id();
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap();
-        assert!(listening(std::process::id(), addr));
+        assert!(listening(me, addr));
+        assert!(!listening(me, SocketAddr::new(addr.ip(), 1)));
+        let l6 = std::net::TcpListener::bind("[::1]:0").unwrap();
+        assert!(listening(me, l6.local_addr().unwrap()));
+        // A wildcard listener covers the specific addresses of its port.
+        let any = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+        let port = any.local_addr().unwrap().port();
+        assert!(listening(
+            me,
+            SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port)
+        ));
         assert!(!listening(
-            std::process::id(),
-            SocketAddr::new(addr.ip(), 1)
+            me,
+            SocketAddr::new(Ipv6Addr::LOCALHOST.into(), port)
         ));
     }
 }

@@ -61,6 +61,17 @@ pub fn run(args: Args) -> Result<()> {
         ("build binaries", cargo(&build)),
         ("rustfmt", cargo(&["fmt", "--all", "--", "--check"])),
         ("clippy", cargo(&clippy)),
+        // The agent's library must build without the CLI's dependencies (clap, anyhow).
+        (
+            "agent library without the CLI",
+            cargo(&[
+                "check",
+                "-p",
+                "redirect-agent",
+                "--lib",
+                "--no-default-features",
+            ]),
+        ),
         ("tests", cargo(&test)),
         ("clippy (eBPF)", ebpf),
         // Keeps the data-path benchmark harness working: one repetition, small counts, no

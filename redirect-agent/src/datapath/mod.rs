@@ -36,7 +36,9 @@ use aya::{
     },
     Ebpf, EbpfLoader,
 };
-use redirect_common::{AddrKey, CidrKey4, CidrKey6, ListenerKey, PodConfig, PortKey};
+use redirect_common::{
+    AddrKey, CidrKey4, CidrKey6, ListenerKey, OrigDst, PodConfig, PortKey, SockTuple,
+};
 
 use crate::bpf_sys::{self, AttachType};
 pub use layout::{Mismatch, DATAPATH_ABI};
@@ -258,6 +260,14 @@ pub enum DatapathError {
     /// Pins that could not be removed, every one of them.
     #[error("could not remove {} pin(s): {}", failures.len(), joined(failures))]
     Remove { failures: Vec<RemoveFailure> },
+}
+
+impl DatapathError {
+    /// Whether the error says a map is not pinned at all (a partial pin set): a teardown has no
+    /// rows to remove from it.
+    pub fn is_not_pinned(&self) -> bool {
+        matches!(self, DatapathError::MapNotPinned { .. })
+    }
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> DatapathError + '_ {
@@ -580,6 +590,38 @@ impl Datapath {
         PerCpuArray::try_from(self.map_data("COUNTERS")?).map_err(map_err("COUNTERS"))
     }
 
+    /// `ORIG_DST` and `ORIG_DST_USED` together (a sweep changes both; see `conntrack`).
+    #[allow(clippy::type_complexity)]
+    pub fn orig_dst_maps(
+        &mut self,
+    ) -> Result<
+        (
+            HashMap<&mut MapData, SockTuple, OrigDst>,
+            Array<&mut MapData, u32>,
+        ),
+        DatapathError,
+    > {
+        const ORIG_DST: &str = "ORIG_DST";
+        const USED: &str = "ORIG_DST_USED";
+        let root = self.root.clone();
+        let not_pinned = |name| DatapathError::MapNotPinned {
+            name,
+            root: root.clone(),
+        };
+        let (mut orig, mut used) = (None, None);
+        for (name, map) in self.maps.iter_mut() {
+            match name.as_str() {
+                ORIG_DST => orig = Some(map),
+                USED => used = Some(map),
+                _ => {}
+            }
+        }
+        let orig = HashMap::try_from(orig.ok_or_else(|| not_pinned(ORIG_DST))?)
+            .map_err(map_err(ORIG_DST))?;
+        let used = Array::try_from(used.ok_or_else(|| not_pinned(USED))?).map_err(map_err(USED))?;
+        Ok((orig, used))
+    }
+
     /// Removes every shared pin (pods' links, programs, maps, info) and the pin root once no
     /// pod uses them, so an idle node carries no residue; when bpffs was mounted on the pin
     /// root itself, it is unmounted. Goes on past failures and reports every pin it could not
@@ -716,20 +758,36 @@ fn reconcile(
     let mut links_updated = 0;
     let pods = root.join(PODS_DIR);
     let entries = fs::read_dir(&pods).map_err(io_err(&pods))?;
-    for e in entries {
-        let e = e.map_err(io_err(&pods))?;
-        let link_path = e.path().join(program);
-        let link = match bpf_sys::obj_get(&link_path) {
+    // Every link of this hook in every pod directory: `<program>`, and a link staged beside it
+    // (`<program>_next`, pinned by an update before it replaces the link).
+    let staged_link = format!("{program}_");
+    for pod in entries {
+        let pod = pod.map_err(io_err(&pods))?.path();
+        let links = match fs::read_dir(&pod) {
             Ok(l) => l,
             Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(io_err(&link_path)(e)),
+            Err(e) => return Err(io_err(&pod)(e)),
         };
-        bpf_sys::link_update(&link, &fd).map_err(|source| DatapathError::LinkUpdate {
-            path: link_path.clone(),
-            program,
-            source,
-        })?;
-        links_updated += 1;
+        for l in links {
+            let l = l.map_err(io_err(&pod))?;
+            let name = l.file_name();
+            let name = name.to_string_lossy();
+            if name != program && !name.starts_with(&staged_link) {
+                continue;
+            }
+            let link_path = l.path();
+            let link = match bpf_sys::obj_get(&link_path) {
+                Ok(l) => l,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(io_err(&link_path)(e)),
+            };
+            bpf_sys::link_update(&link, &fd).map_err(|source| DatapathError::LinkUpdate {
+                path: link_path.clone(),
+                program,
+                source,
+            })?;
+            links_updated += 1;
+        }
     }
     fs::rename(&staged, &pin).map_err(io_err(&pin))?;
     Ok(Some(ProgramChange {

@@ -4,7 +4,7 @@
 use std::{collections::BTreeMap, path::Path};
 
 use serde::Deserialize;
-use serde_yaml::Value;
+use serde_norway::Value;
 
 /// Failure to read a manifest.
 #[derive(Debug, thiserror::Error)]
@@ -20,7 +20,7 @@ pub enum ManifestError {
     Parse {
         path: String,
         index: usize,
-        source: serde_yaml::Error,
+        source: serde_norway::Error,
     },
 }
 
@@ -127,7 +127,7 @@ pub fn load(path: &Path) -> Result<Exposure, ManifestError> {
 pub fn parse(text: &str, origin: &str) -> Result<Exposure, ManifestError> {
     let mut pods = Vec::new();
     let mut services = Vec::new();
-    for (index, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+    for (index, doc) in serde_norway::Deserializer::from_str(text).enumerate() {
         let err = |source| ManifestError::Parse {
             path: origin.to_owned(),
             index,
@@ -199,15 +199,15 @@ fn collect(
     value: Value,
     pods: &mut Vec<PodPorts>,
     services: &mut Vec<Service>,
-) -> Result<(), serde_yaml::Error> {
+) -> Result<(), serde_norway::Error> {
     let kind = value
         .get("kind")
         .and_then(Value::as_str)
         .unwrap_or_default()
         .to_owned();
-    let meta = |v: &Value| -> Result<Meta, serde_yaml::Error> {
+    let meta = |v: &Value| -> Result<Meta, serde_norway::Error> {
         match v.get("metadata") {
-            Some(m) => serde_yaml::from_value(m.clone()),
+            Some(m) => serde_norway::from_value(m.clone()),
             None => Ok(Meta {
                 name: String::new(),
                 namespace: None,
@@ -226,7 +226,7 @@ fn collect(
         "Pod" => {
             let m = meta(&value)?;
             let spec: PodSpec =
-                serde_yaml::from_value(value.get("spec").cloned().unwrap_or_default())?;
+                serde_norway::from_value(value.get("spec").cloned().unwrap_or_default())?;
             pods.push(pod_ports(m.namespace, m.labels, &spec));
         }
         "Deployment"
@@ -239,14 +239,14 @@ fn collect(
             if let Some(template) = value.get("spec").and_then(|s| s.get("template")) {
                 let t = meta(template)?;
                 let spec: PodSpec =
-                    serde_yaml::from_value(template.get("spec").cloned().unwrap_or_default())?;
+                    serde_norway::from_value(template.get("spec").cloned().unwrap_or_default())?;
                 pods.push(pod_ports(m.namespace, t.labels, &spec));
             }
         }
         "Service" => {
             let m = meta(&value)?;
             let spec: ServiceSpec =
-                serde_yaml::from_value(value.get("spec").cloned().unwrap_or_default())?;
+                serde_norway::from_value(value.get("spec").cloned().unwrap_or_default())?;
             services.push(Service {
                 namespace: m.namespace.unwrap_or_else(|| "default".to_owned()),
                 name: m.name,

@@ -68,7 +68,6 @@ use std::{
     io,
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
-    process::ExitCode,
     sync::{atomic::AtomicUsize, Mutex},
 };
 
@@ -76,7 +75,7 @@ use crate::{netns, state::PodRecord};
 pub use report::{Exposed, Level, Report, Status};
 
 /// Output format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Output {
     /// Readable table grouped by namespace.
     #[default]
@@ -86,28 +85,21 @@ pub enum Output {
 }
 
 /// Arguments of `redirect-agent detect`.
-#[derive(Debug, Clone, Default, clap::Args)]
+#[derive(Debug, Clone, Default)]
 pub struct DetectArgs {
     /// Scan the network namespace at PATH (repeatable).
-    #[arg(long = "netns", value_name = "PATH")]
     pub netns: Vec<PathBuf>,
     /// Scan the network namespace of process PID (repeatable).
-    #[arg(long = "pid", value_name = "PID")]
     pub pid: Vec<u32>,
     /// Scan every pod enrolled with redirect.
-    #[arg(long)]
     pub enrolled: bool,
     /// Scan every network namespace on the node (the default when no target is given).
-    #[arg(long)]
     pub all: bool,
     /// Exposed TCP ports, e.g. `80,8080,9000-9010`.
-    #[arg(long, value_name = "LIST", value_parser = parse_ports)]
     pub ports: Option<PortList>,
     /// Kubernetes YAML with Pods and Services whose targetPorts are the exposed ports.
-    #[arg(long, value_name = "FILE")]
     pub manifest: Option<PathBuf>,
     /// Output format.
-    #[arg(long, value_enum, default_value_t)]
     pub output: Output,
 }
 
@@ -115,7 +107,7 @@ pub struct DetectArgs {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PortList(pub Vec<u16>);
 
-fn parse_ports(s: &str) -> Result<PortList, String> {
+pub fn parse_ports(s: &str) -> Result<PortList, String> {
     let mut ports = Vec::new();
     for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         let bad = || format!("{part:?} is not a port or a range of ports (1-65535)");
@@ -430,35 +422,6 @@ pub fn exit_status(report: &Report) -> u8 {
     } else {
         0
     }
-}
-
-/// Runs the detection and returns the process exit code (0 ok, 1 errors found, 2 usage or
-/// permission problem).
-pub fn run(args: &DetectArgs) -> anyhow::Result<ExitCode> {
-    let report = match check_privileges().and_then(|()| detect(args, &Sources::default())) {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("error: {}", crate::error_chain(&e));
-            return Ok(ExitCode::from(2));
-        }
-    };
-    match args.output {
-        Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
-        Output::Table => print!("{}", report.table()),
-    }
-    for n in report
-        .namespaces
-        .iter()
-        .filter(|n| matches!(n.status, Status::Denied | Status::Failed))
-    {
-        eprintln!(
-            "error: network namespace {} (inode {}): {}",
-            n.path.display(),
-            n.inode,
-            n.error.as_deref().unwrap_or("")
-        );
-    }
-    Ok(ExitCode::from(exit_status(&report)))
 }
 
 #[cfg(test)]

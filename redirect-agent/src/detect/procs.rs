@@ -84,6 +84,23 @@ pub fn socket_owners(proc_root: &Path, wanted: &std::collections::HashSet<u64>) 
     owners
 }
 
+/// The first `(pid, fd)` among `pids` through which socket `inode` is open.
+pub fn socket_fd(pids: &[u32], inode: u64) -> Option<(u32, i32)> {
+    for pid in pids {
+        let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            if fs::read_link(fd.path()).is_ok_and(|l| socket_inode(&l) == Some(inode)) {
+                if let Some(n) = fd.file_name().to_str().and_then(|n| n.parse().ok()) {
+                    return Some((*pid, n));
+                }
+            }
+        }
+    }
+    None
+}
+
 fn socket_inode(link: &Path) -> Option<u64> {
     link.to_str()?
         .strip_prefix("socket:[")?

@@ -14,7 +14,10 @@ use super::{
     procs::{Owner, Owners},
     sockdiag::{DiagSocket, Protocol},
 };
-use redirect_common::InboundPolicy;
+use redirect_common::{
+    matrix::{self, AppBind},
+    InboundPolicy,
+};
 
 use crate::state::PodRecord;
 
@@ -220,10 +223,7 @@ fn families(s: &DiagSocket) -> Vec<&'static str> {
 }
 
 fn pod_captures(pod: &PodRecord, port: u16) -> bool {
-    !PROXY_PORTS.contains(&port)
-        && port != pod.proxy_inbound_port
-        && port != pod.proxy_outbound_port
-        && !pod.exclude_inbound_ports.contains(&port)
+    pod.captures_inbound(port)
 }
 
 /// Judges one socket.
@@ -266,8 +266,16 @@ pub fn judge(
     } else if scope == Scope::Wildcard {
         (Ok, Wildcard, format!("Port {port} listens on all addresses ({addr}); it is reachable under either policy."))
     } else {
-        match (scope, policy) {
-            (Scope::Loopback, Some(InboundPolicy::Localhost)) => (
+        // Whether the pod's policy delivers to this bind: the conformance matrix's one
+        // prediction (redirect_common::matrix), as the datapath tests and the demo use it.
+        let bind = match scope {
+            Scope::Loopback => AppBind::Loopback,
+            Scope::PodIp => AppBind::PodIp,
+            Scope::Wildcard => AppBind::Wildcard,
+        };
+        let reachable = policy.map(|p| matrix::reachable(p, bind).is_some());
+        match (scope, reachable) {
+            (Scope::Loopback, Some(true)) => (
                 Ok,
                 LoopbackDelivered,
                 format!("Port {port} listens on localhost ({addr}) only; the pod's localhost policy delivers to it, but it becomes unreachable if the policy changes to passthrough."),
@@ -278,12 +286,12 @@ pub fn judge(
                 LoopbackOnly,
                 format!("Port {port} listens on localhost ({addr}) only. If it is exposed in a Service, it will not be reachable from other pods once inbound traffic is delivered to the pod IP."),
             ),
-            (_, Some(InboundPolicy::Passthrough)) => (
+            (_, Some(true)) => (
                 Ok,
                 PodIpDelivered,
                 format!("Port {port} listens on the pod IP ({addr}) only; the pod's passthrough policy delivers to it."),
             ),
-            (_, Some(InboundPolicy::Localhost)) if is_exposed => (
+            (_, Some(false)) if is_exposed => (
                 Error,
                 PodIpUnreachable,
                 format!("Port {port} listens on the pod IP ({addr}) only, but the pod's inbound policy for it is localhost: inbound traffic is delivered to localhost and will not reach it."),

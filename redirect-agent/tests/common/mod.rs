@@ -56,13 +56,6 @@ pub fn app_bind(port: u16) -> AppBind {
     }
 }
 
-/// Whether the test may run as root, or a skip that says why (a failure under `CI=true`).
-/// Kept for tests not yet written with [`require!`]; the name is no longer needed (libtest's
-/// is used).
-pub fn root(_test: &str) -> bool {
-    redirect_testbed::needs::check(&[Need::Root])
-}
-
 /// The datapath's mandatory kernel features (`redirect-agent probe`'s mandatory list), probed
 /// once per test binary. Only probed as root; `require!(Need::Root, datapath())` says "needs
 /// root" first.
@@ -581,4 +574,63 @@ pub fn cgroup_programs(cgroup: &Path) -> String {
         .output()
         .expect("bpftool");
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// A client elsewhere reaches the server's wildcard app through the proxy (policy passthrough),
+/// for both families; `Some(why)` otherwise.
+pub fn captured_inbound(client: &Pod, server: &Pod, proxy: &Proxy) -> Option<String> {
+    let mut why = Vec::new();
+    for f in Family::BOTH {
+        let to = sock(f.pod_ip(server), WILDCARD_PORT);
+        let seen = proxy.entries().len();
+        let got = probe(client, to);
+        let expect = Expect::Echo {
+            local: to,
+            peer: f.passthrough_src(),
+            direct: false,
+        };
+        if let Some(w) = expect.check(&got) {
+            why.push(format!("client -> {to}: {w}"));
+        }
+        let new = proxy.entries().split_off(seen);
+        if new.len() != 1 || new[0].orig_dst != Some(to) {
+            why.push(format!("client -> {to}: proxy log {new:?}"));
+        }
+    }
+    (!why.is_empty()).then(|| why.join("; "))
+}
+
+/// What a client elsewhere gets from the server's wildcard app without any redirection.
+pub fn direct_inbound(client: &Pod, server: &Pod) -> Option<String> {
+    let mut why = Vec::new();
+    for f in Family::BOTH {
+        let to = sock(f.pod_ip(server), WILDCARD_PORT);
+        let got = probe(client, to);
+        let expect = Expect::Echo {
+            local: to,
+            peer: f.pod_ip(client),
+            direct: true,
+        };
+        if let Some(w) = expect.check(&got) {
+            why.push(format!("client -> {to}: {w}"));
+        }
+    }
+    (!why.is_empty()).then(|| why.join("; "))
+}
+
+/// Files and directories under `dir`, relative, sorted (a pin root's layout).
+pub fn tree(dir: &std::path::Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            out.push(p.strip_prefix(dir).unwrap().display().to_string());
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                stack.push(p);
+            }
+        }
+    }
+    out.sort();
+    out
 }

@@ -1,4 +1,4 @@
-//! Output formats shared by the commands that print reports.
+//! Output formats and tables of the commands: the CLI's alone (the library prints nothing).
 
 /// `--output table|json`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Default)]
