@@ -225,7 +225,7 @@ fn through_agent_or(
     direct: impl FnOnce() -> Result<Printed, String>,
 ) -> anyhow::Result<ExitCode> {
     let answer = if nix::unistd::geteuid().is_root() {
-        proto::call(&cli.socket, &req)?
+        ask_agent(cli, &req)?
     } else {
         None
     };
@@ -242,6 +242,29 @@ fn through_agent_or(
             eprintln!("error: {message}");
             Ok(ExitCode::FAILURE)
         }
+    }
+}
+
+/// The agent's answer to `req`, if an agent serving this command's state directory and pin
+/// root listens on the socket. An agent serving other directories is not asked: the command
+/// is for a datapath it does not own (a test's, say), and runs directly.
+fn ask_agent(cli: &Cli, req: &Request) -> anyhow::Result<Option<Response>> {
+    let Some(mut client) = proto::Client::connect(&cli.socket)? else {
+        return Ok(None);
+    };
+    match client.call(&Request::Status)? {
+        Response::Status {
+            state_dir,
+            pin_root,
+            ..
+        } if proto::same_dir(&state_dir, &cli.state_dir)
+            && proto::same_dir(&pin_root, &cli.pin_root) =>
+        {
+            Ok(Some(client.call(req)?))
+        }
+        Response::Status { .. } => Ok(None),
+        Response::Error { message } => anyhow::bail!("{message}"),
+        other => anyhow::bail!("the agent answered {other:?} to a status request"),
     }
 }
 

@@ -93,17 +93,22 @@ impl Daemon {
 
     /// Starts the agent without waiting for anything.
     fn spawn(agent: &Agent, port: u16) -> Daemon {
+        let mut d = Daemon::new(agent, port);
+        d.restart();
+        d
+    }
+
+    /// The agent's socket, port, log and directories; no process yet.
+    fn new(agent: &Agent, port: u16) -> Daemon {
         let name = agent.state_dir.file_name().unwrap().to_string_lossy();
-        let mut d = Daemon {
+        Daemon {
             child: None,
             socket: std::env::temp_dir().join(format!("{name}.sock")),
             http: SocketAddr::from(([127, 0, 0, 1], port)),
             log: std::env::temp_dir().join(format!("{name}.agent.log")),
             pin_root: agent.pin_root.clone(),
             state_dir: agent.state_dir.clone(),
-        };
-        d.restart();
-        d
+        }
     }
 
     /// Starts a new agent process on the same socket, port and directories (the previous one
@@ -896,4 +901,73 @@ fn prometheus_scrapes_the_agent() {
     let up = prom.query("up{job=\"redirect\"}").unwrap();
     assert_eq!(up.len(), 1);
     assert_eq!(up[0].1, "1", "{up:?}");
+}
+
+/// `--config FILE` sets the socket, HTTP address and node name; a command for another state
+/// directory and pin root than the agent's is not the agent's: it runs directly, on its own
+/// directories, even with the agent's socket.
+#[test]
+fn config_file_and_commands_for_other_directories() {
+    require!(Need::Root, datapath());
+    let node = Node::new().unwrap();
+    let a = node.add_pod("a").unwrap();
+    let b = node.add_pod("b").unwrap();
+    let agent = Agent::new();
+    let other = Agent::new();
+    let port = free_port();
+    let mut daemon = Daemon::new(&agent, port);
+    // As Daemon::restart does, but with everything else from the file.
+    let config = agent.state_dir.with_extension("config.yaml");
+    fs::write(
+        &config,
+        format!(
+            "nodeName: from-file\nsocket: {}\nhttpAddress: 127.0.0.1:{port}\n",
+            daemon.socket.display()
+        ),
+    )
+    .unwrap();
+    let log = fs::File::create(&daemon.log).unwrap();
+    daemon.child = Some(
+        Command::new(agent_bin())
+            .env("REDIRECT_PIN_ROOT", &agent.pin_root)
+            .env("REDIRECT_STATE_DIR", &agent.state_dir)
+            .env_remove("REDIRECT_SOCKET")
+            .env_remove("REDIRECT_HTTP_ADDRESS")
+            .env("RUST_LOG", "info")
+            .arg("run")
+            .arg("--config")
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+    daemon.wait_ready();
+    let _ = fs::remove_file(&config);
+    assert!(daemon.socket.exists());
+    assert!(
+        daemon.log_text().contains("node from-file"),
+        "{}",
+        daemon.log_text()
+    );
+    assert!(daemon
+        .cli(&agent, &args_of(&Agent::enroll_args(&a, &a.name)))
+        .status
+        .success());
+    // The other directories, the agent's socket: run directly, on the other directories.
+    let out = other
+        .cmd()
+        .env("REDIRECT_SOCKET", &daemon.socket)
+        .args(args_of(&Agent::enroll_args(&b, &b.name)))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(other.listed_names(), vec![b.name.clone()]);
+    assert_eq!(agent.listed_names(), vec![a.name.clone()]);
+    let log = daemon.log_text();
+    assert!(
+        !log.contains(&b.name),
+        "the agent served another state dir: {log}"
+    );
 }

@@ -440,6 +440,8 @@ async fn dispatch(shared: &Arc<Shared>, req: Request) -> Response {
         Request::Status => Response::Status {
             node_name: shared.cfg.node_name.clone(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
+            state_dir: shared.cfg.state_dir.clone(),
+            pin_root: shared.cfg.pin_root.clone(),
         },
     }
 }

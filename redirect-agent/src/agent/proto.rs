@@ -55,6 +55,9 @@ pub enum Response {
     Status {
         node_name: String,
         version: String,
+        /// The directories the agent serves: a command for other ones is not its to run.
+        state_dir: PathBuf,
+        pin_root: PathBuf,
     },
     /// The command failed: the message is what the CLI prints after `error: `.
     Error {
@@ -73,42 +76,82 @@ pub enum ClientError {
     Protocol { path: PathBuf, detail: String },
 }
 
-/// Sends one request to the agent listening at `socket` and returns its answer; `Ok(None)`
-/// when no agent listens there (no socket, or a socket nobody accepts on: an agent that was
-/// killed), so the caller does the work itself.
-pub fn call(socket: &Path, req: &Request) -> Result<Option<Response>, ClientError> {
-    let io_err = |source| ClientError::Io {
-        path: socket.to_owned(),
-        source,
-    };
-    let stream = match UnixStream::connect(socket) {
-        Ok(s) => s,
-        Err(e)
-            if matches!(
-                e.kind(),
-                io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
-            ) =>
-        {
-            return Ok(None)
+/// A connection to a running agent.
+pub struct Client {
+    path: PathBuf,
+    stream: BufReader<UnixStream>,
+}
+
+impl Client {
+    /// Connects to the agent listening at `socket`; `Ok(None)` when no agent listens there (no
+    /// socket, or a socket nobody accepts on: an agent that was killed), so the caller does the
+    /// work itself.
+    pub fn connect(socket: &Path) -> Result<Option<Client>, ClientError> {
+        match UnixStream::connect(socket) {
+            Ok(s) => Ok(Some(Client {
+                path: socket.to_owned(),
+                stream: BufReader::new(s),
+            })),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
+                ) =>
+            {
+                Ok(None)
+            }
+            Err(source) => Err(ClientError::Io {
+                path: socket.to_owned(),
+                source,
+            }),
         }
-        Err(e) => return Err(io_err(e)),
-    };
-    let mut line = serde_json::to_string(req).expect("requests serialize");
-    line.push('\n');
-    (&stream).write_all(line.as_bytes()).map_err(io_err)?;
-    let mut answer = String::new();
-    BufReader::new(&stream)
-        .read_line(&mut answer)
-        .map_err(io_err)?;
-    if answer.is_empty() {
-        return Err(ClientError::NoAnswer {
-            path: socket.to_owned(),
-        });
     }
-    serde_json::from_str(&answer)
-        .map(Some)
-        .map_err(|e| ClientError::Protocol {
-            path: socket.to_owned(),
+
+    /// Sends one request and waits for its answer.
+    pub fn call(&mut self, req: &Request) -> Result<Response, ClientError> {
+        let io_err = |source| ClientError::Io {
+            path: self.path.clone(),
+            source,
+        };
+        let mut line = serde_json::to_string(req).expect("requests serialize");
+        line.push('\n');
+        self.stream
+            .get_mut()
+            .write_all(line.as_bytes())
+            .map_err(io_err)?;
+        let mut answer = String::new();
+        self.stream
+            .read_line(&mut answer)
+            .map_err(|source| ClientError::Io {
+                path: self.path.clone(),
+                source,
+            })?;
+        if answer.is_empty() {
+            return Err(ClientError::NoAnswer {
+                path: self.path.clone(),
+            });
+        }
+        serde_json::from_str(&answer).map_err(|e| ClientError::Protocol {
+            path: self.path.clone(),
             detail: e.to_string(),
         })
+    }
+}
+
+/// Sends one request to the agent listening at `socket` on a connection of its own;
+/// `Ok(None)` when no agent listens there.
+pub fn call(socket: &Path, req: &Request) -> Result<Option<Response>, ClientError> {
+    match Client::connect(socket)? {
+        Some(mut c) => c.call(req).map(Some),
+        None => Ok(None),
+    }
+}
+
+/// Whether two paths name the same directory (as given, or once resolved).
+pub fn same_dir(a: &Path, b: &Path) -> bool {
+    a == b
+        || matches!(
+            (std::fs::canonicalize(a), std::fs::canonicalize(b)),
+            (Ok(x), Ok(y)) if x == y
+        )
 }
