@@ -86,13 +86,16 @@ where
     T: std::borrow::Borrow<MapData>,
     U: std::borrow::Borrow<MapData>,
 {
-    let mut entries = 0;
+    // A walk restarts a bucket when its current key is removed under it: the same key can come
+    // twice while connections churn, so keys are counted once.
+    let mut seen = std::collections::BTreeSet::new();
     for entry in orig_dst.iter() {
-        let (_, orig) = entry.map_err(map_err(ORIG_DST))?;
+        let (k, orig) = entry.map_err(map_err(ORIG_DST))?;
         if orig.slot == slot {
-            entries += 1;
+            seen.insert((k.src, k.dst, k.src_port, k.dst_port, k.family));
         }
     }
+    let entries = seen.len();
     let counted = used.get(&slot, 0).map_err(map_err(ORIG_DST_USED))?;
     Ok(SlotUsage { entries, counted })
 }

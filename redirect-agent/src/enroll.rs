@@ -275,7 +275,7 @@ pub fn enroll(store: &StateStore, pin_root: &Path, req: Checked) -> Result<Enrol
 /// which slots orphaned pods hold, and a new pod never takes one of them.
 fn free_slot(pin_root: &Path, others: &[PodRecord]) -> Result<u32, EnrollError> {
     let mut used: BTreeSet<u32> = others.iter().map(|r| r.slot).collect();
-    if let Some(mut dp) = Datapath::open_existing(pin_root)? {
+    if let Some(mut dp) = Datapath::open_read_only(pin_root)? {
         let pods = dp.pods()?;
         for s in 0..MAX_PODS {
             if !used.contains(&s) && pods.get(&s, 0).is_ok_and(|c| c.enrolled != 0) {
@@ -302,7 +302,8 @@ fn apply(
         zero_counters(&mut dp, rec.slot)?;
         // A slot starts empty: nothing a previous holder's connections left behind counts
         // against this pod's share of ORIG_DST.
-        crate::conntrack::PinnedMaps::open(&pin_root.join("maps"))?.sweep_slot(rec.slot)?;
+        let (mut orig_dst, mut used) = dp.orig_dst_maps()?;
+        crate::conntrack::sweep_slot(&mut orig_dst, &mut used, rec.slot)?;
     }
     write_rows(&mut dp, rec.name(), old_rows.as_ref(), &rows)?;
     attach_links(&dp, old, rec)?;

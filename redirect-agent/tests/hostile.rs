@@ -343,9 +343,11 @@ fn unprivileged_app_cannot_exhaust_maps_for_other_pods() {
     while started.elapsed() < Duration::from_secs(50) {
         let m = maps(&agent);
         let used = m.slot_usage(hostile_slot).unwrap();
+        // The kernel's own count is exact at any moment. A walk of the hash under this churn
+        // is not a snapshot (entries removed and added while it runs are both seen), so the
+        // entries it finds are compared with the count only once the attack is over (below).
         assert!(
-            used.counted <= MAX_ORIG_DST_PER_POD + QUOTA_SLACK
-                && used.entries as u32 <= MAX_ORIG_DST_PER_POD + QUOTA_SLACK,
+            used.counted <= MAX_ORIG_DST_PER_POD + QUOTA_SLACK,
             "the hostile pod holds more than its share: {used:?}"
         );
         for entry in m.orig_dst.iter() {

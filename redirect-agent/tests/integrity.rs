@@ -656,3 +656,90 @@ fn cgroup2_root_is_refused_without_risk() {
     assert!(!out.status.success());
     assert!(err.contains("cgroup2 root"), "{err}");
 }
+
+/// The node-wide rule map full: no single pod can fill `PORT_RULES` (its share is 16 384 of
+/// 262 144 rows), so it takes sixteen pods at their limit; the seventeenth is refused with the
+/// pod, the map, the errno and the capacity named, and rolled back; the others keep working.
+#[test]
+fn node_wide_rule_capacity_is_refused_with_pod_map_and_errno() {
+    require!(Need::Root, datapath());
+    let node = Node::new().unwrap();
+    let agent = Agent::new();
+    let per_pod = redirect_common::MAX_PORT_RULES_PER_POD as usize;
+    let node_cap = redirect_common::MAX_PORT_RULES as usize;
+    let pods_to_fill = node_cap / per_pod;
+    // Istio's four never-captured inbound ports are rows too.
+    let ports: Vec<String> = (20000..)
+        .take(per_pod - redirect_common::DEFAULT_EXCLUDED_INBOUND_PORTS.len())
+        .map(|p: u32| p.to_string())
+        .collect();
+    let ports = ports.join(",");
+    let mut pods = Vec::new();
+    for i in 0..pods_to_fill {
+        let pod = node.add_pod(&format!("full{i}")).unwrap();
+        agent.enroll(&pod, &["--exclude-outbound-ports", &ports]);
+        pods.push(pod);
+    }
+    let last = node.add_pod("over").unwrap();
+    let before = agent.list();
+    let mut args = Agent::enroll_args(&last, &last.name);
+    args.extend(["--exclude-outbound-ports".into(), "8080".into()]);
+    let out = agent.cmd().args(&args).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the node's PORT_RULES is full");
+    for want in [
+        last.name.as_str(),
+        "PORT_RULES",
+        "E2BIG",
+        &node_cap.to_string(),
+    ] {
+        assert!(err.contains(want), "{err:?} does not name {want:?}");
+    }
+    assert_eq!(agent.list(), before, "the refused pod left state");
+    assert_eq!(cgroup_programs(&last.cgroup), "");
+    // One pod at its own limit cannot take more: refused before anything changes.
+    let mut args = Agent::enroll_args(&last, &last.name);
+    args.extend(["--exclude-outbound-ports".into(), format!("{ports},9999")]);
+    let out = agent.cmd().args(&args).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("per-pod limit of {per_pod}")),
+        "{err}"
+    );
+    for pod in &pods {
+        agent.unenroll(&pod.name);
+    }
+    assert!(!agent.pin_root.exists(), "{:?}", tree(&agent.pin_root));
+}
+
+/// Names with dots (Kubernetes names have them) enroll, list, capture and unenroll: bpffs refuses
+/// dots in names, so the pod's link directory spells them `~2e`.
+#[test]
+fn dotted_names_work_end_to_end() {
+    require!(Need::Root, datapath());
+    let node = Node::new().unwrap();
+    let server = node.add_pod("server").unwrap();
+    let client = node.add_pod("client").unwrap();
+    let _apps = matrix_apps(&server);
+    let proxy = Proxy::start(&node, &server, ProxyDial::PodIp, "proxy.log");
+    let agent = Agent::new();
+    let name = format!("{}.prod.svc", server.name);
+    let args = Agent::enroll_args(&server, &name);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = agent.ok(&args);
+    assert!(out.starts_with(&format!("enrolled {name} ")), "{out}");
+    assert_eq!(agent.listed_names(), vec![name.clone()]);
+    let dir = agent.pin_root.join("pods").join(name.replace('.', "~2e"));
+    assert_eq!(
+        tree(&dir).len(),
+        7,
+        "links of {name}: {:?}",
+        tree(&agent.pin_root)
+    );
+    if let Some(e) = captured_inbound(&client, &server, &proxy) {
+        panic!("{name}: {e}");
+    }
+    assert_eq!(agent.stats(&name)["inbound_captured"], 2);
+    agent.unenroll(&name);
+    assert!(!agent.pin_root.exists(), "{:?}", tree(&agent.pin_root));
+}

@@ -34,23 +34,6 @@ fn maps_dir(root: &Path) -> PathBuf {
     root.join("maps")
 }
 
-/// Files and directories under `dir`, relative, sorted.
-fn tree(dir: &Path) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in fs::read_dir(&d).into_iter().flatten().flatten() {
-            let p = e.path();
-            out.push(p.strip_prefix(dir).unwrap().display().to_string());
-            if e.file_type().is_ok_and(|t| t.is_dir()) {
-                stack.push(p);
-            }
-        }
-    }
-    out.sort();
-    out
-}
-
 fn mkdir_root_only(dir: &Path) {
     fs::create_dir(dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
     fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).unwrap();
@@ -660,6 +643,129 @@ fn compatible_upgrade_swaps_programs_without_a_gap() {
         outbound.len()
     );
     failures.assert_none("compatible upgrade");
+}
+
+/// The id of each hook's pinned program.
+fn pinned_ids(root: &Path) -> Vec<u32> {
+    Hook::ALL
+        .iter()
+        .map(|h| {
+            aya::programs::ProgramInfo::from_pin(root.join("progs").join(h.program()))
+                .map(|i| i.id())
+                .unwrap_or(0)
+        })
+        .collect()
+}
+
+/// A `SIGKILL` at points over an upgrading enroll (a sweep, then bisection into the upgrade
+/// itself) never leaves a hook without a program: right after each kill inbound is captured,
+/// and the next `Datapath::upgrade` completes the upgrade: every link runs the pinned program,
+/// no staged program is left, and `info` is this build's.
+#[test]
+fn a_killed_upgrade_is_completed_by_the_next_open() {
+    require!(Need::Root, datapath());
+    let node = Node::new().unwrap();
+    let server = node.add_pod("server").unwrap();
+    let client = node.add_pod("client").unwrap();
+    let _apps = matrix_apps(&server);
+    let proxy = Proxy::start(&node, &server, ProxyDial::PodIp, "proxy.log");
+    let agent = Agent::new();
+    agent.enroll(&server, &[]);
+    let args = Agent::enroll_args(&server, &server.name);
+    let mut failures = Failures::default();
+    let mut build = 100;
+
+    // Kills an upgrading enroll `at` after its start, checks, repairs, checks; returns how many
+    // programs the killed enroll had replaced.
+    let mut kill_at = |at: Duration, failures: &mut Failures| -> usize {
+        build += 1;
+        pretend_older_build(&agent.pin_root, build);
+        let pinned_before = pinned_ids(&agent.pin_root);
+        let mut child = agent
+            .cmd()
+            .args(&args)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(at);
+        let _ = child.kill();
+        let _ = child.wait();
+        if let Some(why) = captured_inbound(&client, &server, &proxy) {
+            failures.push(format!("killed at {at:?}, before any repair: {why}"));
+        }
+        let replaced = pinned_ids(&agent.pin_root)
+            .iter()
+            .zip(&pinned_before)
+            .filter(|(a, b)| a != b)
+            .count();
+        let staged: Vec<String> = tree(&agent.pin_root.join("progs"))
+            .into_iter()
+            .filter(|p| p.ends_with("-new"))
+            .collect();
+        eprintln!(
+            "killed at {at:?}: {replaced} of {} programs replaced, staged {staged:?}",
+            Hook::ALL.len()
+        );
+        if let Err(e) = Datapath::upgrade(&agent.pin_root) {
+            failures.push(format!(
+                "killed at {at:?}: the next upgrade: {}",
+                redirect_agent::error_chain(&e)
+            ));
+            return replaced;
+        }
+        let links = link_ids(&agent.pin_root, &server.name);
+        for ((hook, (_, prog)), pinned) in
+            Hook::ALL.iter().zip(links).zip(pinned_ids(&agent.pin_root))
+        {
+            if prog != pinned {
+                failures.push(format!(
+                    "killed at {at:?}: {} link runs {prog}, the pinned program is {pinned}",
+                    hook.program()
+                ));
+            }
+        }
+        let staged: Vec<String> = tree(&agent.pin_root.join("progs"))
+            .into_iter()
+            .filter(|p| p.ends_with("-new"))
+            .collect();
+        if !staged.is_empty() {
+            failures.push(format!("killed at {at:?}: staged programs left {staged:?}"));
+        }
+        let info = datapath::layout::read_info(&agent.pin_root)
+            .unwrap()
+            .unwrap();
+        if info != Some(datapath::layout::Info::current()) {
+            failures.push(format!("killed at {at:?}: info {info:?}"));
+        }
+        if let Some(why) = captured_inbound(&client, &server, &proxy) {
+            failures.push(format!("killed at {at:?}, after the upgrade: {why}"));
+        }
+        replaced
+    };
+
+    // A coarse sweep from the start to past the end of an upgrading enroll, then bisection
+    // between the last kill that replaced nothing and the first that replaced everything, to
+    // land inside the upgrade. Every kill is checked the same way; where they land is logged.
+    let mut done = Duration::from_millis(50);
+    while kill_at(done, &mut failures) < Hook::ALL.len() {
+        done *= 2;
+        assert!(done < Duration::from_secs(20), "the enroll never finished");
+    }
+    let (mut lo, mut hi) = (Duration::ZERO, done);
+    let mut partial = 0;
+    for _ in 0..10 {
+        let mid = (lo + hi) / 2;
+        match kill_at(mid, &mut failures) {
+            0 => lo = mid,
+            n if n == Hook::ALL.len() => hi = mid,
+            _ => {
+                partial += 1;
+                hi = mid;
+            }
+        }
+    }
+    eprintln!("{partial} kills landed inside the upgrade (between {lo:?} and {hi:?})");
+    failures.assert_none("killed upgrades");
 }
 
 /// Runs `agent`'s CLI with `args` inside a private mount namespace where `mount_cmd` ran first

@@ -38,7 +38,7 @@ const DEFAULT_TESTS: &[&str] = &["redirect-agent:probe", "redirect-agent:datapat
 
 const DEFAULT_MODULES: &str = "veth,bridge,br_netfilter,nf_tables,nft_compat,nft_chain_nat,\
 nft_nat,nft_redir,nft_counter,nft_ct,xt_REDIRECT,xt_tcpudp,xt_owner,xt_conntrack,xt_addrtype,\
-xt_comment,xt_mark,xt_multiport,nf_conntrack,nf_nat";
+xt_comment,xt_mark,xt_multiport,nf_conntrack,nf_nat,inet_diag,tcp_diag,udp_diag";
 
 #[derive(Parser)]
 #[command(

@@ -448,7 +448,7 @@ impl Datapath {
     }
 
     /// Same as [`Datapath::open`]; returns what was replaced. For an explicit upgrade after
-    /// installing a new agent, without enrolling anything.
+    /// installing a new agent, without enrolling anything; the caller holds the state lock.
     pub fn upgrade(root: &Path) -> Result<Vec<ProgramChange>, DatapathError> {
         Ok(Self::open(root)?.changes)
     }
@@ -462,7 +462,8 @@ impl Datapath {
         &self.changes
     }
 
-    /// The directory of a pod's link pins.
+    /// The directory of a pod's link pins. `pod` is the directory's name under `pods/`, as
+    /// `enroll::pin_dir_name` spells a pod's name (bpffs refuses dots).
     pub fn pod_dir(&self, pod: &str) -> PathBuf {
         self.root.join(PODS_DIR).join(pod)
     }
@@ -533,8 +534,8 @@ impl Datapath {
             })
     }
 
-    /// Detaches a pod: removes each of its link pins (which detaches the link) and its
-    /// directory. Every failure is reported, not only the first; a pin that is not there is
+    /// Detaches a pod (`pod` as for [`Datapath::pod_dir`]): removes each of its link pins
+    /// (which detaches the link) and its directory. Every failure is reported, not only the first; a pin that is not there is
     /// not a failure.
     pub fn detach_pod(&self, pod: &str) -> Result<(), DatapathError> {
         let mut failures = Vec::new();
