@@ -2,12 +2,14 @@
 //!
 //! Each enrolled pod's cgroup directory is watched with inotify (`IN_DELETE_SELF` when it is
 //! removed, `IN_MODIFY` of its `cgroup.events` when it empties), and so is the directory of its
-//! network namespace file (`ip netns delete` unlinks it there). An event makes the agent look
-//! at the enrolled pods at once; a look every [`BACKSTOP`] catches what inotify cannot see (a
-//! namespace named `/proc/PID/ns/net` whose process exits). A look is a `stat` and an `open`
-//! per enrolled pod, nothing more.
+//! network namespace file (`ip netns delete` unlinks it there). An event that concerns an
+//! enrolled pod makes the agent look at the enrolled pods at once; a look every [`BACKSTOP`]
+//! catches what inotify cannot see (a namespace named `/proc/PID/ns/net` whose process exits).
+//! A look is two `stat`s per enrolled pod, nothing more.
 
-use std::{collections::BTreeSet, path::PathBuf, sync::Arc, time::Duration};
+use std::{
+    collections::BTreeSet, os::unix::fs::MetadataExt as _, path::PathBuf, sync::Arc, time::Duration,
+};
 
 use futures_util::StreamExt as _;
 use inotify::{Inotify, WatchMask, Watches};
@@ -23,6 +25,8 @@ use crate::{
 const BACKSTOP: Duration = Duration::from_secs(2);
 /// How often the records are read again without a change made through the agent.
 const REREAD: Duration = Duration::from_secs(30);
+/// Changes made through the agent are read at most this often.
+const COALESCE: Duration = Duration::from_millis(500);
 
 pub(super) async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     let stream = Inotify::init().and_then(|i| i.into_event_stream([0u8; 4096]));
@@ -37,6 +41,10 @@ pub(super) async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     let mut pods = reread(&shared, watches.as_mut());
     let mut tick = tokio::time::interval(BACKSTOP);
     let mut reread_tick = tokio::time::interval(REREAD);
+    let mut coalesce = tokio::time::interval(COALESCE);
+    // Changes made through the agent since the records were last read: a burst of enrolls
+    // is read once, not once per request.
+    let mut changed = false;
     loop {
         let event = async {
             match stream.as_mut() {
@@ -44,16 +52,39 @@ pub(super) async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
                 None => std::future::pending().await,
             }
         };
-        tokio::select! {
-            _ = event => {}
-            _ = tick.tick() => {}
-            _ = reread_tick.tick() => pods = reread(&shared, watches.as_mut()),
-            _ = shared.pods_changed.notified() => pods = reread(&shared, watches.as_mut()),
+        let look = tokio::select! {
+            ev = event => match ev {
+                Some(Ok(ev)) => relevant(&pods, ev.name.as_deref()),
+                Some(Err(e)) => {
+                    log::warn!("inotify: {e}");
+                    false
+                }
+                None => false,
+            },
+            _ = tick.tick() => true,
+            _ = coalesce.tick() => {
+                if changed {
+                    changed = false;
+                    pods = reread(&shared, watches.as_mut());
+                }
+                false
+            }
+            _ = reread_tick.tick() => {
+                pods = reread(&shared, watches.as_mut());
+                false
+            }
+            _ = shared.pods_changed.notified() => {
+                changed = true;
+                false
+            }
             _ = stop.changed() => return,
+        };
+        if !look {
+            continue;
         }
         let gone: Vec<String> = pods
             .iter()
-            .filter(|r| gc::health(r) == gc::Health::Gone)
+            .filter(|r| looks_gone(r))
             .map(|r| r.name().to_owned())
             .collect();
         if gone.is_empty() {
@@ -62,6 +93,27 @@ pub(super) async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
         collect(&shared, gone).await;
         pods = reread(&shared, watches.as_mut());
     }
+}
+
+/// Whether an inotify event may concern an enrolled pod: events on a pod's own cgroup come
+/// without a name; in a namespace directory only the pods' namespace files count (other
+/// namespaces come and go there all the time).
+fn relevant(pods: &[PodRecord], name: Option<&std::ffi::OsStr>) -> bool {
+    match name {
+        None => true,
+        Some(n) => pods.iter().any(|p| p.spec.netns.file_name() == Some(n)),
+    }
+}
+
+/// A cheap look (one `stat` each of the cgroup and the namespace file): whether the pod's
+/// cgroup or namespace is no longer the enrolled one. [`collect`] confirms with
+/// [`gc::health`] under the lock before it unenrolls anything.
+fn looks_gone(r: &PodRecord) -> bool {
+    let cgroup =
+        std::fs::metadata(&r.spec.cgroup).is_ok_and(|m| m.is_dir() && m.ino() == r.cgroup_id);
+    // A namespace file (a bind mount of nsfs, or /proc/PID/ns/net) stats as the namespace.
+    let netns = std::fs::metadata(&r.spec.netns).is_ok_and(|m| m.ino() == r.netns_inode);
+    !(cgroup && netns)
 }
 
 /// Unenrolls the pods that are still gone once the lock is held (another request may have
