@@ -971,3 +971,104 @@ fn config_file_and_commands_for_other_directories() {
         "the agent served another state dir: {log}"
     );
 }
+
+/// (link id, program id) of each of a pod's pinned links.
+fn link_ids(root: &Path, pod: &str) -> Vec<(u32, u32)> {
+    use aya::programs::links::{FdLink, PinnedLink};
+    redirect_agent::datapath::Hook::ALL
+        .iter()
+        .map(|h| {
+            let path = root.join("pods").join(pod).join(h.program());
+            let link = FdLink::from(
+                PinnedLink::from_pin(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())),
+            );
+            let info = link.info().unwrap();
+            (info.id(), info.program_id())
+        })
+        .collect()
+}
+
+/// Upgrade: a new agent finding the pins of an older compatible build (here: the pinned info
+/// made to claim another build id) replaces every program in place at its start. The pod's
+/// links keep their ids and run new programs, and connections opened in a loop across the
+/// agent's kill, restart and upgrade are every one captured.
+#[test]
+fn a_new_agent_upgrades_an_older_builds_pins_in_place() {
+    use aya::maps::{Array, Map, MapData};
+    require!(Need::Root, datapath());
+    let node = Node::new().unwrap();
+    let server = node.add_pod("server").unwrap();
+    let client = node.add_pod("client").unwrap();
+    let _apps = matrix_apps(&server);
+    let proxy = Proxy::start(&node, &server, ProxyDial::PodIp, "proxy.log");
+    let agent = Agent::new();
+    let mut daemon = Daemon::start(&agent);
+    assert!(daemon
+        .cli(&agent, &args_of(&Agent::enroll_args(&server, &server.name)))
+        .status
+        .success());
+    let to = sock(server.ip4, WILDCARD_PORT);
+    let stop = Arc::new(AtomicBool::new(false));
+    let looper = {
+        let stop = stop.clone();
+        let client_ns = client.netns_path.clone();
+        thread::spawn(move || {
+            let ns = fs::File::open(&client_ns).expect("client netns");
+            nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+            let mut outcomes = Vec::new();
+            while !stop.load(Ordering::Relaxed) || outcomes.len() < 20 {
+                outcomes.push(redirect_testbed::probe(to, PAYLOAD, T));
+            }
+            outcomes
+        })
+    };
+    daemon.kill();
+    let before = link_ids(&agent.pin_root, &server.name);
+    {
+        let data = MapData::from_pin(agent.pin_root.join("info")).expect("info pin");
+        let mut info: Array<MapData, [u64; 2]> =
+            Array::try_from(Map::from_map_data(data).unwrap()).unwrap();
+        let [abi, _] = info.get(&0, 0).unwrap();
+        info.set(0, [abi, 0x01d_b01d], 0).unwrap();
+    }
+    daemon.restart();
+    daemon.wait_ready();
+    stop.store(true, Ordering::Relaxed);
+    let outcomes = looper.join().expect("client loop");
+    let after = link_ids(&agent.pin_root, &server.name);
+
+    let mut failures = Failures::default();
+    for (i, ((l0, p0), (l1, p1))) in before.iter().zip(&after).enumerate() {
+        if l0 != l1 {
+            failures.push(format!("hook {i}: link {l0} replaced by {l1}"));
+        }
+        if p0 == p1 {
+            failures.push(format!("hook {i}: still program {p0}: not upgraded"));
+        }
+    }
+    let expect = Expect::Echo {
+        local: to,
+        peer: V4_PASSTHROUGH_SRC,
+        direct: false,
+    };
+    for (i, o) in outcomes.iter().enumerate() {
+        failures.check(format!("connection {i}"), expect, o);
+    }
+    let inbound = proxy
+        .entries()
+        .into_iter()
+        .filter(|e| e.listener == "inbound" && e.orig_dst == Some(to))
+        .count();
+    if inbound != outcomes.len() {
+        failures.push(format!(
+            "proxy logged {inbound} inbound connections of {}",
+            outcomes.len()
+        ));
+    }
+    failures.assert_none("upgrade by a new agent");
+    let log = daemon.log_text();
+    assert!(log.contains("link(s) updated in place"), "{log}");
+    assert!(daemon
+        .metrics()
+        .contains("redirect_agent_restarts_adopted_pods 1\n"));
+}
