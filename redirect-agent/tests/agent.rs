@@ -470,6 +470,8 @@ fn two_hundred_concurrent_enroll_requests_all_succeed() {
             exclude_outbound_cidrs: vec![],
             proxy_inbound_port: 15006,
             proxy_outbound_port: 15001,
+            dns_capture: false,
+            proxy_dns_port: 15053,
         })
         .collect();
     let go = Arc::new(std::sync::Barrier::new(200));
