@@ -3,8 +3,10 @@
 //! The CLI (`src/main.rs`) is a thin layer over this library; the node daemon and the tests
 //! use the same functions.
 
+pub mod agent;
 pub mod bpf_sys;
 pub mod cgroup;
+pub mod commands;
 pub mod conntrack;
 pub mod datapath;
 pub mod detect;

@@ -1,5 +1,7 @@
 //! `redirect-agent`: the command line over the redirect library. Each command acts once and
 //! exits; enrolled pods stay redirected because their links and maps are pinned on bpffs.
+//! `run` is the node agent; while one runs, `enroll`, `unenroll`, `list`, `stats` and `gc`
+//! are sent to it over its socket and print exactly what they print without it.
 
 use std::{net::IpAddr, path::PathBuf, process::ExitCode};
 
@@ -7,12 +9,13 @@ mod cli;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use cli::table::{print_table, Format};
+use cli::{
+    render::{self, Printed},
+    table::Format,
+};
 use redirect_agent::{
-    datapath::{self, Datapath},
-    enroll, gc, spec,
-    state::{self, StateStore},
-    stats,
+    agent::{self, proto, Request, Response},
+    commands, datapath, spec, state,
 };
 use redirect_common::InboundPolicy;
 
@@ -31,6 +34,9 @@ struct Cli {
     /// Directory holding one record per enrolled pod, and the lock.
     #[arg(long, global = true, env = "REDIRECT_STATE_DIR", default_value = state::DEFAULT_STATE_DIR)]
     state_dir: PathBuf,
+    /// The node agent's unix socket: commands go to the agent listening there, if one does.
+    #[arg(long, global = true, env = "REDIRECT_SOCKET", default_value = proto::DEFAULT_SOCKET)]
+    socket: PathBuf,
     #[command(subcommand)]
     command: Command,
 }
@@ -69,10 +75,39 @@ enum Command {
     /// Remove pods whose cgroup or network namespace is gone, roll back interrupted commands,
     /// and clear pins and rows that no record owns (after a lost state directory).
     Gc,
+    /// Run the node agent: serve the other commands over --socket, metrics and health over
+    /// HTTP (GET /metrics, /healthz, /readyz), collect pods whose cgroup or network namespace
+    /// disappears. Exits on SIGTERM, leaving every pod enrolled for the next agent to adopt.
+    Run(RunArgs),
     /// Check the kernel features the datapath needs.
     Probe(cli::probe::ProbeArgs),
     /// Find listeners that the pod-IP delivery change affects.
     Detect(cli::detect::DetectCli),
+}
+
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    /// The node's name (logged and reported by the agent).
+    #[arg(long, env = "NODE_NAME")]
+    node_name: Option<String>,
+    /// Address of the metrics and health endpoint [default: 127.0.0.1:9977].
+    #[arg(long, env = "REDIRECT_HTTP_ADDRESS")]
+    http_address: Option<std::net::SocketAddr>,
+    /// A YAML file with any of `nodeName`, `socket`, `httpAddress`, `pinRoot`, `stateDir`;
+    /// flags and environment variables given explicitly take precedence.
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
+/// The agent's configuration file.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct ConfigFile {
+    node_name: Option<String>,
+    socket: Option<PathBuf>,
+    http_address: Option<std::net::SocketAddr>,
+    pin_root: Option<PathBuf>,
+    state_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -123,9 +158,20 @@ struct EnrollArgs {
 }
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
-    let cli = Cli::parse();
-    match run(&cli) {
+    use clap::{CommandFactory as _, FromArgMatches as _};
+    let matches = Cli::command().get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    // The agent logs one line per pod event by default; a command only its warnings.
+    let level = if matches!(cli.command, Command::Run(_)) {
+        "info"
+    } else {
+        "warn"
+    };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level)).init();
+    match run(&cli, &matches) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -134,142 +180,178 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
+fn run(cli: &Cli, matches: &clap::ArgMatches) -> anyhow::Result<ExitCode> {
     match &cli.command {
-        Command::Enroll(args) => enroll(cli, args),
+        Command::Enroll(args) => {
+            let spec = enroll_spec(args)?;
+            through_agent_or(cli, Request::Enroll { spec: spec.clone() }, || {
+                commands::enroll(&cli.state_dir, &cli.pin_root, spec)
+                    .map(|r| render::render_enroll(&r))
+                    .map_err(message)
+            })
+        }
         Command::Unenroll { name } => {
-            enroll::require_root()?;
-            let store = StateStore::open(&cli.state_dir)?;
-            let rec = enroll::unenroll(&store, &cli.pin_root, name)?;
-            println!(
-                "unenrolled {} (cgroup {})",
-                rec.name(),
-                rec.cgroup.display()
-            );
-            Ok(ExitCode::SUCCESS)
+            through_agent_or(cli, Request::Unenroll { name: name.clone() }, || {
+                commands::unenroll(&cli.state_dir, &cli.pin_root, name)
+                    .map(|r| render::render_unenroll(&r))
+                    .map_err(message)
+            })
         }
-        Command::List { output } => list(cli, *output),
-        Command::Gc => {
-            enroll::require_root()?;
-            let store = StateStore::open(&cli.state_dir)?;
-            let done = gc::gc(&store, &cli.pin_root)?;
-            for n in &done.recovered {
-                println!("rolled back an interrupted change of {n}");
-            }
-            for n in &done.gone {
-                println!("removed {n}: its cgroup or network namespace is gone");
-            }
-            for b in &done.bad_records {
-                println!("removed unusable record {b}");
-            }
-            for d in &done.orphan_links {
-                println!("removed links of {d}: no record owns them");
-            }
-            for s in &done.orphan_slots {
-                println!("cleared slot {s}: no record owns it");
-            }
-            Ok(ExitCode::SUCCESS)
+        Command::List { output } => through_agent_or(cli, Request::List, || {
+            let is_root = redirect_agent::enroll::require_root().is_ok();
+            commands::list(&cli.state_dir, &cli.pin_root, is_root)
+                .map(|r| render::render_list(&r, *output))
+                .map_err(message)
+        }),
+        Command::Gc => through_agent_or(cli, Request::Gc, || {
+            commands::gc(&cli.state_dir, &cli.pin_root)
+                .map(|r| render::render_gc(&r))
+                .map_err(message)
+        }),
+        Command::Stats { name, output } => {
+            let req = Request::Stats { name: name.clone() };
+            through_agent_or(cli, req, || {
+                commands::stats(&cli.state_dir, &cli.pin_root, name.as_deref())
+                    .map(|r| render::render_stats(&r, *output))
+                    .map_err(message)
+            })
         }
-        Command::Stats { name, output } => stats_cmd(cli, name.as_deref(), *output),
+        Command::Run(args) => run_agent(cli, matches, args),
         Command::Probe(args) => cli::probe::run(args),
         Command::Detect(args) => cli::detect::run(args),
     }
 }
 
-/// One pod as `list` shows it: the record and its status.
-#[derive(serde::Serialize)]
-struct Listed<'a> {
-    #[serde(flatten)]
-    record: &'a state::PodRecord,
-    status: &'static str,
-}
-
-fn list(cli: &Cli, output: Format) -> anyhow::Result<ExitCode> {
-    let records = state::list_records(&cli.state_dir)?;
-    let is_root = enroll::require_root().is_ok();
-    let status = |r: &state::PodRecord| -> &'static str {
-        let h = gc::health(r);
-        if h == gc::Health::Ok && is_root && !enroll::links_complete(&cli.pin_root, r) {
-            return "incomplete";
-        }
-        h.name()
-    };
-    let pods: Vec<Listed> = records
-        .pods
-        .iter()
-        .map(|r| Listed {
-            record: r,
-            status: status(r),
-        })
-        .collect();
-    let orphans = if is_root {
-        enroll::orphan_link_dirs(&cli.pin_root, &records.pods)
+/// Sends `req` to the running agent and prints its answer as the command would; without an
+/// agent (no socket, or nobody accepting on it), runs `direct` instead. Only root talks to
+/// the agent: it serves root only, and what the others may do (`list`) they do directly.
+fn through_agent_or(
+    cli: &Cli,
+    req: Request,
+    direct: impl FnOnce() -> Result<Printed, String>,
+) -> anyhow::Result<ExitCode> {
+    let answer = if nix::unistd::geteuid().is_root() {
+        ask_agent(cli, &req)?
     } else {
-        Vec::new()
+        None
     };
-    match output {
-        Format::Json => {
-            let mut doc = serde_json::json!({ "pods": pods });
-            if !records.bad.is_empty() {
-                doc["unusable_records"] = serde_json::to_value(&records.bad)?;
-            }
-            if !orphans.is_empty() {
-                doc["orphaned_links"] = serde_json::to_value(&orphans)?;
-            }
-            println!("{}", serde_json::to_string_pretty(&doc)?);
+    let printed = match answer {
+        None => direct(),
+        Some(resp) => rendered(cli, resp),
+    };
+    match printed {
+        Ok(p) => {
+            p.emit();
+            Ok(ExitCode::SUCCESS)
         }
-        Format::Table => {
-            let rows: Vec<Vec<String>> = pods
-                .iter()
-                .map(|p| {
-                    let r = p.record;
-                    vec![
-                        r.name().to_owned(),
-                        r.pod_ips
-                            .iter()
-                            .map(|i| i.to_string())
-                            .collect::<Vec<_>>()
-                            .join(","),
-                        r.inbound_policy.to_string(),
-                        r.proxy_uid.to_string(),
-                        p.status.to_owned(),
-                        r.cgroup.display().to_string(),
-                        r.netns.display().to_string(),
-                    ]
-                })
-                .collect();
-            print_table(
-                &[
-                    "NAME",
-                    "POD IPS",
-                    "POLICY",
-                    "PROXY UID",
-                    "STATUS",
-                    "CGROUP",
-                    "NETNS",
-                ],
-                &rows,
-            );
-            for b in &records.bad {
-                eprintln!(
-                    "warning: unusable record {}: {}",
-                    b.path.display(),
-                    b.reason
-                );
-            }
-            for o in &orphans {
-                eprintln!(
-                    "warning: links {o} belong to no record; `redirect-agent gc` removes them"
-                );
-            }
+        Err(message) => {
+            eprintln!("error: {message}");
+            Ok(ExitCode::FAILURE)
         }
     }
+}
+
+/// The agent's answer to `req`, if an agent serving this command's state directory and pin
+/// root listens on the socket. An agent serving other directories is not asked: the command
+/// is for a datapath it does not own (a test's, say), and runs directly.
+fn ask_agent(cli: &Cli, req: &Request) -> anyhow::Result<Option<Response>> {
+    let Some(mut client) = proto::Client::connect(&cli.socket)? else {
+        return Ok(None);
+    };
+    match client.call(&Request::Status)? {
+        Response::Status {
+            state_dir,
+            pin_root,
+            ..
+        } if proto::same_dir(&state_dir, &cli.state_dir)
+            && proto::same_dir(&pin_root, &cli.pin_root) =>
+        {
+            Ok(Some(client.call(req)?))
+        }
+        Response::Status { .. } => Ok(None),
+        Response::Error { message } => anyhow::bail!("{message}"),
+        other => anyhow::bail!("the agent answered {other:?} to a status request"),
+    }
+}
+
+/// The line an error prints after `error: `, its causes included.
+fn message(e: commands::CommandError) -> String {
+    redirect_agent::error_chain(&e)
+}
+
+/// What the command prints for the agent's answer.
+fn rendered(cli: &Cli, resp: Response) -> Result<Printed, String> {
+    let format = match &cli.command {
+        Command::List { output } | Command::Stats { output, .. } => *output,
+        _ => Format::Table,
+    };
+    match resp {
+        Response::Enrolled(r) => Ok(render::render_enroll(&r)),
+        Response::Unenrolled(r) => Ok(render::render_unenroll(&r)),
+        Response::List(r) => Ok(render::render_list(&r, format)),
+        Response::Stats(r) => Ok(render::render_stats(&r, format)),
+        Response::Gc(r) => Ok(render::render_gc(&r)),
+        Response::Error { message } => Err(message),
+        Response::Status { .. } => Err("the agent answered a status to a command".into()),
+    }
+}
+
+fn run_agent(cli: &Cli, matches: &clap::ArgMatches, args: &RunArgs) -> anyhow::Result<ExitCode> {
+    let file = match &args.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            serde_norway::from_str::<ConfigFile>(&text)
+                .with_context(|| format!("parsing {}", path.display()))?
+        }
+        None => ConfigFile::default(),
+    };
+    // A value given on the command line or in the environment wins over the file, the file
+    // over the defaults.
+    let given = |id: &str| {
+        use clap::parser::ValueSource;
+        matches!(
+            matches.value_source(id),
+            Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+        )
+    };
+    let pick = |id: &str, explicit: &PathBuf, from_file: Option<PathBuf>| {
+        if given(id) {
+            explicit.clone()
+        } else {
+            from_file.unwrap_or_else(|| explicit.clone())
+        }
+    };
+    let node_name = args
+        .node_name
+        .clone()
+        .or(file.node_name)
+        .or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .map(|h| h.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown".into());
+    let http_address = match args.http_address.or(file.http_address) {
+        Some(a) => a,
+        None => agent::DEFAULT_HTTP_ADDRESS
+            .parse()
+            .expect("a valid default"),
+    };
+    let cfg = agent::Config {
+        node_name,
+        socket: pick("socket", &cli.socket, file.socket),
+        http_address,
+        pin_root: pick("pin_root", &cli.pin_root, file.pin_root),
+        state_dir: pick("state_dir", &cli.state_dir, file.state_dir),
+    };
+    log::info!("starting the node agent: {cfg:?}");
+    agent::run(cfg)?;
     Ok(ExitCode::SUCCESS)
 }
 
-fn enroll(cli: &Cli, a: &EnrollArgs) -> anyhow::Result<ExitCode> {
-    enroll::require_root()?;
-    let spec = spec::PodSpec {
+fn enroll_spec(a: &EnrollArgs) -> anyhow::Result<spec::PodSpec> {
+    Ok(spec::PodSpec {
         name: a.name.clone(),
         cgroup: a.cgroup.clone(),
         netns: a.netns.clone(),
@@ -284,81 +366,5 @@ fn enroll(cli: &Cli, a: &EnrollArgs) -> anyhow::Result<ExitCode> {
         proxy_outbound_port: a.proxy_outbound_port,
         dns_capture: a.dns_capture,
         proxy_dns_port: a.proxy_dns_port,
-    };
-    // Everything that can be checked without the lock is, so nothing blocks while holding it.
-    let checked = enroll::inspect(spec)?;
-    let store = StateStore::open(&cli.state_dir)?;
-    let done = enroll::enroll(&store, &cli.pin_root, checked)?;
-    let verb = if done.updated { "updated" } else { "enrolled" };
-    let listener = match &done.adopted_listeners {
-        Ok(0) => "proxy not listening yet: it is captured as soon as it listens".to_owned(),
-        Ok(n) => format!("adopted {n} running proxy listener(s)"),
-        Err(e) => {
-            eprintln!(
-                "warning: could not adopt the running proxy's inbound listener ({e}); \
-                 inbound capture starts when the proxy listens again (adoption needs \
-                 pidfd_getfd, Linux 5.6)"
-            );
-            "proxy listener not adopted".to_owned()
-        }
-    };
-    println!(
-        "{verb} {} (slot {}); {listener}",
-        done.record.name(),
-        done.record.slot
-    );
-    Ok(ExitCode::SUCCESS)
-}
-
-fn stats_cmd(cli: &Cli, name: Option<&str>, output: Format) -> anyhow::Result<ExitCode> {
-    enroll::require_root()?;
-    let mut pods = state::list_records(&cli.state_dir)?.pods;
-    if let Some(name) = name {
-        pods.retain(|p| p.name == name);
-        anyhow::ensure!(!pods.is_empty(), "no such enrolled pod: {name}");
-    }
-    let mut rows = Vec::new();
-    if !pods.is_empty() {
-        // Read-only: a reader never creates, loads or pins anything (a reader racing the last
-        // unenroll must not resurrect programs bound to orphaned maps).
-        let mut dp = Datapath::open_read_only(&cli.pin_root)
-            .context("opening the datapath")?
-            .with_context(|| {
-                format!(
-                    "pods are recorded but no datapath is pinned at {}; `redirect-agent gc` cleans up",
-                    cli.pin_root.display()
-                )
-            })?;
-        for p in &pods {
-            rows.push((p.name.clone(), stats::pod_counters(&mut dp, p.slot)?));
-        }
-    }
-    match output {
-        Format::Json => {
-            let pods: Vec<_> = rows
-                .iter()
-                .map(|(n, c)| serde_json::json!({ "name": n, "counters": c }))
-                .collect();
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&serde_json::json!({ "pods": pods }))?
-            );
-        }
-        Format::Table => {
-            // One column per pod, one row per counter: 14 counters fit a terminal's height
-            // better than its width.
-            let mut header = vec!["COUNTER"];
-            header.extend(rows.iter().map(|(n, _)| n.as_str()));
-            let table: Vec<Vec<String>> = redirect_common::Counter::ALL
-                .iter()
-                .map(|k| {
-                    let mut r = vec![k.name().to_owned()];
-                    r.extend(rows.iter().map(|(_, c)| c[k.name()].to_string()));
-                    r
-                })
-                .collect();
-            print_table(&header, &table);
-        }
-    }
-    Ok(ExitCode::SUCCESS)
+    })
 }

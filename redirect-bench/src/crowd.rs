@@ -30,6 +30,11 @@ const CROWD_PREFIX: &str = "rdb-";
 
 impl Crowd {
     pub fn new(_bed: &Bed, n: usize) -> Result<Crowd> {
+        Crowd::create(n)
+    }
+
+    /// `n` pods, without a test bed (the agent benchmark needs none).
+    pub fn create(n: usize) -> Result<Crowd> {
         let pid = std::process::id();
         let cgroup_root = redirect_testbed::cgroup2_mount()?.join(format!("redirect-bench-{pid}"));
         fs::create_dir_all(&cgroup_root)?;
@@ -90,6 +95,18 @@ impl Crowd {
             Ok(())
         })?;
         Ok(crowd)
+    }
+
+    /// Each pod: (name, cgroup, netns file, address).
+    pub fn pods(&self) -> impl Iterator<Item = (&str, PathBuf, PathBuf, Ipv4Addr)> + '_ {
+        self.names.iter().map(|(name, ip)| {
+            (
+                name.as_str(),
+                self.cgroup_root.join(name),
+                PathBuf::from(format!("/var/run/netns/{name}")),
+                *ip,
+            )
+        })
     }
 
     pub fn enroll(&self, bed: &Bed) -> Result<()> {

@@ -1,8 +1,10 @@
-//! `cargo xtask bench [datapath|detect|report]` (xtask runs this binary with its arguments).
+//! `cargo xtask bench [datapath|detect|agent|report]` (xtask runs this binary with its
+//! arguments).
 //!
 //! With no sub-command, or with `datapath`, runs the data-path benchmark against Istio's
 //! iptables redirection (see datapath.rs); `detect` runs the detection benchmark (detect.rs);
-//! `report` rewrites BENCHMARKS.md from an earlier run's results.
+//! `agent` the node agent against the CLI path (agent.rs); `report` rewrites BENCHMARKS.md
+//! from an earlier run's results.
 //!
 //! Modules: `datapath` the runner (what is measured in which order, the results file),
 //! `modes` the configurations and workloads, `bed` the pods and what a configuration starts in
@@ -10,6 +12,7 @@
 //! measurement, `istio` Istio's capture rules, `report` and `charts` BENCHMARKS.md and its
 //! charts, `detect` the detection benchmark, `sys` root, `ip -batch`, BPF statistics.
 
+mod agent;
 mod bed;
 mod charts;
 mod crowd;
@@ -44,6 +47,9 @@ enum Command {
     /// Data-path benchmark: direct, explicit proxy, Istio's iptables rules (nft and legacy),
     /// and redirect's eBPF datapath, interleaved in one run (the default).
     Datapath(datapath::Opts),
+    /// Node agent benchmark: enroll/unenroll through the agent and the CLI, RSS, idle CPU,
+    /// /metrics, restart to ready (see redirect-bench/src/agent.rs).
+    Agent(agent::Opts),
     /// Rewrite BENCHMARKS.md and the charts from a results JSON of an earlier run.
     Report {
         /// The results file.
@@ -55,6 +61,7 @@ enum Command {
 fn run(args: Args) -> Result<()> {
     match args.command {
         Some(Command::Detect) => detect::run(),
+        Some(Command::Agent(opts)) => agent::run(opts),
         Some(Command::Datapath(opts)) => datapath::run(opts),
         Some(Command::Report { from }) => report::rewrite(&from),
         None => datapath::run(args.datapath),

@@ -250,6 +250,14 @@ pub fn write(results: &Value, out_dir: &Path, md_path: &Path) -> Result<()> {
     pods(w, results, &groups)?;
     bpf(w, results)?;
     path_checks(w, results)?;
+    // The node agent's section is written by `bench agent`; a data-path report keeps it.
+    let agent = fs::read_to_string(md_path)
+        .ok()
+        .and_then(|old| crate::agent::section_of(&old).map(str::to_owned));
+    let md = match agent {
+        Some(section) => format!("{}\n\n{section}", md.trim_end()),
+        None => md,
+    };
     fs::write(md_path, md).with_context(|| format!("writing {}", md_path.display()))?;
     Ok(())
 }

@@ -38,6 +38,8 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
     // DNS capture tests (redirect-agent/tests/dns.rs): the servers and the client
     "dnsmasq-base",
     "bind9-dnsutils",
+    // tests/agent.rs: a real Prometheus scrapes the node agent; promtool checks /metrics
+    "prometheus",
 ];
 
 pub fn run() -> Result<()> {

@@ -3,4 +3,5 @@
 
 pub mod detect;
 pub mod probe;
+pub mod render;
 pub mod table;

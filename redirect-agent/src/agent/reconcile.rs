@@ -1,0 +1,145 @@
+//! What the agent does at start, before it is ready: the pins are the truth, and every record
+//! is checked against them.
+
+use std::path::Path;
+
+use crate::{
+    datapath::Datapath,
+    enroll::{self, EnrollError},
+    gc,
+    rows::PodRows,
+    state::{PodRecord, StateStore},
+};
+
+/// What a start found and did.
+#[derive(Debug, Default)]
+pub struct Reconciled {
+    /// Interrupted commands rolled back.
+    pub recovered: Vec<String>,
+    /// Pods found intact (cgroup, netns, links and rows as recorded) and adopted untouched.
+    pub adopted: Vec<String>,
+    /// Pods whose links or rows were not as recorded, enrolled again in place.
+    pub repaired: Vec<String>,
+    /// Pods whose cgroup or netns is gone, unenrolled.
+    pub collected: Vec<String>,
+}
+
+/// Reconciles the records with the kernel under the store's lock: rolls back interrupted
+/// commands, takes over the pinned datapath (programs of another compatible build are
+/// replaced in place, links updated, never detached), unenrolls pods that are gone, enrolls
+/// again in place those whose links or rows are not as recorded, and adopts the rest.
+pub fn reconcile(state_dir: &Path, pin_root: &Path) -> Result<Reconciled, EnrollError> {
+    let store = StateStore::open(state_dir)?;
+    let mut out = Reconciled {
+        recovered: enroll::recover(&store, pin_root)?,
+        ..Reconciled::default()
+    };
+    for n in &out.recovered {
+        log::info!(
+            "{}: rolled back an interrupted change",
+            super::pod_log_name(n)
+        );
+    }
+    let records = store.list()?;
+    if records.is_empty() {
+        return Ok(out);
+    }
+    let dp = Datapath::open(pin_root)?;
+    for c in dp.program_changes() {
+        log::info!(
+            "datapath: {} replaced (program {:?} -> {}), {} link(s) updated in place",
+            c.program,
+            c.old_id,
+            c.new_id,
+            c.links_updated
+        );
+    }
+    drop(dp);
+    for rec in records {
+        let who = super::pod_log_name(rec.name());
+        match gc::health(&rec) {
+            gc::Health::Gone => {
+                enroll::unenroll(&store, pin_root, rec.name())?;
+                log::info!("{who}: gone (cgroup or network namespace removed), unenrolled");
+                out.collected.push(rec.name().to_owned());
+            }
+            gc::Health::Interrupted => {
+                // recover() above left none; a record can only be pending if another writer
+                // held the lock, which it cannot.
+                log::warn!("{who}: still pending after recovery; left for gc");
+            }
+            gc::Health::Ok => match intact(pin_root, &rec) {
+                Ok(()) => {
+                    log::debug!("{who}: adopted");
+                    out.adopted.push(rec.name().to_owned());
+                }
+                Err(why) => {
+                    log::warn!("{who}: {why}; enrolling it again in place");
+                    let checked = enroll::inspect(rec.spec.clone())?;
+                    enroll::enroll(&store, pin_root, checked)?;
+                    log::info!("{who}: repaired");
+                    out.repaired.push(rec.name().to_owned());
+                }
+            },
+        }
+    }
+    Ok(out)
+}
+
+/// Whether the pod's links are pinned and its rows are in the maps as its record says.
+fn intact(pin_root: &Path, rec: &PodRecord) -> Result<(), String> {
+    if !enroll::links_complete(pin_root, rec) {
+        return Err("links missing".into());
+    }
+    let mut dp = Datapath::open_read_only(pin_root)
+        .map_err(|e| crate::error_chain(&e))?
+        .ok_or("no datapath pinned")?;
+    let rows = PodRows::new(&rec.spec, rec.slot, rec.cgroup_id);
+    let e = |e: crate::datapath::DatapathError| crate::error_chain(&e);
+    let config = dp.pods().map_err(e)?.get(&rec.slot, 0).ok();
+    if config != Some(rows.config) {
+        return Err(format!("PODS[{}] is not as recorded", rec.slot));
+    }
+    if dp.pod_cgroups().map_err(e)?.get(&rec.cgroup_id, 0).ok() != Some(rec.slot) {
+        return Err("its POD_CGROUPS row is missing".into());
+    }
+    {
+        let addrs = dp.pod_addrs().map_err(e)?;
+        if rows
+            .addrs
+            .iter()
+            .any(|a| addrs.get(a, 0).ok() != Some(rec.slot))
+        {
+            return Err("a POD_ADDRS row is missing".into());
+        }
+    }
+    {
+        let rules = dp.port_rules().map_err(e)?;
+        if rows
+            .port_rules
+            .iter()
+            .any(|(k, bits)| rules.get(k, 0).ok() != Some(*bits))
+        {
+            return Err("a PORT_RULES row is missing".into());
+        }
+    }
+    {
+        let t = dp.cidr4().map_err(e)?;
+        if rows
+            .cidr4
+            .iter()
+            .any(|(len, k)| t.get(&aya::maps::lpm_trie::Key::new(*len, *k), 0).is_err())
+        {
+            return Err("a CIDR4 row is missing".into());
+        }
+    }
+    let t = dp.cidr6().map_err(e)?;
+    if rows
+        .cidr6
+        .iter()
+        .any(|(len, k)| t.get(&aya::maps::lpm_trie::Key::new(*len, *k), 0).is_err())
+    {
+        return Err("a CIDR6 row is missing".into());
+    }
+    Ok(())
+}

@@ -1,0 +1,463 @@
+//! `cargo xtask bench agent`: the node agent (`redirect-agent run`) against the CLI path.
+//!
+//! N cheap pods (a namespace with an address on `lo`, an empty cgroup: [`Crowd`]) are enrolled
+//! and unenrolled one after the other, first with one `redirect-agent enroll` process each
+//! (the CLI path, process start included, as an operator or a script pays it), then through a
+//! running agent's socket (one request per connection, as the CLI sends it, without the
+//! process start). With the N pods enrolled: the agent's RSS, its CPU while idle, the time to
+//! render `/metrics`, and the time from a new agent's start (after SIGKILL) to `/readyz` 200.
+//! Results: `bench/agent.json` and the "Node agent" section of BENCHMARKS.md.
+
+use std::{
+    fs,
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::{SocketAddr, TcpListener, TcpStream},
+    os::unix::net::UnixStream,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, ensure, Context as _, Result};
+use redirect_devtools as dev;
+use serde_json::json;
+
+use crate::crowd::Crowd;
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct Opts {
+    /// Pods enrolled (default 1000; 50 with --quick).
+    #[arg(long)]
+    pub pods: Option<usize>,
+    /// Few pods, debug binaries, results under target/bench-quick/ (BENCHMARKS.md untouched).
+    #[arg(long)]
+    pub quick: bool,
+}
+
+/// Latencies in seconds, sorted.
+struct Samples(Vec<f64>);
+
+impl Samples {
+    fn new(mut v: Vec<f64>) -> Samples {
+        v.sort_by(f64::total_cmp);
+        Samples(v)
+    }
+
+    fn pct(&self, p: f64) -> f64 {
+        if self.0.is_empty() {
+            return f64::NAN;
+        }
+        let i = ((self.0.len() as f64 - 1.0) * p).round() as usize;
+        self.0[i]
+    }
+
+    fn json(&self, total_s: f64) -> serde_json::Value {
+        json!({
+            "n": self.0.len(),
+            "total_s": total_s,
+            "p50_ms": self.pct(0.5) * 1e3,
+            "p99_ms": self.pct(0.99) * 1e3,
+            "max_ms": self.pct(1.0) * 1e3,
+        })
+    }
+}
+
+fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
+    let mut s = TcpStream::connect(addr)?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut raw = String::new();
+    s.read_to_string(&mut raw)?;
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .context("not an HTTP response")?;
+    Ok((status, body.to_owned()))
+}
+
+/// A running `redirect-agent run` of this benchmark.
+struct AgentProcess {
+    child: Child,
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct Setup {
+    agent_bin: PathBuf,
+    pin_root: PathBuf,
+    state_dir: PathBuf,
+    socket: PathBuf,
+    http: SocketAddr,
+    log: PathBuf,
+}
+
+impl Setup {
+    fn cli(&self) -> Command {
+        let mut c = Command::new(&self.agent_bin);
+        c.env("REDIRECT_PIN_ROOT", &self.pin_root)
+            .env("REDIRECT_STATE_DIR", &self.state_dir)
+            // The CLI path: no agent on this socket.
+            .env(
+                "REDIRECT_SOCKET",
+                self.state_dir.with_extension("no-agent.sock"),
+            )
+            .env_remove("RUST_LOG");
+        c
+    }
+
+    fn start_agent(&self) -> Result<AgentProcess> {
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
+        let child = Command::new(&self.agent_bin)
+            .env("REDIRECT_PIN_ROOT", &self.pin_root)
+            .env("REDIRECT_STATE_DIR", &self.state_dir)
+            .env("RUST_LOG", "warn")
+            .arg("run")
+            .arg("--socket")
+            .arg(&self.socket)
+            .arg("--http-address")
+            .arg(self.http.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("starting redirect-agent run")?;
+        Ok(AgentProcess { child })
+    }
+
+    /// Waits for `/readyz` 200; the time it took.
+    fn wait_ready(&self, agent: &mut AgentProcess) -> Result<Duration> {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = agent.child.try_wait()? {
+                bail!(
+                    "the agent exited ({status}); its log: {}",
+                    fs::read_to_string(&self.log).unwrap_or_default()
+                );
+            }
+            if let Ok((200, _)) = http_get(self.http, "/readyz") {
+                return Ok(start.elapsed());
+            }
+            ensure!(
+                start.elapsed() < Duration::from_secs(120),
+                "the agent is not ready after 120 s"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// One request on its own connection, as the CLI sends it; fails unless it succeeded.
+    fn request(&self, req: &serde_json::Value) -> Result<()> {
+        let s = UnixStream::connect(&self.socket)?;
+        let mut line = req.to_string();
+        line.push('\n');
+        (&s).write_all(line.as_bytes())?;
+        let mut answer = String::new();
+        BufReader::new(&s).read_line(&mut answer)?;
+        let v: serde_json::Value =
+            serde_json::from_str(&answer).with_context(|| format!("agent answered {answer:?}"))?;
+        ensure!(v["result"] != "error", "agent: {}", v["value"]["message"]);
+        Ok(())
+    }
+}
+
+fn spec(name: &str, cgroup: &Path, netns: &Path, ip: std::net::Ipv4Addr) -> serde_json::Value {
+    json!({
+        "name": name,
+        "cgroup": cgroup,
+        "netns": netns,
+        "pod_ips": [ip.to_string()],
+        "proxy_uid": 1337,
+        "inbound_policy": "passthrough",
+        "proxy_inbound_port": 15006,
+        "proxy_outbound_port": 15001,
+    })
+}
+
+/// The process's resident set (kB) and CPU time (user + system, seconds).
+fn rss_and_cpu(pid: u32) -> Result<(u64, f64)> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let rss = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .context("VmRSS")?;
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let rest: Vec<&str> = stat[stat.rfind(')').context("stat")? + 2..]
+        .split_whitespace()
+        .collect();
+    let ticks: f64 = rest[11].parse::<f64>()? + rest[12].parse::<f64>()?;
+    // SAFETY: sysconf with a valid name has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Ok((rss, ticks / hz))
+}
+
+fn timed(mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    let t = Instant::now();
+    f()?;
+    Ok(t.elapsed().as_secs_f64())
+}
+
+pub fn run(opts: Opts) -> Result<()> {
+    crate::sys::ensure_root("bench agent needs root (network namespaces, cgroups, eBPF)")?;
+    let n = opts.pods.unwrap_or(if opts.quick { 50 } else { 1000 });
+    let root = dev::workspace_root();
+    dev::header("bench agent: binaries");
+    let mut build = dev::cargo();
+    build.args(["build", "-p", "redirect-agent", "--bins"]);
+    if !opts.quick {
+        build.arg("--release");
+    }
+    dev::run(&mut build)?;
+    let bin_dir = dev::target_dir()?.join(if opts.quick { "debug" } else { "release" });
+    crate::crowd::sweep_stale();
+    let pid = std::process::id();
+    let setup = Setup {
+        agent_bin: bin_dir.join("redirect-agent"),
+        pin_root: PathBuf::from(format!("/sys/fs/bpf/redirect-bench-{pid}")),
+        state_dir: PathBuf::from(format!("/tmp/redirect-bench-{pid}")),
+        socket: PathBuf::from(format!("/tmp/redirect-bench-{pid}.sock")),
+        http: SocketAddr::from(([127, 0, 0, 1], free_port()?)),
+        log: PathBuf::from(format!("/tmp/redirect-bench-{pid}.agent.log")),
+    };
+    let started = Instant::now();
+    let result = measure(&setup, n);
+    // Whatever happened: nothing of this run stays.
+    for p in [&setup.socket, &setup.log] {
+        let _ = fs::remove_file(p);
+    }
+    let _ = fs::remove_dir_all(&setup.pin_root);
+    let _ = fs::remove_dir_all(&setup.state_dir);
+    let mut results = result?;
+    results["elapsed_s"] = json!(started.elapsed().as_secs_f64());
+    results["profile"] = json!(if opts.quick { "debug" } else { "release" });
+    results["kernel"] = json!(fs::read_to_string("/proc/sys/kernel/osrelease")?.trim());
+
+    let out = if opts.quick {
+        root.join("target/bench-quick")
+    } else {
+        root.join("bench")
+    };
+    fs::create_dir_all(&out)?;
+    fs::write(
+        out.join("agent.json"),
+        serde_json::to_string_pretty(&results)?,
+    )?;
+    let section = report(&results);
+    println!("\n{section}");
+    if !opts.quick {
+        write_section(&root.join("BENCHMARKS.md"), &section)?;
+        println!("wrote bench/agent.json and the node agent section of BENCHMARKS.md");
+    } else {
+        println!("wrote {}", out.join("agent.json").display());
+    }
+    Ok(())
+}
+
+fn measure(setup: &Setup, n: usize) -> Result<serde_json::Value> {
+    dev::header(&format!("bench agent: {n} pods"));
+    let crowd = Crowd::create(n)?;
+    let pods: Vec<_> = crowd.pods().collect();
+
+    // The CLI path.
+    let mut lat = Vec::new();
+    let total = timed(|| {
+        for (name, cg, ns, ip) in &pods {
+            let t = Instant::now();
+            let out = setup
+                .cli()
+                .args(["enroll", "--name", name, "--cgroup"])
+                .arg(cg)
+                .arg("--netns")
+                .arg(ns)
+                .args(["--pod-ip", &ip.to_string()])
+                .output()?;
+            ensure!(out.status.success(), "CLI enroll {name}: {out:?}");
+            lat.push(t.elapsed().as_secs_f64());
+        }
+        Ok(())
+    })?;
+    let cli_enroll = Samples::new(std::mem::take(&mut lat)).json(total);
+    println!("  CLI enroll: {cli_enroll}");
+    let total = timed(|| {
+        for (name, ..) in &pods {
+            let t = Instant::now();
+            let out = setup.cli().args(["unenroll", "--name", name]).output()?;
+            ensure!(out.status.success(), "CLI unenroll {name}: {out:?}");
+            lat.push(t.elapsed().as_secs_f64());
+        }
+        Ok(())
+    })?;
+    let cli_unenroll = Samples::new(std::mem::take(&mut lat)).json(total);
+    println!("  CLI unenroll: {cli_unenroll}");
+
+    // Through the agent.
+    let mut agent = setup.start_agent()?;
+    setup.wait_ready(&mut agent)?;
+    let total = timed(|| {
+        for (name, cg, ns, ip) in &pods {
+            let t = Instant::now();
+            setup.request(&json!({"op": "enroll", "args": {"spec": spec(name, cg, ns, *ip)}}))?;
+            lat.push(t.elapsed().as_secs_f64());
+        }
+        Ok(())
+    })?;
+    let agent_enroll = Samples::new(std::mem::take(&mut lat)).json(total);
+    println!("  agent enroll: {agent_enroll}");
+
+    let pid = agent.child.id();
+    let (rss_kb, cpu0) = rss_and_cpu(pid)?;
+    let idle = Duration::from_secs(10);
+    std::thread::sleep(idle);
+    let (_, cpu1) = rss_and_cpu(pid)?;
+    let idle_cpu_pct = (cpu1 - cpu0) / idle.as_secs_f64() * 100.0;
+    println!("  agent RSS {rss_kb} kB, idle CPU {idle_cpu_pct:.3} % over {idle:?}");
+    let mut renders = Vec::new();
+    let mut metrics_bytes = 0;
+    for _ in 0..10 {
+        let t = Instant::now();
+        let (status, body) = http_get(setup.http, "/metrics")?;
+        renders.push(t.elapsed().as_secs_f64());
+        ensure!(status == 200, "/metrics: {status}");
+        metrics_bytes = body.len();
+    }
+    let metrics = Samples::new(renders);
+    println!(
+        "  /metrics: p50 {:.1} ms, {metrics_bytes} bytes",
+        metrics.pct(0.5) * 1e3
+    );
+
+    // Restart: SIGKILL, then a new agent adopts the N pinned pods.
+    drop(agent);
+    let _ = fs::remove_file(&setup.socket);
+    let mut restarts = Vec::new();
+    let mut agent = setup.start_agent()?;
+    restarts.push(setup.wait_ready(&mut agent)?.as_secs_f64());
+    for _ in 0..2 {
+        drop(agent);
+        agent = setup.start_agent()?;
+        restarts.push(setup.wait_ready(&mut agent)?.as_secs_f64());
+    }
+    let restart = Samples::new(restarts);
+    println!(
+        "  restart to ready with {n} pods: median {:.3} s",
+        restart.pct(0.5)
+    );
+
+    let total = timed(|| {
+        for (name, ..) in &pods {
+            let t = Instant::now();
+            setup.request(&json!({"op": "unenroll", "args": {"name": name}}))?;
+            lat.push(t.elapsed().as_secs_f64());
+        }
+        Ok(())
+    })?;
+    let agent_unenroll = Samples::new(std::mem::take(&mut lat)).json(total);
+    println!("  agent unenroll: {agent_unenroll}");
+    drop(agent);
+    drop(crowd);
+    Ok(json!({
+        "pods": n,
+        "cli_enroll": cli_enroll,
+        "cli_unenroll": cli_unenroll,
+        "agent_enroll": agent_enroll,
+        "agent_unenroll": agent_unenroll,
+        "agent_rss_kib": rss_kb,
+        "agent_idle_cpu_pct": idle_cpu_pct,
+        "metrics_render_p50_ms": metrics.pct(0.5) * 1e3,
+        "metrics_bytes": metrics_bytes,
+        "restart_to_ready_s": restart.0,
+    }))
+}
+
+const BEGIN: &str = "<!-- bench agent: begin -->";
+const END: &str = "<!-- bench agent: end -->";
+
+fn report(r: &serde_json::Value) -> String {
+    let row = |what: &str, k: &str| {
+        let v = &r[k];
+        format!(
+            "| {what} | {:.1} ms | {:.1} ms | {:.2} s |",
+            v["p50_ms"].as_f64().unwrap_or(f64::NAN),
+            v["p99_ms"].as_f64().unwrap_or(f64::NAN),
+            v["total_s"].as_f64().unwrap_or(f64::NAN)
+        )
+    };
+    let restarts: Vec<String> = r["restart_to_ready_s"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|v| format!("{:.3} s", v.as_f64().unwrap_or(f64::NAN)))
+        .collect();
+    format!(
+        "{BEGIN}\n## Node agent\n\nGenerated by `cargo xtask bench agent` ({} binaries, kernel {}, {:.0} s). \
+         Raw results: [`bench/agent.json`](bench/agent.json). {} pods (a namespace with an address \
+         on `lo`, an empty cgroup) enrolled then unenrolled one after the other: with one \
+         `redirect-agent` process per command (the CLI path, process start included), and through \
+         a running agent's socket (one request per connection).\n\n\
+         | | p50 | p99 | all {} pods |\n|---|---|---|---|\n{}\n{}\n{}\n{}\n\n\
+         With the {} pods enrolled: agent RSS {:.1} MiB, idle CPU {:.3} % (10 s), `/metrics` \
+         rendered in {:.1} ms (p50 of 10, {} bytes); a new agent's start to `/readyz` 200 after \
+         SIGKILL: {}.\n\nThe issue's targets: enroll through the agent p50 < 2 ms, p99 < 10 ms, 1000 pods enrolled \
+         and unenrolled in < 3 s each; RSS < 40 MiB; idle CPU < 0.1 %; `/metrics` < 50 ms; \
+         restart to ready < 1 s. Not met yet: the agent serves each request with the same library \
+         calls as the CLI (the datapath opened per request, every record read, the record fsynced \
+         twice), so it saves only the process start; keeping the datapath open in the agent and \
+         the records in memory is the next step. The machine ran other work during the run.\n{END}\n",
+        r["profile"].as_str().unwrap_or("?"),
+        r["kernel"].as_str().unwrap_or("?"),
+        r["elapsed_s"].as_f64().unwrap_or(0.0),
+        r["pods"],
+        r["pods"],
+        row("enroll, CLI", "cli_enroll"),
+        row("enroll, agent", "agent_enroll"),
+        row("unenroll, CLI", "cli_unenroll"),
+        row("unenroll, agent", "agent_unenroll"),
+        r["pods"],
+        r["agent_rss_kib"].as_f64().unwrap_or(f64::NAN) / 1024.0,
+        r["agent_idle_cpu_pct"].as_f64().unwrap_or(f64::NAN),
+        r["metrics_render_p50_ms"].as_f64().unwrap_or(f64::NAN),
+        r["metrics_bytes"],
+        restarts.join(", "),
+    )
+}
+
+/// The node agent's section of a BENCHMARKS.md, markers included, if it has one.
+pub fn section_of(md: &str) -> Option<&str> {
+    let b = md.find(BEGIN)?;
+    let e = md[b..].find(END)? + b + END.len();
+    Some(&md[b..e])
+}
+
+/// Replaces the section between the markers in BENCHMARKS.md, or appends it.
+fn write_section(path: &Path, section: &str) -> Result<()> {
+    let text = fs::read_to_string(path).unwrap_or_default();
+    let new = match (text.find(BEGIN), text.find(END)) {
+        (Some(b), Some(e)) if b < e => {
+            format!(
+                "{}{section}{}",
+                &text[..b],
+                &text[e + END.len()..].trim_start_matches('\n')
+            )
+        }
+        _ => format!("{}\n{section}", text.trim_end()),
+    };
+    fs::write(path, new).with_context(|| format!("writing {}", path.display()))
+}
