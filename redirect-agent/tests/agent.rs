@@ -737,7 +737,7 @@ fn sigterm_finishes_requests_in_flight_and_leaves_pins() {
 
 fn enroll_links(agent: &Agent, name: &str) -> bool {
     let dir = agent.pin_root.join("pods").join(name.replace('.', "~2e"));
-    fs::read_dir(dir).is_ok_and(|d| d.count() == 7)
+    fs::read_dir(dir).is_ok_and(|d| d.count() == redirect_agent::datapath::Hook::ALL.len())
 }
 
 /// A Prometheus server scraping the agent.
