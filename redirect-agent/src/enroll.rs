@@ -20,7 +20,7 @@ use std::{
 
 use aya::maps::{MapError, PerCpuValues};
 use redirect_common::{
-    Counter, ListenerKey, PortKey, AF_INET, AF_INET6, MAX_CIDR_RULES, MAX_PODS, MAX_PORT_RULES,
+    Counter, ListenerKey, AF_INET, AF_INET6, MAX_CIDR_RULES, MAX_PODS, MAX_PORT_RULES,
 };
 
 use crate::{
@@ -763,13 +763,4 @@ fn remove_passthrough_src6(netns_path: &Path) -> Result<(), netns::NetnsError> {
         Err(e) => return Err(e),
     };
     netns::remove_lo_addr6(&ns, passthrough_src6()).map(drop)
-}
-
-/// Kept for code that only needs a port rule key (tests, gc).
-pub fn port_key(slot: u32, port: u16) -> PortKey {
-    PortKey {
-        slot,
-        port,
-        _pad: 0,
-    }
 }
