@@ -240,6 +240,7 @@ impl Bed {
                 let p = match kind {
                     ProxyKind::TestProxy => self.spawn_test_proxy(cfg.mode, side, pod)?,
                     ProxyKind::Nginx => self.spawn_nginx(cfg.mode, side, pod)?,
+                    ProxyKind::Haproxy => self.spawn_haproxy(cfg.mode, side, pod)?,
                 };
                 running.proxies.push(p);
             }
@@ -379,6 +380,44 @@ impl Bed {
             .arg(dir.join("nginx.conf"));
         let mut cmd = self.pinned(&mut cmd);
         cmd.stdin(Stdio::null()).stdout(Stdio::null());
+        pod.spawn(PROXY_UID, cmd)
+    }
+}
+
+impl Bed {
+    /// HAProxy as a transparent sidecar: outbound to the original destination it reads with
+    /// `SO_ORIGINAL_DST` (redirect's getsockopt program, or conntrack under iptables), inbound
+    /// to the same destination from 127.0.0.6, or to 127.0.0.1 at its port for the pre-1.10
+    /// rules; fixed upstreams in `explicit`, as the other proxies have.
+    fn spawn_haproxy(&self, mode: Mode, side: &str, pod: &Pod) -> Result<PodProcess> {
+        use redirect_testbed::proxy::haproxy::HaproxyConfig;
+        use redirect_testbed::ProxyDial;
+        let dir = self
+            .node
+            .scratch_dir()
+            .join(format!("haproxy-{side}-{}", mode.name()));
+        let upstream = (mode == Mode::Explicit).then(|| {
+            (
+                SocketAddr::new(self.server.ip4.into(), INBOUND_PORT),
+                self.server_app(),
+            )
+        });
+        let cfg = HaproxyConfig {
+            inbound_port: INBOUND_PORT,
+            outbound_port: OUTBOUND_PORT,
+            dial: if mode.loopback_delivery() {
+                ProxyDial::Loopback
+            } else {
+                ProxyDial::PodIp
+            },
+            upstream,
+            ipv6: false,
+            log: false,
+        };
+        let mut cmd = self.pinned(&mut cfg.command(&dir)?);
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
         pod.spawn(PROXY_UID, cmd)
     }
 }

@@ -54,6 +54,9 @@ pub enum ProxyKind {
     TestProxy,
     /// nginx stream module.
     Nginx,
+    /// HAProxy 2.6 as a transparent sidecar (`SO_ORIGINAL_DST`, see
+    /// `redirect_testbed::proxy::haproxy`).
+    Haproxy,
 }
 
 impl ProxyKind {
@@ -61,6 +64,7 @@ impl ProxyKind {
         match self {
             ProxyKind::TestProxy => "test-proxy",
             ProxyKind::Nginx => "nginx",
+            ProxyKind::Haproxy => "haproxy",
         }
     }
 }

@@ -310,6 +310,9 @@ pub fn write(results: &Value, out_dir: &Path, md_path: &Path) -> Result<()> {
     writeln!(w, "| OS | {} |", s(&meta["os"]))?;
     writeln!(w, "| iptables | {} |", s(&meta["iptables"]))?;
     writeln!(w, "| nginx | {} |", s(&meta["nginx"]))?;
+    if !s(&meta["haproxy"]).is_empty() {
+        writeln!(w, "| HAProxy | {} |", s(&meta["haproxy"]))?;
+    }
     writeln!(w, "| binaries | {} profile |", s(&meta["profile"]))?;
     writeln!(
         w,
@@ -374,7 +377,12 @@ Proxies: the project's **test proxy** (`redirect-testbed proxy`: a thread per co
 `libnginx-mod-stream`). nginx cannot read `SO_ORIGINAL_DST`, so its outbound listener always \
 proxies to the server application; its inbound listener proxies to `$server_addr:$server_port` \
 (the original destination when capture keeps it, as sk_lookup does) with `proxy_bind 127.0.0.6`, \
-and to the application's fixed address when the local port is the capture port (REDIRECT).\n\n\
+and to the application's fixed address when the local port is the capture port (REDIRECT). \
+**HAProxy** 2.6 (Debian `haproxy`) is a transparent sidecar: its outbound listener forwards to \
+`server 0.0.0.0` (no port), the original destination HAProxy reads with `SO_ORIGINAL_DST` \
+(answered by redirect's `cgroup/getsockopt` program, or by conntrack under iptables); its \
+inbound listener forwards to the same destination with `source 127.0.0.6` (to `127.0.0.1` at \
+the destination's port for the pre-1.10 rules); one thread, no logging.\n\n\
 Workloads (Rust load generator, `redirect-testbed load`, HDR histograms, one connection at a \
 time): `rr-1B` and `rr-1KiB` request/response on one kept connection; `crr-1B` connect, \
 request/response, close; `bulk` one connection streaming 64 KiB writes through the echo path \
@@ -382,6 +390,20 @@ request/response, close; `bulk` one connection streaming 64 KiB writes through t
 application) are pinned to one CPU: on this VM cross-CPU wake-ups triple latency and make p99 \
 meaningless. The configurations are measured **interleaved** (A B C … A B C …) so that drift \
 falls on all alike; figures are the **median of the repetitions, with (min–max)**.\n\n\
+**Statistics.** A round measures every configuration once, so a comparison of two \
+configurations is a set of pairs, one per round. Every ratio and difference the report \
+prints comes with a 95 % interval from a **paired bootstrap over the rounds** (4 000 \
+replicates drawing whole rounds with replacement, ratio or difference of the medians, \
+percentile interval; ChaCha8 with a fixed seed, so rewriting the report from the JSON gives \
+the same intervals; `redirect-bench/src/stats.rs`, unit-tested on synthetic data). The \
+verdict is read off the interval: **faster** or **slower** when it lies entirely on one side \
+of no difference, **within noise** when it contains it. After the fixed rounds, the \
+comparisons of `ebpf` with `explicit` and `iptables-nft` (rr-1B and crr-1B, p50 and CPU) \
+whose interval contains no difference but is wider than ±5 % get **more rounds** of just \
+the configurations involved, while the run's time budget (19 minutes) lasts. A percentile \
+bootstrap over few rounds is somewhat too narrow (on synthetic data with 8 rounds, about 6 % \
+of identical pairs are called different instead of 5 %): read a verdict at the edge of its \
+interval as weak.\n\n\
 **CPU per operation** is the `usage_usec` delta of both pods' cgroups over the measured window \
 (load generator, proxies, application, and the kernel work charged to them), divided by the \
 operations. **Conntrack** is `conntrack -C` in both pods after the window (tables flushed \
@@ -722,7 +744,11 @@ fn pods(w: &mut String, results: &Value, g: &Groups) -> Result<()> {
                 fmt_num(g.agg("main", &c, wl, 0, 0, "rate").med),
                 fmt_num(g.agg("pods", &c, wl, 0, extra, "rate").med),
                 ratio_cell(
-                    g.ratio(&Key::main(&c, wl), &Key::main("explicit/test-proxy", wl), "p50"),
+                    g.ratio(
+                        &Key::main(&c, wl),
+                        &Key::main("explicit/test-proxy", wl),
+                        "p50"
+                    ),
                     Better::Lower
                 ),
                 ratio_cell(

@@ -257,7 +257,10 @@ mod tests {
             assert!(d.hi < 0.0 || d.verdict(Better::Lower) == Verdict::WithinNoise);
         }
         eprintln!("a 20 % shift called faster in {faster} of {trials}");
-        assert!(faster >= 95, "a 20 % shift called faster in {faster} of {trials}");
+        assert!(
+            faster >= 95,
+            "a 20 % shift called faster in {faster} of {trials}"
+        );
         assert_eq!(slower, faster);
     }
 
