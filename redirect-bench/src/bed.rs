@@ -212,7 +212,7 @@ impl Bed {
                 .with_context(|| format!("installing the iptables rules in {}", pod.name))?;
             }
         }
-        if cfg.mode == Mode::Ebpf {
+        if cfg.mode.enrolled() {
             for (name, pod) in [
                 ("bench-client", &self.client),
                 ("bench-server", &self.server),
@@ -316,7 +316,7 @@ impl Bed {
                 "pod-ip"
             },
         ]);
-        if mode == Mode::Explicit {
+        if mode.explicit() {
             let upstream = match side {
                 "client" => SocketAddr::new(self.server.ip4.into(), INBOUND_PORT),
                 _ => self.server_app(),
@@ -340,7 +340,7 @@ impl Bed {
         fs::create_dir_all(dir.join("logs"))?;
         let app = self.server_app();
         let server_block = match (side, mode) {
-            ("client", Mode::Explicit) => format!(
+            ("client", Mode::Explicit | Mode::ExplicitEnrolled) => format!(
                 "server {{ listen {OUTBOUND_PORT}; proxy_pass {}:{INBOUND_PORT}; }}\n\
                  server {{ listen {INBOUND_PORT}; proxy_pass {app}; }}",
                 self.server.ip4
@@ -396,7 +396,7 @@ impl Bed {
             .node
             .scratch_dir()
             .join(format!("haproxy-{side}-{}", mode.name()));
-        let upstream = (mode == Mode::Explicit).then(|| {
+        let upstream = mode.explicit().then(|| {
             (
                 SocketAddr::new(self.server.ip4.into(), INBOUND_PORT),
                 self.server_app(),

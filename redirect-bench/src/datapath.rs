@@ -173,6 +173,7 @@ pub fn run(opts: Opts) -> Result<()> {
     for proxy in &proxies {
         for mode in [
             Mode::Explicit,
+            Mode::ExplicitEnrolled,
             Mode::IptablesNft,
             Mode::IptablesLegacy,
             Mode::IptablesLocalhost,
@@ -188,9 +189,19 @@ pub fn run(opts: Opts) -> Result<()> {
     let scale_modes = [Mode::IptablesNft, Mode::IptablesLegacy, Mode::Ebpf];
     let pods_modes = [Mode::Explicit, Mode::IptablesNft, Mode::Ebpf];
 
-    let total = reps * configs.len() * workloads.len()
+    let per_round: usize = configs
+        .iter()
+        .map(|c| {
+            if c.mode == Mode::ExplicitEnrolled {
+                1
+            } else {
+                workloads.len()
+            }
+        })
+        .sum();
+    let total = reps * per_round
         + reps * rule_counts.len() * scale_modes.len()
-        + workloads.len() * proxies.len()
+        + 3 * proxies.len()
         + reps * pods_modes.len() * 2;
     let mut progress = Progress::new(total);
     let mut samples = Vec::new();
@@ -204,6 +215,9 @@ pub fn run(opts: Opts) -> Result<()> {
         for cfg in &configs {
             let running = bed.start(*cfg, Scale::default())?;
             for wl in &workloads {
+                if cfg.mode == Mode::ExplicitEnrolled && wl.kind != "crr" {
+                    continue;
+                }
                 let s = bed.measure("main", *cfg, *wl, rep, Scale::default(), timing, &running)?;
                 progress.tick(rep, reps, &s);
                 samples.push(s);
@@ -242,35 +256,42 @@ pub fn run(opts: Opts) -> Result<()> {
     let mut bpf = Vec::new();
     {
         let _stats = crate::sys::enable_bpf_stats()?;
+        // rr-1B shows that kept connections run no program; crr-1B what setup costs, also
+        // with the programs attached but nothing redirected (explicit+enrolled).
         for proxy in &proxies {
-            let cfg = Config {
-                mode: Mode::Ebpf,
-                proxy: Some(*proxy),
-            };
-            let running = bed.start(cfg, Scale::default())?;
-            for wl in &workloads {
-                let before = bed.bpf_stats()?;
-                let s =
-                    bed.measure("bpf-stats", cfg, *wl, 0, Scale::default(), timing, &running)?;
-                let after = bed.bpf_stats()?;
-                // The statistics also count the warm-up, so divide by every operation.
-                let ops = s.load["ops"].as_u64().unwrap_or(0)
-                    + s.load["warmup_ops"].as_u64().unwrap_or(0);
-                for (prog, (cnt, ns)) in &after {
-                    let (c0, n0) = before.get(prog).copied().unwrap_or_default();
-                    bpf.push(BpfStat {
-                        config: cfg.label(),
-                        workload: wl.name,
-                        program: prog,
-                        run_cnt: cnt - c0,
-                        run_time_ns: ns - n0,
-                        ops,
-                    });
+            for (mode, wls) in [
+                (Mode::Ebpf, &[RR_1B, CRR][..]),
+                (Mode::ExplicitEnrolled, &[CRR][..]),
+            ] {
+                let cfg = Config {
+                    mode,
+                    proxy: Some(*proxy),
+                };
+                let running = bed.start(cfg, Scale::default())?;
+                for wl in wls {
+                    let before = bed.bpf_stats()?;
+                    let s =
+                        bed.measure("bpf-stats", cfg, *wl, 0, Scale::default(), timing, &running)?;
+                    let after = bed.bpf_stats()?;
+                    // The statistics also count the warm-up, so divide by every operation.
+                    let ops = s.load["ops"].as_u64().unwrap_or(0)
+                        + s.load["warmup_ops"].as_u64().unwrap_or(0);
+                    for (prog, (cnt, ns)) in &after {
+                        let (c0, n0) = before.get(prog).copied().unwrap_or_default();
+                        bpf.push(BpfStat {
+                            config: cfg.label(),
+                            workload: wl.name,
+                            program: prog,
+                            run_cnt: cnt - c0,
+                            run_time_ns: ns - n0,
+                            ops,
+                        });
+                    }
+                    progress.tick(0, 1, &s);
+                    samples.push(s);
                 }
-                progress.tick(0, 1, &s);
-                samples.push(s);
+                bed.stop(running)?;
             }
-            bed.stop(running)?;
         }
     }
 

@@ -338,6 +338,7 @@ pub fn write(results: &Value, out_dir: &Path, md_path: &Path) -> Result<()> {
     }
     full_tables(w, results, &groups)?;
     ratios(w, results, &groups)?;
+    setup_cost(w, results, &groups)?;
     scale(w, results, &groups, &charts, &rel)?;
     pods(w, results, &groups)?;
     bpf(w, results)?;
@@ -492,6 +493,9 @@ fn full_tables(w: &mut String, results: &Value, g: &Groups) -> Result<()> {
         )?;
         writeln!(w, "|---|---|---|---|---|---|---|")?;
         for c in &configs {
+            if g.agg("main", c, wl, 0, 0, "rate").n == 0 {
+                continue;
+            }
             let a = |m: &str| cell(g.agg("main", c, wl, 0, 0, m));
             writeln!(
                 w,
@@ -513,6 +517,9 @@ fn full_tables(w: &mut String, results: &Value, g: &Groups) -> Result<()> {
     )?;
     writeln!(w, "|---|---|---|---|")?;
     for c in &configs {
+        if g.agg("main", c, "bulk", 0, 0, "rate").n == 0 {
+            continue;
+        }
         let a = |m: &str| cell(g.agg("main", c, "bulk", 0, 0, m));
         writeln!(
             w,
@@ -613,6 +620,90 @@ fn verdict_summary(w: &mut String, results: &Value, g: &Groups) -> Result<()> {
             }
         }
         writeln!(w, "| `{base}` | {} | {} | {} |", n[0], n[1], n[2])?;
+    }
+    writeln!(w)?;
+    Ok(())
+}
+
+/// BPF run time per operation of all programs of both pods, from the statistics pass.
+fn bpf_ns_per_op(results: &Value, config: &str, workload: &str) -> f64 {
+    let mut ns = 0.0;
+    let mut ops = f64::NAN;
+    for s in results["bpf_stats"].as_array().into_iter().flatten() {
+        if s["config"] == config && s["workload"] == workload {
+            ns += s["run_time_ns"].as_f64().unwrap_or(0.0);
+            ops = s["ops"].as_f64().unwrap_or(f64::NAN);
+        }
+    }
+    ns / ops
+}
+
+/// Connection setup (crr-1B) taken apart: the proxies dialled explicitly, then the same with
+/// both pods enrolled (every program attached and run, nothing redirected), then redirected.
+fn setup_cost(w: &mut String, results: &Value, g: &Groups) -> Result<()> {
+    let configs = Groups::configs(results, "main");
+    let proxies: Vec<&str> = PROXIES
+        .iter()
+        .copied()
+        .filter(|p| configs.contains(&format!("explicit+enrolled/{p}")))
+        .collect();
+    if proxies.is_empty() {
+        return Ok(());
+    }
+    writeln!(w, "## Where the setup time goes\n")?;
+    writeln!(
+        w,
+        "`crr-1B` (connect, 1-byte request/response, close: three TCP connections per \
+         operation through two sidecars) in three steps, measured in the same interleaved \
+         rounds: `explicit`; `explicit+enrolled`, the same traffic with both pods enrolled, so \
+         every redirect program is attached and runs on every socket (sock_ops callbacks, \
+         connect4/bind4 checks, sk_lookup on every SYN) but nothing is redirected; and `ebpf`, \
+         where the application's connection is redirected to its proxy (connect4 rewrite and \
+         `bpf_bind`, the original destination filed and taken over by sock_ops, \
+         `SO_ORIGINAL_DST` answered by getsockopt) and the server proxy's connection handed to \
+         its listener by sk_lookup. Each step's difference to the one before is a paired \
+         interval over the rounds; \"BPF ns/op\" is the kernel's run time of all programs of \
+         both pods per operation from the statistics pass (below).\n"
+    )?;
+    writeln!(
+        w,
+        "| proxy | step | p50 µs | Δ p50 µs | CPU µs/op | Δ CPU µs/op | BPF ns/op |"
+    )?;
+    writeln!(w, "|---|---|---|---|---|---|---|")?;
+    for proxy in &proxies {
+        let steps = ["explicit", "explicit+enrolled", "ebpf"];
+        for (i, step) in steps.iter().enumerate() {
+            let c = format!("{step}/{proxy}");
+            let k = Key::main(&c, "crr-1B");
+            let (dp, dc) = if i == 0 {
+                ("".to_owned(), "".to_owned())
+            } else {
+                let prev = Key::main(&format!("{}/{proxy}", steps[i - 1]), "crr-1B");
+                (
+                    difference_cell(g.difference(&k, &prev, "p50"), Better::Lower),
+                    difference_cell(g.difference(&k, &prev, "cpu_per_op"), Better::Lower),
+                )
+            };
+            let bpf = if i == 0 {
+                "0".to_owned()
+            } else {
+                fmt_num(bpf_ns_per_op(results, &c, "crr-1B"))
+            };
+            writeln!(
+                w,
+                "| {proxy} | `{step}` | {} | {dp} | {} | {dc} | {bpf} |",
+                cell(g.agg("main", &c, "crr-1B", 0, 0, "p50")),
+                cell(g.agg("main", &c, "crr-1B", 0, 0, "cpu_per_op")),
+            )?;
+        }
+        let e = Key::main(&format!("ebpf/{proxy}"), "crr-1B");
+        let x = Key::main(&format!("explicit/{proxy}"), "crr-1B");
+        writeln!(
+            w,
+            "| {proxy} | **`ebpf` − `explicit`** | | {} | | {} | |",
+            difference_cell(g.difference(&e, &x, "p50"), Better::Lower),
+            difference_cell(g.difference(&e, &x, "cpu_per_op"), Better::Lower),
+        )?;
     }
     writeln!(w)?;
     Ok(())
