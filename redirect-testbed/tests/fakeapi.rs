@@ -207,13 +207,18 @@ fn a_watch_from_a_compacted_resource_version_is_gone() {
     let watch = |rv: u64| {
         // kubectl's raw GET prints the watch stream as it comes; the fake ends the watch
         // after timeoutSeconds.
-        k.ok(&["get", "--raw", &format!(
-            "/api/v1/pods?watch=true&resourceVersion={rv}&timeoutSeconds=1"
-        )])
+        k.ok(&[
+            "get",
+            "--raw",
+            &format!("/api/v1/pods?watch=true&resourceVersion={rv}&timeoutSeconds=1"),
+        ])
     };
     // Before compaction the history is there: web-1 was added after `old`.
     let before = watch(old);
-    assert!(before.contains(r#""type":"ADDED""#) && before.contains("web-1"), "{before}");
+    assert!(
+        before.contains(r#""type":"ADDED""#) && before.contains("web-1"),
+        "{before}"
+    );
     assert!(!before.contains("web-0"), "{before}");
     api.compact();
     let after = watch(old);
@@ -223,7 +228,10 @@ fn a_watch_from_a_compacted_resource_version_is_gone() {
     assert_eq!(event["object"]["code"], 410, "{after}");
     assert_eq!(event["object"]["reason"], "Expired", "{after}");
     // A new list works, and a watch from its resourceVersion is accepted.
-    assert_eq!(k.ok(&["get", "pods", "-o", "name"]), "pod/web-0\npod/web-1\n");
+    assert_eq!(
+        k.ok(&["get", "pods", "-o", "name"]),
+        "pod/web-0\npod/web-1\n"
+    );
     let fresh = watch(api.resource_version());
     assert!(!fresh.contains("ERROR"), "{fresh}");
 }
