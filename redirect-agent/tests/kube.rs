@@ -174,7 +174,7 @@ struct Scene {
     _apps: PodProcess,
     client: Pod,
     server: Pod,
-    _node: Node,
+    node: Node,
     _kubeconfig: PathBuf,
 }
 
@@ -209,7 +209,7 @@ impl Scene {
             _apps: apps,
             client,
             server,
-            _node: node,
+            node,
             _kubeconfig: kubeconfig,
         }
     }
@@ -311,6 +311,10 @@ fn pod_deleted_from_the_api_is_unenrolled() {
 fn api_server_going_away_and_back_is_survived() {
     require!(Need::Root, datapath());
     let mut s = Scene::new();
+    // A second enrolled pod, deleted from the API while the agent cannot see it.
+    let other = s.node.add_pod("other").unwrap();
+    s.agent.enroll(&other, &[]);
+    s.api.apply_pod(api_pod(&other, json!({})));
     s.api.stop();
     let (code, why) = wait_for("/readyz to say 503", PATIENCE, || {
         s.daemon.readyz().filter(|(c, _)| *c == 503)
@@ -337,6 +341,7 @@ fn api_server_going_away_and_back_is_survived() {
         &s.server,
         json!({"traffic.sidecar.istio.io/excludeInboundPorts": WILDCARD_PORT.to_string()}),
     ));
+    assert!(s.api.delete_pod("shop", &other.name));
     s.api.compact();
     s.api.resume().unwrap();
     wait_for("/readyz to say 200 again", PATIENCE, || {
@@ -349,6 +354,12 @@ fn api_server_going_away_and_back_is_survived() {
     wait_for("the change made while the API was away", PATIENCE, || {
         (s.excluded_inbound() == Some(json!([WILDCARD_PORT]))).then_some(())
     });
+    // The relist no longer shows the deleted pod: unenrolled.
+    wait_for(
+        "the pod deleted during the outage unenrolled",
+        PATIENCE,
+        || record(&s.agent, &other.name).is_none().then_some(()),
+    );
     // And live changes work again.
     s.api.apply_pod(api_pod(&s.server, json!({})));
     wait_for("a live change after the outage", LIVE, || {
