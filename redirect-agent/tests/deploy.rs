@@ -45,7 +45,7 @@ fn command_of(c: &Value, config_dir: &Path) -> Command {
                 .replace("/etc/redirect", &config_dir.display().to_string())
         })
         .collect();
-    assert_eq!(argv[0], "/redirect-agent", "{argv:?}");
+    assert_eq!(argv[0], "/usr/local/bin/redirect-agent", "{argv:?}");
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_redirect-agent"));
     cmd.args(&argv[1..]);
     cmd
