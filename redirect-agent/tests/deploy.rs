@@ -144,3 +144,47 @@ fn the_cluster_role_grants_only_what_the_watch_uses() {
         ])
     );
 }
+
+fn is_bpffs(p: &Path) -> bool {
+    nix::sys::statfs::statfs(p).is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC)
+}
+
+/// The init container's command: `mount-bpffs` makes the pin root ready (bpffs at it when its
+/// parent is not bpffs, a directory when it is), and does nothing the second time.
+#[test]
+fn mount_bpffs_prepares_the_pin_root() {
+    redirect_testbed::require!(redirect_testbed::Need::Root);
+    let id = format!("redirect-mount-bpffs-{}", std::process::id());
+    let on_bpffs = Path::new("/sys/fs/bpf").join(&id);
+    let elsewhere = std::env::temp_dir().join(&id);
+    /// Unmounts and removes both, also when the test fails.
+    struct Cleanup(Vec<std::path::PathBuf>);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            for p in &self.0 {
+                let _ = nix::mount::umount2(p, nix::mount::MntFlags::MNT_DETACH);
+                let _ = std::fs::remove_dir(p);
+            }
+        }
+    }
+    let cleanup = Cleanup(vec![on_bpffs.clone(), elsewhere.clone()]);
+    for root in [&on_bpffs, &elsewhere] {
+        for _ in 0..2 {
+            let out = Command::new(env!("CARGO_BIN_EXE_redirect-agent"))
+                .arg("--pin-root")
+                .arg(root)
+                .arg("mount-bpffs")
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "mount-bpffs {}: {}",
+                root.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert!(is_bpffs(root), "{} is not on bpffs", root.display());
+        }
+    }
+    drop(cleanup);
+    assert!(!on_bpffs.exists() && !elsewhere.exists());
+}
