@@ -51,7 +51,7 @@ impl fmt::Debug for Metrics {
 }
 
 impl Metrics {
-    pub fn new(state_dir: &Path, pin_root: &Path) -> Metrics {
+    pub(crate) fn new(pods: std::sync::Arc<super::PodsView>, pin_root: &Path) -> Metrics {
         let mut registry = Registry::default();
         // 0.25 ms .. about 4 s: an in-process enroll is milliseconds, one waiting for the lock
         // behind a burst is longer.
@@ -80,7 +80,7 @@ impl Metrics {
             collected.clone(),
         );
         registry.register_collector(Box::new(KernelCollector {
-            state_dir: state_dir.to_owned(),
+            pods,
             pin_root: pin_root.to_owned(),
         }));
         Metrics {
@@ -240,10 +240,15 @@ const MAPS: [&str; 8] = [
 ];
 
 /// Reads per-pod counters and map occupancy from the pinned maps (read-only) at each scrape.
-#[derive(Debug)]
 struct KernelCollector {
-    state_dir: PathBuf,
+    pods: std::sync::Arc<super::PodsView>,
     pin_root: PathBuf,
+}
+
+impl fmt::Debug for KernelCollector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("KernelCollector")
+    }
 }
 
 impl KernelCollector {
@@ -314,8 +319,8 @@ fn entries(dp: &mut Datapath, pin_root: &Path, name: &str) -> Result<u64, String
 
 impl Collector for KernelCollector {
     fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), fmt::Error> {
-        let pods = match state::list_records(&self.state_dir) {
-            Ok(r) => r.pods,
+        let pods = match self.pods.pods() {
+            Ok(p) => p,
             Err(e) => {
                 log::warn!("metrics: reading records: {}", crate::error_chain(&e));
                 Vec::new()

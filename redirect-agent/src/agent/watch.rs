@@ -16,10 +16,7 @@ use inotify::{Inotify, WatchMask, Watches};
 use tokio::sync::watch;
 
 use super::{pod_log_name, Shared};
-use crate::{
-    enroll, gc,
-    state::{self, PodRecord, StateStore},
-};
+use crate::{enroll, gc, state::PodRecord};
 
 /// How often the enrolled pods are looked at without an inotify event.
 const BACKSTOP: Duration = Duration::from_secs(2);
@@ -119,29 +116,28 @@ fn looks_gone(r: &PodRecord) -> bool {
 /// Unenrolls the pods that are still gone once the lock is held (another request may have
 /// unenrolled or enrolled them again meanwhile).
 async fn collect(shared: &Arc<Shared>, names: Vec<String>) {
-    let _turn = shared.writer.lock().await;
-    let (sd, pr) = (shared.cfg.state_dir.clone(), shared.cfg.pin_root.clone());
-    let done = tokio::task::spawn_blocking(move || {
-        let store = StateStore::open(&sd).map_err(|e| crate::error_chain(&e))?;
-        let mut done = Vec::new();
-        for name in names {
-            let still_gone = store
-                .get(&name)
-                .ok()
-                .flatten()
-                .is_some_and(|r| gc::health(&r) == gc::Health::Gone);
-            if !still_gone {
-                continue;
+    let done = super::write(shared, move |w| {
+        w.locked(|store, handles| {
+            let mut done = Vec::new();
+            for name in names {
+                let still_gone = store
+                    .get(&name)
+                    .ok()
+                    .flatten()
+                    .is_some_and(|r| gc::health(&r) == gc::Health::Gone);
+                if !still_gone {
+                    continue;
+                }
+                match enroll::unenroll(store, handles, &name) {
+                    Ok(_) => done.push(Ok(name)),
+                    Err(e) => done.push(Err((name, crate::error_chain(&e)))),
+                }
             }
-            match enroll::unenroll(&store, &pr, &name) {
-                Ok(_) => done.push(Ok(name)),
-                Err(e) => done.push(Err((name, crate::error_chain(&e)))),
-            }
-        }
-        Ok::<_, String>(done)
+            Ok::<_, crate::state::StateError>(done)
+        })
+        .map_err(|e| crate::error_chain(&e))
     })
-    .await
-    .expect("collecting does not panic");
+    .await;
     match done {
         Ok(done) => {
             for d in done {
@@ -166,8 +162,8 @@ async fn collect(shared: &Arc<Shared>, names: Vec<String>) {
 
 /// The enrolled pods, and inotify watches on what tells of their disappearance.
 fn reread(shared: &Shared, watches: Option<&mut Watches>) -> Vec<PodRecord> {
-    let pods = match state::list_records(&shared.cfg.state_dir) {
-        Ok(r) => r.pods,
+    let pods = match shared.pods.pods() {
+        Ok(p) => p,
         Err(e) => {
             log::warn!("reading records: {}", crate::error_chain(&e));
             return Vec::new();
