@@ -167,9 +167,8 @@ impl Writer {
         checked: enroll::Checked,
     ) -> Result<EnrollReport, CommandError> {
         enroll::require_root()?;
-        let done = self.locked(|store, h| {
-            enroll::enroll(store, h, checked).map_err(CommandError::from)
-        })?;
+        let done =
+            self.locked(|store, h| enroll::enroll(store, h, checked).map_err(CommandError::from))?;
         Ok(EnrollReport {
             name: done.record.name().to_owned(),
             slot: done.record.slot,
@@ -181,9 +180,8 @@ impl Writer {
     /// Unenrolls a pod under the store's lock.
     pub fn unenroll(&mut self, name: &str) -> Result<UnenrollReport, CommandError> {
         enroll::require_root()?;
-        let rec = self.locked(|store, h| {
-            enroll::unenroll(store, h, name).map_err(CommandError::from)
-        })?;
+        let rec =
+            self.locked(|store, h| enroll::unenroll(store, h, name).map_err(CommandError::from))?;
         Ok(UnenrollReport {
             name: rec.name().to_owned(),
             cgroup: rec.spec.cgroup.clone(),

@@ -606,7 +606,8 @@ fn teardown(dp: &mut Datapath, rec: &PodRecord) -> Vec<String> {
     // they hold in ORIG_DST is removed here (docs/DESIGN.md, "Per-connection state").
     match dp.orig_dst_maps() {
         Ok((mut orig_dst, mut used)) => {
-            if let Err(e) = crate::conntrack::sweep_slot_if_used(&mut orig_dst, &mut used, rec.slot) {
+            if let Err(e) = crate::conntrack::sweep_slot_if_used(&mut orig_dst, &mut used, rec.slot)
+            {
                 failures.push(format!("sweeping ORIG_DST: {}", crate::error_chain(&e)));
             }
         }

@@ -146,6 +146,11 @@ impl Snapshot {
     pub fn bad(&self) -> &[BadRecord] {
         &self.bad
     }
+
+    /// The record of `name`.
+    pub fn get(&self, name: &str) -> Option<&PodRecord> {
+        self.records.get(name).map(|r| &**r)
+    }
 }
 
 /// Bytes of the generation in the lock file: a zero-padded decimal number, so that it is

@@ -410,17 +410,36 @@ fn error(e: &CommandError) -> Response {
     }
 }
 
-/// How a pod is named in logs: namespace and pod.
-pub(crate) fn pod_log_name(name: &str) -> String {
-    let [(_, ns), (_, pod)] = metrics::pod_labels(name);
+/// How a pod is named in logs: namespace and pod, as its metrics are labelled.
+pub(crate) fn pod_log_name(spec: &crate::spec::PodSpec) -> String {
+    let (ns, pod) = spec.labels();
     format!("namespace={ns:?} pod={pod:?}")
+}
+
+impl Shared {
+    /// [`pod_log_name`] of an enrolled pod known by name only (its record, as last
+    /// published, has its namespace); an unknown one has none.
+    fn log_name(&self, name: &str) -> String {
+        let published = self
+            .pods
+            .published
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let ns = published
+            .as_ref()
+            .and_then(|s| s.get(name))
+            .and_then(|r| r.spec.namespace.clone())
+            .unwrap_or_default();
+        format!("namespace={ns:?} pod={name:?}")
+    }
 }
 
 async fn dispatch(shared: &Arc<Shared>, req: Request) -> Response {
     let (sd, pr) = (shared.cfg.state_dir.clone(), shared.cfg.pin_root.clone());
     match req {
         Request::Enroll { spec } => {
-            let name = spec.name.clone();
+            let who = pod_log_name(&spec);
             let start = Instant::now();
             // Checked before its turn: requests wait for the writer only to change things.
             let r = match blocking(move || crate::enroll::inspect(spec)).await {
@@ -432,8 +451,7 @@ async fn dispatch(shared: &Arc<Shared>, req: Request) -> Response {
                 Ok(r) => {
                     shared.metrics.enrolled(start.elapsed(), None);
                     log::info!(
-                        "{}: {} (slot {})",
-                        pod_log_name(&name),
+                        "{who}: {} (slot {})",
                         if r.updated { "updated" } else { "enrolled" },
                         r.slot
                     );
@@ -443,42 +461,40 @@ async fn dispatch(shared: &Arc<Shared>, req: Request) -> Response {
                     shared
                         .metrics
                         .enrolled(start.elapsed(), Some(metrics::error_reason(&e)));
-                    log::warn!(
-                        "{}: enroll failed: {}",
-                        pod_log_name(&name),
-                        crate::error_chain(&e)
-                    );
+                    log::warn!("{who}: enroll failed: {}", crate::error_chain(&e));
                     error(&e)
                 }
             }
         }
         Request::Unenroll { name } => {
+            let who = shared.log_name(&name);
             let n = name.clone();
             let r = write(shared, move |w| w.unenroll(&n)).await;
             shared.pods_changed.notify_one();
             match r {
                 Ok(r) => {
-                    log::info!("{}: unenrolled", pod_log_name(&name));
+                    log::info!("{who}: unenrolled");
                     Response::Unenrolled(r)
                 }
                 Err(e) => {
-                    log::warn!(
-                        "{}: unenroll failed: {}",
-                        pod_log_name(&name),
-                        crate::error_chain(&e)
-                    );
+                    log::warn!("{who}: unenroll failed: {}", crate::error_chain(&e));
                     error(&e)
                 }
             }
         }
         Request::Gc => {
+            let before = shared.pods.pods().unwrap_or_default();
             let r = write(shared, |w| w.gc()).await;
             shared.pods_changed.notify_one();
             match r {
                 Ok(r) => {
                     for n in &r.gone {
                         shared.metrics.pod_collected();
-                        log::info!("{}: gone, unenrolled by gc", pod_log_name(n));
+                        let who = before.iter().find(|p| &p.spec.name == n).map_or_else(
+                            || format!("namespace=\"\" pod={n:?}"),
+                            |p| pod_log_name(&p.spec),
+                        );
+                        log::info!("{who}: gone, unenrolled by gc");
                     }
                     Response::Gc(r)
                 }

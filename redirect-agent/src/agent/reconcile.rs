@@ -27,19 +27,21 @@ pub struct Reconciled {
 /// are replaced in place, links updated, never detached), unenrolls pods that are gone,
 /// enrolls again in place those whose links or rows are not as recorded, and adopts the rest.
 /// The datapath's handles stay open in `handles` for the agent's later changes.
-pub fn reconcile(
-    store: &mut StateStore,
-    handles: &mut Handles,
-) -> Result<Reconciled, EnrollError> {
+pub fn reconcile(store: &mut StateStore, handles: &mut Handles) -> Result<Reconciled, EnrollError> {
+    let before: std::collections::BTreeMap<String, String> = store
+        .pods()
+        .map(|r| (r.name().to_owned(), super::pod_log_name(&r.spec)))
+        .collect();
     let mut out = Reconciled {
         recovered: enroll::recover(store, handles)?,
         ..Reconciled::default()
     };
     for n in &out.recovered {
-        log::info!(
-            "{}: rolled back an interrupted change",
-            super::pod_log_name(n)
-        );
+        let who = before
+            .get(n)
+            .cloned()
+            .unwrap_or_else(|| format!("pod={n:?}"));
+        log::info!("{who}: rolled back an interrupted change");
     }
     let records = store.list()?;
     if records.is_empty() {
@@ -56,7 +58,7 @@ pub fn reconcile(
         );
     }
     for rec in records {
-        let who = super::pod_log_name(rec.name());
+        let who = super::pod_log_name(&rec.spec);
         match gc::health(&rec) {
             gc::Health::Gone => {
                 enroll::unenroll(store, handles, rec.name())?;
