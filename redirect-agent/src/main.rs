@@ -107,6 +107,10 @@ struct RunArgs {
     /// KUBERNETES_SERVICE_HOST is set, else no watch].
     #[arg(long, env = "KUBECONFIG")]
     kubeconfig: Option<PathBuf>,
+    /// Read the configuration (file, flags, environment), print what the agent would run
+    /// with, and exit without starting it.
+    #[arg(long)]
+    check_config: bool,
 }
 
 /// The agent's configuration file.
@@ -367,6 +371,10 @@ fn run_agent(cli: &Cli, matches: &clap::ArgMatches, args: &RunArgs) -> anyhow::R
         state_dir: pick("state_dir", &cli.state_dir, file.state_dir),
         kubeconfig: args.kubeconfig.clone().or(file.kubeconfig),
     };
+    if args.check_config {
+        println!("{cfg:#?}");
+        return Ok(ExitCode::SUCCESS);
+    }
     log::info!("starting the node agent: {cfg:?}");
     agent::run(cfg)?;
     Ok(ExitCode::SUCCESS)
