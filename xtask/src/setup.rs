@@ -40,13 +40,22 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
     "bind9-dnsutils",
     // tests/agent.rs: a real Prometheus scrapes the node agent; promtool checks /metrics
     "prometheus",
+    // The runtime test bed (redirect-testbed containerd/cri, tests/runtime.rs): Debian's
+    // containerd and runc; protoc builds the CRI API bindings (k8s-cri) of the agent and the bed.
+    "containerd",
+    "runc",
+    "protobuf-compiler",
 ];
+
+/// Static binaries for container images (`cargo xtask image`, the runtime test bed).
+const MUSL_TARGET: &str = redirect_devtools::STATIC_TARGET;
 
 pub fn run() -> Result<()> {
     header("setup: toolchain and system packages");
     let start = Instant::now();
     debian_packages(DEBIAN_PACKAGES)?;
     nightly_rust_src()?;
+    musl_target()?;
     bpf_linker()?;
     println!("setup done in {:.1}s", start.elapsed().as_secs_f64());
     Ok(())
@@ -89,6 +98,19 @@ fn nightly_rust_src() -> Result<()> {
             ]))?;
             installed(ITEM);
         }
+    }
+    Ok(())
+}
+
+fn musl_target() -> Result<()> {
+    let item = format!("rustup target {MUSL_TARGET}");
+    let targets = output_if_success(Command::new("rustup").args(["target", "list", "--installed"]))
+        .unwrap_or_default();
+    if targets.lines().any(|l| l.trim() == MUSL_TARGET) {
+        present(&item);
+    } else {
+        util::run(Command::new("rustup").args(["target", "add", MUSL_TARGET]))?;
+        installed(&item);
     }
     Ok(())
 }
