@@ -30,6 +30,7 @@ mod cgroup;
 pub mod containerd;
 pub mod cri;
 pub mod echo;
+pub mod fakeapi;
 pub mod images;
 pub mod needs;
 mod netns;
