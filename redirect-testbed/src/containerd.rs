@@ -54,7 +54,7 @@ pub const CNI_CONF_FILE: &str = "10-redirect-testbed.conflist";
 
 /// A running private containerd. See the module's doc.
 pub struct Containerd {
-    /// The node's namespace and subnets; dropped after containerd (field order).
+    /// Everything of this containerd: root, state, sockets, CNI dirs, logs.
     dir: PathBuf,
     socket: PathBuf,
     cni_bin_dir: PathBuf,
@@ -67,6 +67,7 @@ pub struct Containerd {
     kubelet_root_rel: String,
     child: Option<Child>,
     cri: OnceLock<Cri>,
+    /// The node's namespace and subnets: dropped after the teardown (last field).
     node: Node,
 }
 
@@ -542,8 +543,8 @@ fn which(tool: &str) -> Result<()> {
         .with_context(|| format!("{tool} not found (apt-get install containerd runc)"))
 }
 
-/// Kills and removes `rel`'s tree in the cgroup2 mount and the same path in every cgroup v1
-/// hierarchy (runc makes the sandbox's and containers' directories in each).
+/// Kills and removes the tree at `v2_dir` in the cgroup2 mount and the same path in every
+/// cgroup v1 hierarchy (runc makes the sandbox's and containers' directories in each).
 fn remove_cgroup_tree(v2_dir: &Path) {
     let _ = cgroup::kill_and_remove(v2_dir);
     let Ok(v2) = cgroup::cgroup2_mount() else {

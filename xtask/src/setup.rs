@@ -45,6 +45,9 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
     "containerd",
     "runc",
     "protobuf-compiler",
+    // static (musl) builds of the agent for its image: the C parts of its dependencies (ring,
+    // under kube's rustls) need a musl C compiler (musl-gcc)
+    "musl-tools",
     // deploy/: a venv holds the pinned PyPI validator (kubectl: see `kubectl()` below)
     "python3-venv",
 ];
