@@ -4,6 +4,7 @@
 //! use the same functions.
 
 pub mod agent;
+pub mod annotations;
 pub mod bpf_sys;
 pub mod cgroup;
 pub mod commands;
@@ -12,6 +13,7 @@ pub mod datapath;
 pub mod detect;
 pub mod enroll;
 pub mod gc;
+pub mod kubepods;
 pub mod listener;
 pub mod netns;
 pub mod paths;

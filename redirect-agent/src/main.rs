@@ -15,6 +15,7 @@ use cli::{
 };
 use redirect_agent::{
     agent::{self, proto, Request, Response},
+    annotations::{self, Wildcard},
     commands, datapath, spec, state,
 };
 use redirect_common::InboundPolicy;
@@ -108,6 +109,11 @@ struct ConfigFile {
     http_address: Option<std::net::SocketAddr>,
     pin_root: Option<PathBuf>,
     state_dir: Option<PathBuf>,
+    /// Defaults for pods from the container runtime (CNI, CRI), where annotations say nothing.
+    #[serde(default)]
+    pod_defaults: redirect_agent::annotations::NodeDefaults,
+    /// Where kubelet's `kubepods` / `kubepods.slice` cgroups are (default: the cgroup2 mount).
+    kubelet_cgroup_roots: Option<Vec<PathBuf>>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -143,6 +149,17 @@ struct EnrollArgs {
     /// Outbound destinations never captured, comma-separated CIDRs (IPv4 and IPv6).
     #[arg(long, value_delimiter = ',')]
     exclude_outbound_cidrs: Vec<spec::Cidr>,
+    /// Inbound ports captured, `*` (the default: all but the excluded) or a comma-separated
+    /// list (only those; --exclude-inbound-ports is then ignored, as Istio does).
+    #[arg(long, value_parser = annotations::parse_ports_wildcard)]
+    include_inbound_ports: Option<Wildcard<u16>>,
+    /// Outbound ports captured whatever the destination (with --include-outbound-cidrs).
+    #[arg(long, value_delimiter = ',', value_parser = spec::parse_port)]
+    include_outbound_ports: Vec<u16>,
+    /// Outbound destinations captured, `*` (the default) or comma-separated CIDRs (only those,
+    /// unless excluded).
+    #[arg(long, value_parser = annotations::parse_cidrs_wildcard)]
+    include_outbound_cidrs: Option<Wildcard<spec::Cidr>>,
     /// The proxy's inbound listener port.
     #[arg(long, value_parser = spec::parse_port, default_value = "15006")]
     proxy_inbound_port: u16,
@@ -293,6 +310,7 @@ fn rendered(cli: &Cli, resp: Response) -> Result<Printed, String> {
         Response::Gc(r) => Ok(render::render_gc(&r)),
         Response::Error { message } => Err(message),
         Response::Status { .. } => Err("the agent answered a status to a command".into()),
+        Response::Cni(_) => Err("the agent answered a CNI response to a command".into()),
     }
 }
 
@@ -338,7 +356,15 @@ fn run_agent(cli: &Cli, matches: &clap::ArgMatches, args: &RunArgs) -> anyhow::R
             .parse()
             .expect("a valid default"),
     };
+    let mut kube = redirect_agent::kubepods::KubeConfig {
+        defaults: file.pod_defaults,
+        ..Default::default()
+    };
+    if let Some(roots) = file.kubelet_cgroup_roots {
+        kube.cgroup_roots = roots;
+    }
     let cfg = agent::Config {
+        kube,
         node_name,
         socket: pick("socket", &cli.socket, file.socket),
         http_address,
@@ -366,5 +392,9 @@ fn enroll_spec(a: &EnrollArgs) -> anyhow::Result<spec::PodSpec> {
         proxy_outbound_port: a.proxy_outbound_port,
         dns_capture: a.dns_capture,
         proxy_dns_port: a.proxy_dns_port,
+        include_inbound_ports: a.include_inbound_ports.clone().and_then(Wildcard::into_option),
+        include_outbound_ports: a.include_outbound_ports.clone(),
+        include_outbound_cidrs: a.include_outbound_cidrs.clone().and_then(Wildcard::into_option),
+        kube: None,
     })
 }

@@ -42,6 +42,7 @@ pub struct Metrics {
     enroll_errors: Family<Reason, Counter>,
     adopted: Gauge,
     collected: Counter,
+    cni_ignored: Family<Reason, Counter>,
 }
 
 impl fmt::Debug for Metrics {
@@ -79,6 +80,12 @@ impl Metrics {
             "Pods unenrolled by the agent because their cgroup or network namespace disappeared",
             collected.clone(),
         );
+        let cni_ignored = Family::<Reason, Counter>::default();
+        registry.register(
+            "redirect_cni_ignored",
+            "Pods the CNI plugin let start unenrolled under failurePolicy ignore, by reason",
+            cni_ignored.clone(),
+        );
         registry.register_collector(Box::new(KernelCollector {
             state_dir: state_dir.to_owned(),
             pin_root: pin_root.to_owned(),
@@ -89,7 +96,15 @@ impl Metrics {
             enroll_errors,
             adopted,
             collected,
+            cni_ignored,
         }
+    }
+
+    /// One pod the CNI plugin let start unenrolled (`failurePolicy: ignore`).
+    pub fn cni_ignored(&self, reason: &str) {
+        self.cni_ignored
+            .get_or_create(&vec![("reason", crate::kubepods::ignored_reason(reason))])
+            .inc();
     }
 
     /// One enroll request served.
