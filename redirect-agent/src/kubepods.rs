@@ -533,17 +533,18 @@ pub fn spool_ignored(socket: &Path, ignored: &Ignored) -> io::Result<PathBuf> {
     Ok(path)
 }
 
-/// Reads and removes every [`Ignored`] file in [`spool_dir`]. Only root's regular files are
-/// read (never through a symlink), at most 4 KiB each; an unreadable one is removed and
-/// counted as `other`.
+/// Reads and removes every [`Ignored`] file in [`spool_dir`]. Only regular files of the
+/// agent's own user (root) are read, never through a symlink, at most 4 KiB each; an
+/// unreadable one is removed and counted as `other`.
 pub fn drain_spool(socket: &Path) -> Vec<Ignored> {
     let dir = spool_dir(socket);
     let Ok(meta) = std::fs::symlink_metadata(&dir) else {
         return Vec::new();
     };
-    if !meta.is_dir() || meta.uid() != 0 {
+    let me = nix::unistd::geteuid().as_raw();
+    if !meta.is_dir() || meta.uid() != me {
         log::warn!(
-            "{}: not root's directory; not reading the CNI spool",
+            "{}: not the agent's own directory; not reading the CNI spool",
             dir.display()
         );
         return Vec::new();
@@ -566,7 +567,7 @@ pub fn drain_spool(socket: &Path) -> Vec<Ignored> {
                 .open(&path)
                 .ok()?;
             let m = f.metadata().ok()?;
-            if !m.is_file() || m.uid() != 0 {
+            if !m.is_file() || m.uid() != me {
                 return None;
             }
             let mut buf = Vec::new();
