@@ -342,25 +342,44 @@ pub fn pod_spec(
     ) -> Result<Option<T>, AnnotationError> {
         v.map(|v| parse(v).map_err(|e| bad(key, v, e))).transpose()
     }
-    let include_inbound =
-        with(INCLUDE_INBOUND_PORTS, get(INCLUDE_INBOUND_PORTS), parse_ports_wildcard)?
-            .and_then(Wildcard::into_option);
+    let include_inbound = with(
+        INCLUDE_INBOUND_PORTS,
+        get(INCLUDE_INBOUND_PORTS),
+        parse_ports_wildcard,
+    )?
+    .and_then(Wildcard::into_option);
     let mut exclude_inbound = defaults.exclude_inbound_ports.clone();
     exclude_inbound.extend(
-        with(EXCLUDE_INBOUND_PORTS, get(EXCLUDE_INBOUND_PORTS), parse_ports)?.unwrap_or_default(),
+        with(
+            EXCLUDE_INBOUND_PORTS,
+            get(EXCLUDE_INBOUND_PORTS),
+            parse_ports,
+        )?
+        .unwrap_or_default(),
     );
     let mut exclude_outbound = defaults.exclude_outbound_ports.clone();
     exclude_outbound.extend(
-        with(EXCLUDE_OUTBOUND_PORTS, get(EXCLUDE_OUTBOUND_PORTS), parse_ports)?
-            .unwrap_or_default(),
+        with(
+            EXCLUDE_OUTBOUND_PORTS,
+            get(EXCLUDE_OUTBOUND_PORTS),
+            parse_ports,
+        )?
+        .unwrap_or_default(),
     );
-    let include_outbound_ports =
-        with(INCLUDE_OUTBOUND_PORTS, get(INCLUDE_OUTBOUND_PORTS), parse_ports)?
-            .unwrap_or_default();
+    let include_outbound_ports = with(
+        INCLUDE_OUTBOUND_PORTS,
+        get(INCLUDE_OUTBOUND_PORTS),
+        parse_ports,
+    )?
+    .unwrap_or_default();
     let mut exclude_cidrs = defaults.exclude_outbound_cidrs.clone();
     exclude_cidrs.extend(
-        with(EXCLUDE_OUTBOUND_IP_RANGES, get(EXCLUDE_OUTBOUND_IP_RANGES), parse_cidrs)?
-            .unwrap_or_default(),
+        with(
+            EXCLUDE_OUTBOUND_IP_RANGES,
+            get(EXCLUDE_OUTBOUND_IP_RANGES),
+            parse_cidrs,
+        )?
+        .unwrap_or_default(),
     );
     let include_cidrs = with(
         INCLUDE_OUTBOUND_IP_RANGES,
@@ -458,7 +477,10 @@ mod tests {
             Err(Skip::AgentPod)
         );
         // Istio's inject: "true" alone does not enroll: injection sets the status.
-        assert_eq!(sel("default", &[(ISTIO_INJECT, "true")]), Err(Skip::NotSelected));
+        assert_eq!(
+            sel("default", &[(ISTIO_INJECT, "true")]),
+            Err(Skip::NotSelected)
+        );
         let e = select("default", &ann(&[(ENABLED, "yes")]), EX).unwrap_err();
         assert_eq!(e.key, ENABLED);
         assert!(e.to_string().contains("\"yes\""), "{e}");
@@ -486,10 +508,7 @@ mod tests {
 
     #[test]
     fn cidr_lists_as_istio_parses_them() {
-        assert_eq!(
-            parse_cidrs("10.0.0.0/8, 2001:db8::/32").unwrap().len(),
-            2
-        );
+        assert_eq!(parse_cidrs("10.0.0.0/8, 2001:db8::/32").unwrap().len(), 2);
         assert_eq!(parse_cidrs_wildcard("*").unwrap(), Wildcard::All);
         assert_eq!(parse_cidrs_wildcard("").unwrap(), Wildcard::List(vec![]));
         assert!(parse_cidrs("10.0.0.0/33").is_err());
@@ -563,7 +582,10 @@ mod tests {
             (PORT_POLICY, "9000=localhost,9000=passthrough"),
             (DNS_CAPTURE, "maybe"),
             (PROXY_CONFIG, "proxyMetadata: [unclosed"),
-            (PROXY_CONFIG, "proxyMetadata:\n  ISTIO_META_DNS_CAPTURE: \"sure\""),
+            (
+                PROXY_CONFIG,
+                "proxyMetadata:\n  ISTIO_META_DNS_CAPTURE: \"sure\"",
+            ),
         ] {
             let e = spec_of(&[(k, v)]).unwrap_err();
             assert_eq!(e.key, k, "{e}");

@@ -277,8 +277,8 @@ pub fn pod_spec(cfg: &KubeConfig, pod: &KubePod) -> Result<Result<PodSpec, Skip>
         source,
     };
     // The plugin applies its own namespace exclusions; here only what the annotations say.
-    if let Err(skip) = annotations::select::<&str>(&pod.namespace, &pod.annotations, &[])
-        .map_err(refused)?
+    if let Err(skip) =
+        annotations::select::<&str>(&pod.namespace, &pod.annotations, &[]).map_err(refused)?
     {
         return Ok(Err(skip));
     }
@@ -393,7 +393,11 @@ pub fn check_pod(
     }
     let health = gc::health(&rec);
     if health != gc::Health::Ok {
-        return Err(mismatch(format!("record {} is {}", rec.name(), health.name())));
+        return Err(mismatch(format!(
+            "record {} is {}",
+            rec.name(),
+            health.name()
+        )));
     }
     if !crate::enroll::links_complete(pin_root, &rec) {
         return Err(mismatch(format!("record {}: links missing", rec.name())));
@@ -422,11 +426,10 @@ pub fn del_pod(
     let Some(rec) = record_of(state_dir, namespace, name)? else {
         return Ok(CniResponse::Removed { name: None });
     };
-    let ours = rec
-        .spec
-        .kube
-        .as_ref()
-        .is_some_and(|k| k.namespace == namespace && k.name == name && k.sandbox_id == sandbox_id);
+    let ours =
+        rec.spec.kube.as_ref().is_some_and(|k| {
+            k.namespace == namespace && k.name == name && k.sandbox_id == sandbox_id
+        });
     if !ours {
         return Ok(CniResponse::Removed { name: None });
     }
@@ -651,7 +654,11 @@ mod tests {
         }
         let e = find_cgroup(&cfg, &pod).unwrap_err();
         assert!(matches!(e, KubeError::NoCgroup { .. }), "{e}");
-        assert!(e.to_string().contains("kubepods-besteffort-pod0f8e5c1a_2b3c"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("kubepods-besteffort-pod0f8e5c1a_2b3c"),
+            "{e}"
+        );
         let bad = KubePod {
             uid: "../etc".into(),
             ..pod

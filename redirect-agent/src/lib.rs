@@ -7,6 +7,7 @@ pub mod agent;
 pub mod annotations;
 pub mod bpf_sys;
 pub mod cgroup;
+pub mod cni_install;
 pub mod commands;
 pub mod conntrack;
 pub mod datapath;

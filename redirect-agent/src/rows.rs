@@ -7,8 +7,8 @@
 use std::{collections::BTreeMap, fmt, net::IpAddr};
 
 use redirect_common::{
-    cidr_rule, pod_flags, port_rule, AddrKey, CidrKey4, CidrKey6, InboundPolicy, PodConfig, PortKey, AF_INET, AF_INET6,
-    DEFAULT_EXCLUDED_INBOUND_PORTS,
+    cidr_rule, pod_flags, port_rule, AddrKey, CidrKey4, CidrKey6, InboundPolicy, PodConfig,
+    PortKey, AF_INET, AF_INET6, DEFAULT_EXCLUDED_INBOUND_PORTS,
 };
 
 use crate::spec::{Cidr, PodSpec};
@@ -107,7 +107,11 @@ pub fn cidr_rules(spec: &PodSpec) -> Vec<(Cidr, u32)> {
         .map(|c| (*c, cidr_rule::EXCLUDE))
         .collect();
     for inc in spec.include_outbound_cidrs.iter().flatten() {
-        if !spec.exclude_outbound_cidrs.iter().any(|ex| ex.contains(inc)) {
+        if !spec
+            .exclude_outbound_cidrs
+            .iter()
+            .any(|ex| ex.contains(inc))
+        {
             out.push((*inc, cidr_rule::INCLUDE));
         }
     }

@@ -483,7 +483,10 @@ impl PodSpec {
             && port != self.proxy_outbound_port
             && {
                 use redirect_common::port_rule::{EXCLUDE_INBOUND, INCLUDE_INBOUND};
-                let bits = crate::rows::port_rules(self).get(&port).copied().unwrap_or(0);
+                let bits = crate::rows::port_rules(self)
+                    .get(&port)
+                    .copied()
+                    .unwrap_or(0);
                 bits & EXCLUDE_INBOUND == 0
                     && (self.include_inbound_ports.is_none() || bits & INCLUDE_INBOUND != 0)
             }

@@ -201,10 +201,14 @@ mod tests {
         )
         .unwrap();
         assert_eq!(result_ips(&old).unwrap().len(), 2);
-        let new =
-            RawValue::from_string(r#"{"cniVersion":"1.0.0","ips":[{"address":"198.18.0.5/24"}]}"#.into())
-                .unwrap();
-        assert_eq!(result_ips(&new).unwrap(), vec!["198.18.0.5".parse::<IpAddr>().unwrap()]);
+        let new = RawValue::from_string(
+            r#"{"cniVersion":"1.0.0","ips":[{"address":"198.18.0.5/24"}]}"#.into(),
+        )
+        .unwrap();
+        assert_eq!(
+            result_ips(&new).unwrap(),
+            vec!["198.18.0.5".parse::<IpAddr>().unwrap()]
+        );
         let bad = RawValue::from_string(r#"{"ips":[{"address":"x/24"}]}"#.into()).unwrap();
         assert!(result_ips(&bad).is_err());
     }

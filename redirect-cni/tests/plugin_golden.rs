@@ -320,20 +320,56 @@ fn add_check_del_against_agent_answers() {
 fn error_objects() {
     let dir = tmpdir("errors");
     let socket = dir.join("agent.sock");
-    let mut no_netns = case("ADD without CNI_NETNS", "ADD", conf("1.0.0", &socket, "fail", "{}", true));
+    let mut no_netns = case(
+        "ADD without CNI_NETNS",
+        "ADD",
+        conf("1.0.0", &socket, "fail", "{}", true),
+    );
     no_netns.env.retain(|(k, _)| *k != "CNI_NETNS");
-    let mut bad_args = case("ADD with a bad CNI_ARGS pair", "ADD", conf("1.0.0", &socket, "fail", "{}", true));
+    let mut bad_args = case(
+        "ADD with a bad CNI_ARGS pair",
+        "ADD",
+        conf("1.0.0", &socket, "fail", "{}", true),
+    );
     bad_args.env[4].1 = "K8S_POD_NAME".into();
-    let mut no_uid = case("ADD of a selected pod without K8S_POD_UID", "ADD", conf("1.0.0", &socket, "fail", ISTIO, true));
+    let mut no_uid = case(
+        "ADD of a selected pod without K8S_POD_UID",
+        "ADD",
+        conf("1.0.0", &socket, "fail", ISTIO, true),
+    );
     no_uid.env[4].1 = ARGS.replace(";K8S_POD_UID=0f8e5c1a-2b3c-4d5e-8f90-123456789abc", "");
     let cases = vec![
-        case("unsupported version", "ADD", conf("0.2.0", &socket, "fail", "{}", true)),
+        case(
+            "unsupported version",
+            "ADD",
+            conf("0.2.0", &socket, "fail", "{}", true),
+        ),
         case("not JSON", "ADD", "{not json".into()),
-        case("no CNI_COMMAND", "", conf("1.0.0", &socket, "fail", "{}", true)),
-        case("unknown command", "FROB", conf("1.0.0", &socket, "fail", "{}", true)),
-        case("CHECK in 0.3.1", "CHECK", conf("0.3.1", &socket, "fail", ISTIO, true)),
-        case("STATUS in 1.0.0", "STATUS", conf("1.0.0", &socket, "fail", "{}", false)),
-        case("GC in 0.4.0", "GC", conf("0.4.0", &socket, "fail", "{}", false)),
+        case(
+            "no CNI_COMMAND",
+            "",
+            conf("1.0.0", &socket, "fail", "{}", true),
+        ),
+        case(
+            "unknown command",
+            "FROB",
+            conf("1.0.0", &socket, "fail", "{}", true),
+        ),
+        case(
+            "CHECK in 0.3.1",
+            "CHECK",
+            conf("0.3.1", &socket, "fail", ISTIO, true),
+        ),
+        case(
+            "STATUS in 1.0.0",
+            "STATUS",
+            conf("1.0.0", &socket, "fail", "{}", false),
+        ),
+        case(
+            "GC in 0.4.0",
+            "GC",
+            conf("0.4.0", &socket, "fail", "{}", false),
+        ),
         case(
             "bad failurePolicy",
             "ADD",

@@ -23,8 +23,8 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use redirect_common::{
-    cidr_rule, pod_flags, port_rule, CidrKey4, CidrKey6, ConnKind, Counter, InboundPolicy, OrigDst, PodConfig, AF_INET,
-    AF_INET6,
+    cidr_rule, pod_flags, port_rule, CidrKey4, CidrKey6, ConnKind, Counter, InboundPolicy, OrigDst,
+    PodConfig, AF_INET, AF_INET6,
 };
 
 use crate::{
