@@ -157,7 +157,7 @@ pub enum KubeError {
         namespace: String,
         name: String,
         #[source]
-        source: CommandError,
+        source: Box<CommandError>,
     },
     #[error(transparent)]
     State(#[from] state::StateError),
@@ -350,7 +350,7 @@ pub fn enroll_pod(
                 KubeError::Command {
                     namespace: pod.namespace.clone(),
                     name: pod.name.clone(),
-                    source,
+                    source: Box::new(source),
                 }
             })?;
         }
@@ -358,7 +358,7 @@ pub fn enroll_pod(
     let r = commands::enroll(state_dir, pin_root, spec).map_err(|source| KubeError::Command {
         namespace: pod.namespace.clone(),
         name: pod.name.clone(),
-        source,
+        source: Box::new(source),
     })?;
     Ok(CniResponse::Enrolled {
         name: r.name,
@@ -439,7 +439,7 @@ pub fn del_pod(
         Err(source) => Err(KubeError::Command {
             namespace: namespace.to_owned(),
             name: name.to_owned(),
-            source,
+            source: Box::new(source),
         }),
     }
 }
@@ -468,7 +468,7 @@ pub fn gc_pods(
                 first_err.get_or_insert(KubeError::Command {
                     namespace: k.namespace,
                     name: k.name,
-                    source,
+                    source: Box::new(source),
                 });
             }
         }
