@@ -6,6 +6,7 @@
 pub mod agent;
 pub mod annotations;
 pub mod bpf_sys;
+pub mod caps;
 pub mod cgroup;
 pub mod cni_install;
 pub mod commands;
@@ -14,6 +15,7 @@ pub mod datapath;
 pub mod detect;
 pub mod enroll;
 pub mod gc;
+pub mod kube;
 pub mod kubepods;
 pub mod listener;
 pub mod netns;

@@ -99,6 +99,11 @@ enum Command {
         #[command(flatten)]
         dirs: CniDirs,
     },
+    /// Make the pin root ready: mount bpffs at /sys/fs/bpf when the pin root is below it and
+    /// nothing is mounted there (else at the pin root itself), create the pin root. Run by the
+    /// DaemonSet's privileged init container so that the mount is the host's, not the agent
+    /// container's (pins must outlive the container). Does nothing when all is in place.
+    MountBpffs,
     /// Check the kernel features the datapath needs.
     Probe(cli::probe::ProbeArgs),
     /// Find listeners that the pod-IP delivery change affects.
@@ -169,10 +174,15 @@ struct RunArgs {
     /// Address of the metrics and health endpoint [default: 127.0.0.1:9977].
     #[arg(long, env = "REDIRECT_HTTP_ADDRESS")]
     http_address: Option<std::net::SocketAddr>,
-    /// A YAML file with any of `nodeName`, `socket`, `httpAddress`, `pinRoot`, `stateDir`;
+    /// A YAML file with any of `nodeName`, `socket`, `httpAddress`, `pinRoot`, `stateDir`,
+    /// `kubeconfig`;
     /// flags and environment variables given explicitly take precedence.
     #[arg(long)]
     config: Option<PathBuf>,
+    /// Kubeconfig of the API watch of this node's pods [default: in-cluster when
+    /// KUBERNETES_SERVICE_HOST is set, else no watch].
+    #[arg(long, env = "KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
 }
 
 /// The agent's configuration file.
@@ -189,6 +199,7 @@ struct ConfigFile {
     pod_defaults: redirect_agent::annotations::NodeDefaults,
     /// Where kubelet's `kubepods` / `kubepods.slice` cgroups are (default: the cgroup2 mount).
     kubelet_cgroup_roots: Option<Vec<PathBuf>>,
+    kubeconfig: Option<PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -328,6 +339,12 @@ fn run(cli: &Cli, matches: &clap::ArgMatches) -> anyhow::Result<ExitCode> {
             if u.confs.is_empty() && u.restored.is_empty() && u.binary.is_none() {
                 println!("nothing to remove");
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::MountBpffs => {
+            datapath::ensure_bpffs(&cli.pin_root)
+                .map_err(|e| anyhow::anyhow!(redirect_agent::error_chain(&e)))?;
+            println!("pin root {} is on bpffs", cli.pin_root.display());
             Ok(ExitCode::SUCCESS)
         }
         Command::Probe(args) => cli::probe::run(args),
@@ -489,20 +506,21 @@ fn run_agent(cli: &Cli, matches: &clap::ArgMatches, args: &RunArgs) -> anyhow::R
             .parse()
             .expect("a valid default"),
     };
-    let mut kube = redirect_agent::kubepods::KubeConfig {
+    let mut pods = redirect_agent::kubepods::KubeConfig {
         defaults: file.pod_defaults,
         ..Default::default()
     };
     if let Some(roots) = file.kubelet_cgroup_roots {
-        kube.cgroup_roots = roots;
+        pods.cgroup_roots = roots;
     }
     let cfg = agent::Config {
-        kube,
+        pods,
         node_name,
         socket: pick("socket", &cli.socket, file.socket),
         http_address,
         pin_root: pick("pin_root", &cli.pin_root, file.pin_root),
         state_dir: pick("state_dir", &cli.state_dir, file.state_dir),
+        kubeconfig: args.kubeconfig.clone().or(file.kubeconfig),
     };
     if let (Some(bin), Some(conf)) = (&args.cni_bin_dir, &args.cni_conf_dir) {
         let settings = args.cni.settings(&cfg.socket);

@@ -43,6 +43,8 @@ pub struct Metrics {
     adopted: Gauge,
     collected: Counter,
     cni_ignored: Family<Reason, Counter>,
+    /// 1 while the Kubernetes API watch works, 0 while it is down or off (`crate::kube`).
+    pub(crate) kube_watch_up: Gauge,
 }
 
 impl fmt::Debug for Metrics {
@@ -86,6 +88,12 @@ impl Metrics {
             "Pods the CNI plugin let start unenrolled under failurePolicy ignore, by reason",
             cni_ignored.clone(),
         );
+        let kube_watch_up = Gauge::default();
+        registry.register(
+            "redirect_kube_watch_up",
+            "1 while the Kubernetes API watch of this node's pods works, 0 while it is down or off",
+            kube_watch_up.clone(),
+        );
         registry.register_collector(Box::new(KernelCollector {
             state_dir: state_dir.to_owned(),
             pin_root: pin_root.to_owned(),
@@ -97,6 +105,7 @@ impl Metrics {
             adopted,
             collected,
             cni_ignored,
+            kube_watch_up,
         }
     }
 

@@ -55,7 +55,10 @@ pub struct Config {
     pub pin_root: PathBuf,
     pub state_dir: PathBuf,
     /// Pods from the container runtime (CNI, CRI): defaults and kubelet's cgroup layout.
-    pub kube: crate::kubepods::KubeConfig,
+    pub pods: crate::kubepods::KubeConfig,
+    /// The Kubernetes API watch's kubeconfig; without one it runs in-cluster when
+    /// `KUBERNETES_SERVICE_HOST` is set, and is off otherwise (see [`crate::kube`]).
+    pub kubeconfig: Option<PathBuf>,
 }
 
 /// Why the agent could not start or stopped.
@@ -65,6 +68,8 @@ pub enum AgentError {
     Runtime(#[source] io::Error),
     #[error("must run as root (eBPF programs, cgroup and netns attachments need it)")]
     NotRoot,
+    #[error(transparent)]
+    Capabilities(#[from] crate::caps::CapsError),
     #[error("serving HTTP on {addr}")]
     Http { addr: SocketAddr, source: io::Error },
     #[error("socket {path}")]
@@ -88,6 +93,8 @@ pub(crate) struct Shared {
     writer: Mutex<()>,
     /// Pods were enrolled or unenrolled: the watcher re-reads the records.
     pods_changed: Notify,
+    /// The Kubernetes API watch's health.
+    pub(crate) kube: crate::kube::WatchStatus,
 }
 
 impl Shared {
@@ -100,6 +107,15 @@ impl Shared {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+            .or_else(|| self.kube.not_ready())
+    }
+
+    pub(crate) fn node_name(&self) -> &str {
+        &self.cfg.node_name
+    }
+
+    pub(crate) fn state_dir(&self) -> &Path {
+        &self.cfg.state_dir
     }
 }
 
@@ -109,6 +125,8 @@ pub fn run(cfg: Config) -> Result<(), AgentError> {
     if !nix::unistd::geteuid().is_root() {
         return Err(AgentError::NotRoot);
     }
+    // Before anything else, so that a deployment missing one fails here naming it.
+    crate::caps::require()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -123,8 +141,10 @@ pub fn run(cfg: Config) -> Result<(), AgentError> {
 
 async fn serve(cfg: Config) -> Result<(), AgentError> {
     let stale = check_socket(&cfg.socket)?;
+    let metrics = metrics::Metrics::new(&cfg.state_dir, &cfg.pin_root);
     let shared = Arc::new(Shared {
-        metrics: metrics::Metrics::new(&cfg.state_dir, &cfg.pin_root),
+        kube: crate::kube::WatchStatus::new(metrics.kube_watch_up.clone()),
+        metrics,
         not_ready: RwLock::new(Some(
             "reconciling the pinned datapath with the records (waiting for the state lock)".into(),
         )),
@@ -190,6 +210,12 @@ async fn serve(cfg: Config) -> Result<(), AgentError> {
         shared.cfg.socket.display()
     );
     let watcher = tokio::spawn(watch::run(shared.clone(), stop_rx.clone()));
+    let api_source = crate::kube::ApiSource::pick(shared.cfg.kubeconfig.as_deref());
+    let kube_watch = tokio::spawn(crate::kube::run(
+        shared.clone(),
+        api_source,
+        stop_rx.clone(),
+    ));
 
     let mut conns = JoinSet::new();
     loop {
@@ -211,6 +237,7 @@ async fn serve(cfg: Config) -> Result<(), AgentError> {
     remove_socket(&shared.cfg.socket);
     let stopped = stop(stop_tx, http, conns).await;
     let _ = tokio::time::timeout(Duration::from_millis(100), watcher).await;
+    let _ = tokio::time::timeout(Duration::from_millis(100), kube_watch).await;
     stopped
 }
 
@@ -355,7 +382,7 @@ pub(crate) fn pod_log_name(name: &str) -> String {
     format!("namespace={ns:?} pod={pod:?}")
 }
 
-async fn dispatch(shared: &Arc<Shared>, req: Request) -> Response {
+pub(crate) async fn dispatch(shared: &Arc<Shared>, req: Request) -> Response {
     let (sd, pr) = (shared.cfg.state_dir.clone(), shared.cfg.pin_root.clone());
     match req {
         Request::Enroll { spec } => {
@@ -472,7 +499,7 @@ async fn cni(shared: &Arc<Shared>, req: crate::kubepods::CniRequest) -> Response
     let (sd, pr, kube) = (
         s.cfg.state_dir.clone(),
         s.cfg.pin_root.clone(),
-        s.cfg.kube.clone(),
+        s.cfg.pods.clone(),
     );
     count_spooled(shared);
     let r = match req {
