@@ -26,10 +26,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     path::{Path, PathBuf},
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc, RwLock,
-    },
+    sync::{Arc, RwLock},
     time::Duration,
 };
 
@@ -81,24 +78,26 @@ impl ApiSource {
 /// The watch's health, for `/readyz` and `/metrics`.
 #[derive(Debug)]
 pub struct WatchStatus {
-    enabled: AtomicBool,
+    enabled: bool,
     down: RwLock<Option<String>>,
     up: Gauge,
 }
 
 impl WatchStatus {
-    /// `up` is the `redirect_kube_watch_up` gauge.
-    pub fn new(up: Gauge) -> WatchStatus {
+    /// `up` is the `redirect_kube_watch_up` gauge. A watch that is on starts down
+    /// ("connecting"), so the agent is not ready before the first list.
+    pub fn new(up: Gauge, source: &ApiSource) -> WatchStatus {
+        let on = *source != ApiSource::Off;
         WatchStatus {
-            enabled: AtomicBool::new(false),
-            down: RwLock::new(None),
+            enabled: on,
+            down: RwLock::new(on.then(|| "connecting".to_owned())),
             up,
         }
     }
 
     /// Why the agent is not ready because of the watch: only when the watch is on and down.
     pub fn not_ready(&self) -> Option<String> {
-        if !self.enabled.load(Ordering::Relaxed) {
+        if !self.enabled {
             return None;
         }
         self.down
@@ -182,8 +181,6 @@ pub(crate) async fn run(
         );
         return;
     }
-    status.enabled.store(true, Ordering::Relaxed);
-    status.set_down("connecting".into());
     let node = shared.node_name().to_owned();
     let mut retry = Retry(FIRST_RETRY);
     let client = loop {

@@ -183,6 +183,10 @@ struct RunArgs {
     /// KUBERNETES_SERVICE_HOST is set, else no watch].
     #[arg(long, env = "KUBECONFIG")]
     kubeconfig: Option<PathBuf>,
+    /// Read the configuration (file, flags, environment), print what the agent would run
+    /// with, and exit without starting it.
+    #[arg(long)]
+    check_config: bool,
 }
 
 /// The agent's configuration file.
@@ -522,6 +526,10 @@ fn run_agent(cli: &Cli, matches: &clap::ArgMatches, args: &RunArgs) -> anyhow::R
         state_dir: pick("state_dir", &cli.state_dir, file.state_dir),
         kubeconfig: args.kubeconfig.clone().or(file.kubeconfig),
     };
+    if args.check_config {
+        println!("{cfg:#?}");
+        return Ok(ExitCode::SUCCESS);
+    }
     if let (Some(bin), Some(conf)) = (&args.cni_bin_dir, &args.cni_conf_dir) {
         let settings = args.cni.settings(&cfg.socket);
         let done = redirect_agent::cni_install::install(&args.cni.plugin()?, bin, conf, &settings)?;

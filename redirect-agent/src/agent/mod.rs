@@ -142,8 +142,9 @@ pub fn run(cfg: Config) -> Result<(), AgentError> {
 async fn serve(cfg: Config) -> Result<(), AgentError> {
     let stale = check_socket(&cfg.socket)?;
     let metrics = metrics::Metrics::new(&cfg.state_dir, &cfg.pin_root);
+    let api_source = crate::kube::ApiSource::pick(cfg.kubeconfig.as_deref());
     let shared = Arc::new(Shared {
-        kube: crate::kube::WatchStatus::new(metrics.kube_watch_up.clone()),
+        kube: crate::kube::WatchStatus::new(metrics.kube_watch_up.clone(), &api_source),
         metrics,
         not_ready: RwLock::new(Some(
             "reconciling the pinned datapath with the records (waiting for the state lock)".into(),
@@ -210,7 +211,6 @@ async fn serve(cfg: Config) -> Result<(), AgentError> {
         shared.cfg.socket.display()
     );
     let watcher = tokio::spawn(watch::run(shared.clone(), stop_rx.clone()));
-    let api_source = crate::kube::ApiSource::pick(shared.cfg.kubeconfig.as_deref());
     let kube_watch = tokio::spawn(crate::kube::run(
         shared.clone(),
         api_source,
