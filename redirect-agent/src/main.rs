@@ -211,6 +211,10 @@ struct EnrollArgs {
     /// Name of the pod in redirect (1-63 characters of [A-Za-z0-9._-]).
     #[arg(long)]
     name: String,
+    /// The pod's Kubernetes namespace: the `namespace` label of its metrics and logs
+    /// (without it, the label is empty).
+    #[arg(long)]
+    namespace: Option<String>,
     /// The pod's cgroup v2 directory; every process below it is the pod.
     #[arg(long)]
     cgroup: PathBuf,
@@ -566,6 +570,7 @@ fn run_agent(cli: &Cli, matches: &clap::ArgMatches, args: &RunArgs) -> anyhow::R
 fn enroll_spec(a: &EnrollArgs) -> anyhow::Result<spec::PodSpec> {
     Ok(spec::PodSpec {
         name: a.name.clone(),
+        namespace: a.namespace.clone(),
         cgroup: a.cgroup.clone(),
         netns: a.netns.clone(),
         pod_ips: a.pod_ips.clone(),

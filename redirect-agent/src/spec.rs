@@ -134,6 +134,11 @@ pub fn parse_port_policy(s: &str) -> Result<(u16, InboundPolicy), String> {
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct PodSpec {
     pub name: String,
+    /// The pod's namespace (Kubernetes'), when it has one: a label of its metrics and log
+    /// lines, nothing else (the name alone identifies the pod here). A pod enrolled by hand
+    /// without `--namespace` has none; records written before it existed load without it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
     pub cgroup: PathBuf,
     pub netns: PathBuf,
     pub pod_ips: Vec<IpAddr>,
@@ -238,6 +243,11 @@ pub enum SpecError {
         "invalid pod name {0:?}: use 1-63 characters from [A-Za-z0-9._-], not starting with '.'"
     )]
     Name(String),
+    #[error(
+        "invalid namespace {0:?}: use a Kubernetes namespace name (1-63 characters from \
+         [a-z0-9-], starting and ending with a letter or digit)"
+    )]
+    Namespace(String),
     #[error("at least one --pod-ip is required")]
     NoPodIp,
     /// An address no pod can own: the datapath would capture or refuse the wrong traffic.
@@ -276,6 +286,23 @@ pub enum SpecError {
 
 /// Checks a name: it becomes a record file name and (encoded, see [`pin_dir_name`]) a bpffs
 /// directory name.
+/// A namespace is a Kubernetes namespace name: an RFC 1123 label (1-63 characters of
+/// `[a-z0-9-]`, starting and ending with a letter or digit).
+pub fn check_namespace(ns: &str) -> Result<(), SpecError> {
+    let ok = !ns.is_empty()
+        && ns.len() < 64
+        && ns
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && !ns.starts_with('-')
+        && !ns.ends_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(SpecError::Namespace(ns.to_owned()))
+    }
+}
+
 pub fn check_name(name: &str) -> Result<(), SpecError> {
     let ok = !name.is_empty()
         && name.len() < 64
@@ -355,6 +382,9 @@ impl PodSpec {
     /// are exactly what was asked for.
     pub fn check(&mut self) -> Result<(), SpecError> {
         check_name(&self.name)?;
+        if let Some(ns) = &self.namespace {
+            check_namespace(ns)?;
+        }
         if self.pod_ips.is_empty() {
             return Err(SpecError::NoPodIp);
         }
@@ -458,6 +488,12 @@ impl PodSpec {
         }
     }
 
+    /// The pod's `namespace` and `pod` labels (metrics, logs): its namespace, empty for a pod
+    /// enrolled without one, and its name.
+    pub fn labels(&self) -> (&str, &str) {
+        (self.namespace.as_deref().unwrap_or(""), &self.name)
+    }
+
     /// The pod's IPv4 address, if it has one.
     pub fn ip4(&self) -> Option<Ipv4Addr> {
         self.pod_ips.iter().find_map(|ip| match ip {
@@ -538,6 +574,15 @@ mod tests {
             ]),
             Err(SpecError::PortTwoPolicies(80))
         );
+    }
+
+    #[test]
+    fn namespaces() {
+        assert!(check_namespace("kube-system").is_ok());
+        assert!(check_namespace("a").is_ok());
+        for bad in ["", "Prod", "-a", "a-", "a.b", "a/b", &"x".repeat(64)] {
+            assert!(check_namespace(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -625,6 +625,7 @@ fn cgroup2_root_is_refused_without_risk() {
         .to_path_buf();
     let spec = redirect_agent::spec::PodSpec {
         name: "root".into(),
+        namespace: None,
         cgroup: root.clone(),
         netns: pod.netns_path.clone(),
         pod_ips: vec![pod.ip4.into()],

@@ -15,6 +15,7 @@ use redirect_common::InboundPolicy;
 fn base(name: &str) -> PodSpec {
     PodSpec {
         name: name.into(),
+        namespace: None,
         cgroup: "/sys/fs/cgroup/kubepods/pod1".into(),
         netns: "/var/run/netns/pod1".into(),
         pod_ips: vec!["198.18.0.10".parse().unwrap()],

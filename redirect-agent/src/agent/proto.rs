@@ -25,6 +25,9 @@ pub const DEFAULT_SOCKET: &str = "/var/run/redirect/agent.sock";
 pub const MAX_LINE: usize = 4 << 20;
 
 /// What a client asks the agent.
+// One request lives at a time per connection: the size of the largest variant (a spec) costs
+// nothing, and boxing it would only add an allocation.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", content = "args", rename_all = "snake_case")]
 pub enum Request {
