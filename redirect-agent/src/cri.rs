@@ -126,7 +126,9 @@ pub fn kube_pod(status: &PodSandboxStatusResponse) -> Option<KubePod> {
     let ips = s
         .network
         .iter()
-        .flat_map(|n| std::iter::once(n.ip.as_str()).chain(n.additional_ips.iter().map(|p| p.ip.as_str())))
+        .flat_map(|n| {
+            std::iter::once(n.ip.as_str()).chain(n.additional_ips.iter().map(|p| p.ip.as_str()))
+        })
         .filter_map(|ip| ip.parse::<IpAddr>().ok())
         .collect();
     Some(KubePod {
@@ -136,7 +138,11 @@ pub fn kube_pod(status: &PodSandboxStatusResponse) -> Option<KubePod> {
         sandbox_id: s.id.clone(),
         netns,
         ips,
-        annotations: s.annotations.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        annotations: s
+            .annotations
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
     })
 }
 
@@ -187,7 +193,7 @@ pub fn sync(
         .filter_map(|r| r.spec.kube.as_ref().map(|k| k.sandbox_id.as_str()))
         .collect();
     for pod in pods {
-        if excluded_namespaces.iter().any(|n| *n == pod.namespace) {
+        if excluded_namespaces.contains(&pod.namespace) {
             out.skipped += 1;
             continue;
         }

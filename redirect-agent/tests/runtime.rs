@@ -188,7 +188,11 @@ fn app_pod(bed: &Containerd, namespace: &str, name: &str, annotations: &[(&str, 
         &ContainerSpec {
             name: "app".into(),
             image: redirect_image::images::ECHO.into(),
-            args: vec!["--listen".into(), "[::]:18080".into(), "--dual-stack".into()],
+            args: vec![
+                "--listen".into(),
+                "[::]:18080".into(),
+                "--dual-stack".into(),
+            ],
             run_as_user: Some(1000),
             ..ContainerSpec::default()
         },
@@ -213,13 +217,21 @@ fn enrolled_names(agent: &Agent) -> Vec<String> {
 /// The proxy's inbound listener answers a client (the node namespace) at the pod's address:
 /// the echo's banner names the proxy's delivery, and the pod's counters say it was captured.
 fn captured(bed: &Containerd, agent: &Agent, pod: &CriPod, record: &str) -> bool {
-    let before = agent.stats(record).get("inbound_captured").copied().unwrap_or(0);
+    let before = agent
+        .stats(record)
+        .get("inbound_captured")
+        .copied()
+        .unwrap_or(0);
     let addr = SocketAddr::new(pod.ip4().unwrap().into(), 18080);
     let o = bed
         .node()
         .in_netns(|| probe(addr, b"ping", Duration::from_secs(2)))
         .unwrap();
-    let after = agent.stats(record).get("inbound_captured").copied().unwrap_or(0);
+    let after = agent
+        .stats(record)
+        .get("inbound_captured")
+        .copied()
+        .unwrap_or(0);
     matches!(o, Outcome::Echoed { .. }) && after > before
 }
 
@@ -227,7 +239,10 @@ fn captured(bed: &Containerd, agent: &Agent, pod: &CriPod, record: &str) -> bool
 fn agent_started_after_pods_discovers_and_enrolls_them() {
     require!(Need::Root, datapath(), containerd_here());
     let bed = bed();
-    let istio = [("sidecar.istio.io/status", r#"{"containers":["istio-proxy"]}"#)];
+    let istio = [(
+        "sidecar.istio.io/status",
+        r#"{"containers":["istio-proxy"]}"#,
+    )];
     let selected = app_pod(&bed, "default", "disc-selected", &istio);
     let plain = app_pod(&bed, "default", "disc-plain", &[]);
     let system = app_pod(&bed, "kube-system", "disc-system", &istio);
@@ -243,7 +258,11 @@ fn agent_started_after_pods_discovers_and_enrolls_them() {
     wait_for("the selected pod to be enrolled by discovery", || {
         enrolled_names(&agent).contains(&want).then_some(())
     });
-    assert_eq!(enrolled_names(&agent), [want.clone()], "only the selected pod");
+    assert_eq!(
+        enrolled_names(&agent),
+        vec![want.clone()],
+        "only the selected pod"
+    );
     assert!(captured(&bed, &agent, &selected, &want));
     // The others are untouched: the echo answers directly.
     for p in [&plain, &system, &opted_out] {
@@ -252,7 +271,11 @@ fn agent_started_after_pods_discovers_and_enrolls_them() {
             .node()
             .in_netns(|| probe(addr, b"ping", Duration::from_secs(2)))
             .unwrap();
-        assert!(matches!(o, Outcome::Echoed { .. }), "{}: {o:?}", p.spec.name);
+        assert!(
+            matches!(o, Outcome::Echoed { .. }),
+            "{}: {o:?}",
+            p.spec.name
+        );
     }
 
     // Restarted: the pod is already enrolled for its sandbox, nothing changes; a pod removed
@@ -264,7 +287,7 @@ fn agent_started_after_pods_discovers_and_enrolls_them() {
     daemon.wait_ready();
     let want2 = record_name("default", "disc-second");
     wait_for("the new pod enrolled and the removed one collected", || {
-        (enrolled_names(&agent) == [want2.clone()]).then_some(())
+        (enrolled_names(&agent) == vec![want2.clone()]).then_some(())
     });
     assert!(captured(&bed, &agent, &second, &want2));
     let log = daemon.log_text();
@@ -332,9 +355,9 @@ fn matrix_pod(
             sock(matrix::loopback(ip), LOOPBACK_PORT),
             sock(
                 if ip.is_ipv4() {
-                    Ipv4Addr::UNSPECIFIED.into()
+                    IpAddr::V4(Ipv4Addr::UNSPECIFIED)
                 } else {
-                    Ipv6Addr::UNSPECIFIED.into()
+                    IpAddr::V6(Ipv6Addr::UNSPECIFIED)
                 },
                 WILDCARD_PORT,
             ),
@@ -382,7 +405,10 @@ fn probe_from(client: &CriPod, to: SocketAddr) -> Outcome {
         .unwrap()
 }
 
-const ISTIO_STATUS: (&str, &str) = ("sidecar.istio.io/status", r#"{"containers":["istio-proxy"]}"#);
+const ISTIO_STATUS: (&str, &str) = (
+    "sidecar.istio.io/status",
+    r#"{"containers":["istio-proxy"]}"#,
+);
 
 #[test]
 fn pods_through_the_plugin_pass_the_conformance_matrix_and_leave_no_state() {
@@ -391,7 +417,10 @@ fn pods_through_the_plugin_pass_the_conformance_matrix_and_leave_no_state() {
     let agent = Agent::new();
     let _daemon = daemon_with_cni(&agent, &bed, "fail");
     let client = bed
-        .run_pod(&bed.sandbox_spec("default", "mx-client", HashMap::new()).unwrap())
+        .run_pod(
+            &bed.sandbox_spec("default", "mx-client", HashMap::new())
+                .unwrap(),
+        )
         .unwrap();
     assert!(agent.listed_names().is_empty(), "the client has no sidecar");
     let mut failures = Failures::default();
@@ -406,7 +435,10 @@ fn pods_through_the_plugin_pass_the_conformance_matrix_and_leave_no_state() {
         );
         let record = record_name("default", &name);
         assert!(agent.listed_names().contains(&record), "{record} enrolled");
-        for ip in [IpAddr::from(server.ip4().unwrap()), server.ip6().unwrap().into()] {
+        for ip in [
+            IpAddr::from(server.ip4().unwrap()),
+            server.ip6().unwrap().into(),
+        ] {
             for port in [POD_IP_PORT, LOOPBACK_PORT, WILDCARD_PORT] {
                 let expect = match matrix::expect(policy, app_bind(port), delivery) {
                     None => Expect::NoEcho,
@@ -428,10 +460,17 @@ fn pods_through_the_plugin_pass_the_conformance_matrix_and_leave_no_state() {
     }
     failures.assert_none("conformance matrix through CRI pods");
     bed.remove_pod(&client).unwrap();
-    assert!(agent.records().is_empty(), "no record left: {:?}", agent.records());
+    assert!(
+        agent.records().is_empty(),
+        "no record left: {:?}",
+        agent.records()
+    );
     assert!(
         !agent.pin_root.join("pods").exists()
-            || fs::read_dir(agent.pin_root.join("pods")).unwrap().next().is_none(),
+            || fs::read_dir(agent.pin_root.join("pods"))
+                .unwrap()
+                .next()
+                .is_none(),
         "no pod links left"
     );
 }
@@ -443,7 +482,10 @@ fn annotations_exclude_and_include_ports() {
     let agent = Agent::new();
     let _daemon = daemon_with_cni(&agent, &bed, "fail");
     let client = bed
-        .run_pod(&bed.sandbox_spec("default", "ann-client", HashMap::new()).unwrap())
+        .run_pod(
+            &bed.sandbox_spec("default", "ann-client", HashMap::new())
+                .unwrap(),
+        )
         .unwrap();
     let client_ip = IpAddr::from(client.ip4().unwrap());
     let excluded = matrix_pod(
@@ -516,17 +558,26 @@ fn agent_down_fails_the_sandbox_under_fail_and_not_under_ignore() {
         let mut daemon = daemon_with_cni(&agent, &bed, policy);
         daemon.kill();
         let spec = bed
-            .sandbox_spec("default", &format!("down-{policy}"), HashMap::from([(
-                ISTIO_STATUS.0.to_owned(),
-                ISTIO_STATUS.1.to_owned(),
-            )]))
+            .sandbox_spec(
+                "default",
+                &format!("down-{policy}"),
+                HashMap::from([(ISTIO_STATUS.0.to_owned(), ISTIO_STATUS.1.to_owned())]),
+            )
             .unwrap();
         let r = bed.run_pod(&spec);
         match policy {
             "fail" => {
-                let e = format!("{:#}", r.expect_err("RunPodSandbox must fail with the agent down"));
+                let e = format!(
+                    "{:#}",
+                    r.expect_err("RunPodSandbox must fail with the agent down")
+                );
                 assert!(e.contains("redirect"), "the plugin's message: {e}");
-                assert!(bed.cri().list_pod_sandboxes().unwrap().iter().all(|s| s.state != 0));
+                assert!(bed
+                    .cri()
+                    .list_pod_sandboxes()
+                    .unwrap()
+                    .iter()
+                    .all(|s| s.state != 0));
             }
             _ => {
                 let pod = r.expect("RunPodSandbox succeeds under ignore");

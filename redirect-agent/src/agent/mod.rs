@@ -675,7 +675,10 @@ async fn discover(shared: Arc<Shared>, socket: PathBuf, mut stop: tokio_watch::R
         let before = match before {
             Ok(b) => b,
             Err(e) => {
-                log::warn!("CRI discovery: reading the records: {}", crate::error_chain(&e));
+                log::warn!(
+                    "CRI discovery: reading the records: {}",
+                    crate::error_chain(&e)
+                );
                 Vec::new()
             }
         };
