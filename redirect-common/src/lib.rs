@@ -284,14 +284,30 @@ pub enum Counter {
     MapFull,
     /// The proxy started listening on its inbound port and was registered for capture.
     ListenerRegistered,
+    /// An application's UDP DNS query went to the proxy's DNS port: one per datagram sent with
+    /// an address (`sendmsg`), one per UDP socket connected to a DNS server.
+    DnsCaptured,
+    /// An application's TCP connection to port 53 went to the proxy's DNS port.
+    DnsTcpCaptured,
+    /// A datagram from the proxy's DNS port was reported to the application as coming from the
+    /// server it asked (`recvmsg`).
+    DnsRepliesRewritten,
+    /// A redirected socket's `getpeername()` was answered with its original destination.
+    PeernameRewritten,
 }
 
-/// Number of counters per pod.
-pub const COUNTERS_PER_POD: u32 = 14;
+/// Width of a pod's row in `COUNTERS`: room for counters added later. A counter added at an
+/// index below it keeps `COUNTERS`' layout (older programs never write that index, so it reads
+/// zero until they are replaced): compatible by design. Changing this value changes the map's
+/// size, which the agent's layout check refuses as an incompatible datapath.
+pub const COUNTERS_PER_POD: u32 = 24;
+
+/// Number of counters a pod has now ([`Counter::ALL`]), at most [`COUNTERS_PER_POD`].
+pub const COUNTERS_USED: usize = 18;
 
 impl Counter {
     /// Every counter, in index order.
-    pub const ALL: [Counter; COUNTERS_PER_POD as usize] = [
+    pub const ALL: [Counter; COUNTERS_USED] = [
         Counter::InboundCaptured,
         Counter::InboundExcluded,
         Counter::InboundNoListener,
@@ -306,6 +322,10 @@ impl Counter {
         Counter::OrigDstMiss,
         Counter::MapFull,
         Counter::ListenerRegistered,
+        Counter::DnsCaptured,
+        Counter::DnsTcpCaptured,
+        Counter::DnsRepliesRewritten,
+        Counter::PeernameRewritten,
     ];
 
     /// The name used in `stats` output.
@@ -325,6 +345,10 @@ impl Counter {
             Counter::OrigDstMiss => "orig_dst_miss",
             Counter::MapFull => "map_full",
             Counter::ListenerRegistered => "listener_registered",
+            Counter::DnsCaptured => "dns_captured",
+            Counter::DnsTcpCaptured => "dns_tcp_captured",
+            Counter::DnsRepliesRewritten => "dns_replies_rewritten",
+            Counter::PeernameRewritten => "peername_rewritten",
         }
     }
 
@@ -385,5 +409,11 @@ const _: () = {
     assert!(core::mem::size_of::<ListenerKey>() == 8);
     assert!(core::mem::size_of::<OrigDst>() == 28);
     assert!(core::mem::size_of::<SockTuple>() == 40);
-    assert!(Counter::ALL.len() == COUNTERS_PER_POD as usize);
+    assert!(Counter::ALL.len() <= COUNTERS_PER_POD as usize);
+    // ALL is in index order: `stats` and the metrics read index i as ALL[i].
+    let mut i = 0;
+    while i < Counter::ALL.len() {
+        assert!(Counter::ALL[i] as usize == i);
+        i += 1;
+    }
 };

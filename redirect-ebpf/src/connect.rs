@@ -97,6 +97,7 @@ fn app_connect(ctx: &SockAddrContext, slot: u32, cfg: &PodConfig, dst: Addr, por
         if remember_quiet(ctx, slot, dst, port, ConnKind::Dns) {
             bind_pod_src(ctx, cfg, dst.family, sf);
             write_dst(ctx.sock_addr, to, cfg.dns_port(), sf);
+            count(slot, Counter::DnsTcpCaptured);
         } else {
             count(slot, Counter::MapFull);
         }
@@ -138,6 +139,9 @@ fn udp_connect(ctx: &SockAddrContext, sf: u16) {
         && dns::remember(sa, &to, &dst, cfg.dns_port())
     {
         write_dst(sa, to, cfg.dns_port(), sf);
+        count(slot, Counter::DnsCaptured);
+    } else {
+        count(slot, Counter::MapFull);
     }
 }
 

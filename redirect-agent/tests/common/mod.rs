@@ -547,6 +547,10 @@ pub fn counters(nonzero: &[(&str, u64)]) -> BTreeMap<String, u64> {
         "orig_dst_miss",
         "map_full",
         "listener_registered",
+        "dns_captured",
+        "dns_tcp_captured",
+        "dns_replies_rewritten",
+        "peername_rewritten",
     ]
     .iter()
     .map(|k| (k.to_string(), 0))
