@@ -254,6 +254,11 @@ pub fn enroll(store: &StateStore, pin_root: &Path, req: Checked) -> Result<Enrol
                         log::warn!("removing ::6 from {}: {e}", old.spec.netns.display());
                     }
                 }
+                if old.spec.ip6().is_some() && old.netns_inode != record.netns_inode {
+                    if let Err(e) = remove_spread_route6(&old.spec.netns) {
+                        log::warn!("removing 100::/64 from {}: {e}", old.spec.netns.display());
+                    }
+                }
             }
             Ok(Enrolled {
                 record,
@@ -296,6 +301,11 @@ fn apply(
     rec: &PodRecord,
 ) -> Result<Result<usize, String>, EnrollError> {
     let mut dp = Datapath::open(pin_root)?;
+    if rec.spec.ip6().is_some() {
+        // Before any row: once the pod is findable its captured IPv6 connections go to
+        // 100::/64, which must already be local on its lo (issue 13, IPv6 port space).
+        add_spread_route6(&rec.spec.netns)?;
+    }
     let rows = PodRows::new(&rec.spec, rec.slot, rec.cgroup_id);
     let old_rows = old.map(|o| PodRows::new(&o.spec, o.slot, o.cgroup_id));
     if old.is_none() {
@@ -627,6 +637,14 @@ fn teardown(dp: &mut Datapath, rec: &PodRecord) -> Vec<String> {
             ));
         }
     }
+    if rec.spec.ip6().is_some() {
+        if let Err(e) = remove_spread_route6(&rec.spec.netns) {
+            failures.push(format!(
+                "removing the local route of 100::/64 in {}: {e}",
+                rec.spec.netns.display()
+            ));
+        }
+    }
     failures
 }
 
@@ -641,6 +659,9 @@ fn roll_back(store: &StateStore, pin_root: &Path, rec: &PodRecord) -> Result<(),
         if matches!(pending, Pending::Enroll | Pending::Unenroll) {
             if rec.added_lo6 {
                 let _ = remove_passthrough_src6(&rec.spec.netns);
+            }
+            if rec.spec.ip6().is_some() {
+                let _ = remove_spread_route6(&rec.spec.netns);
             }
             store.remove(rec.name())?;
         }
@@ -751,6 +772,31 @@ fn add_passthrough_src6(netns_path: &Path) -> Result<(), EnrollError> {
             netns: netns_path.to_owned(),
             detail: crate::error_chain(&e),
         })
+}
+
+/// Makes the IPv6 spread prefix local on the pod's `lo` (`netns::add_spread_route6`); already
+/// there is fine. The prefix is the datapath's own (RFC 6666's discard-only /64, which nothing
+/// else routes), so unenroll removes it whoever added it.
+fn add_spread_route6(netns_path: &Path) -> Result<(), EnrollError> {
+    let ns = netns::NetnsHandle::open(netns_path)?;
+    netns::add_spread_route6(&ns)
+        .map(drop)
+        .map_err(|e| EnrollError::Prepare {
+            netns: netns_path.to_owned(),
+            detail: crate::error_chain(&e),
+        })
+}
+
+fn remove_spread_route6(netns_path: &Path) -> Result<(), netns::NetnsError> {
+    let ns = match netns::NetnsHandle::open(netns_path) {
+        Ok(ns) => ns,
+        // The namespace is gone, and its routes with it.
+        Err(netns::NetnsError::Open { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
+            return Ok(())
+        }
+        Err(e) => return Err(e),
+    };
+    netns::remove_spread_route6(&ns).map(drop)
 }
 
 fn remove_passthrough_src6(netns_path: &Path) -> Result<(), netns::NetnsError> {

@@ -204,7 +204,12 @@ fn captured_socket_reports_pod_address_and_original_destination() {
     let d = delta(&before, &agent.stats(&app.name));
     let want = delta(
         &counters(&[]),
-        &counters(&[("outbound_captured", 3), ("orig_dst_hit", 3)]),
+        // Each application socket asked getpeername() once (the `addrs` tool).
+        &counters(&[
+            ("outbound_captured", 3),
+            ("orig_dst_hit", 3),
+            ("peername_rewritten", 3),
+        ]),
     );
     if d != want {
         failures.push(format!("counters moved {d:?}, expected {want:?}"));
@@ -325,6 +330,7 @@ fn mapped_destinations_follow_ipv4_exclusions() {
             ("outbound_excluded", 2),
             ("outbound_captured", 1),
             ("orig_dst_hit", 1),
+            ("peername_rewritten", 1),
         ]),
     );
     if d != want {
@@ -335,9 +341,11 @@ fn mapped_destinations_follow_ipv4_exclusions() {
 
 /// Two `SO_REUSEADDR` sockets bound to the same pod address and port, connected at the same
 /// time to two different servers: distinct four-tuples without redirect and under iptables
-/// (NAT keeps the original destination in the tuple), so both must work when captured. IPv4:
-/// each original destination has its own loopback address (127.128.0.0/12) in front of the
-/// proxy's wildcard listener.
+/// (NAT keeps the original destination in the tuple), so both must work when captured. Each
+/// original destination has its own address in front of the proxy's wildcard listener: IPv4
+/// and dual-stack sockets one of 127.128.0.0/12, IPv6 one of `100::/64` (local on the pod's
+/// `lo`). Before the IPv6 spreading, every IPv6 connection went to `[::1]:15001` and the second
+/// IPv6 socket got `EADDRNOTAVAIL`.
 #[test]
 fn two_reuseaddr_sockets_on_one_port_reach_two_servers() {
     require!(Need::Root, datapath());
@@ -351,9 +359,15 @@ fn two_reuseaddr_sockets_on_one_port_reach_two_servers() {
     let agent = Agent::new();
     agent.enroll(&app, &[]);
     let mut failures = Failures::default();
-    for dual in [false, true] {
-        let targets = [sock(a.ip4, WILDCARD_PORT), sock(b.ip4, WILDCARD_PORT)];
-        let bind = sock(app.ip4, 21000 + u16::from(dual));
+    for (family, dual) in [(Family::V4, false), (Family::V4, true), (Family::V6, false)] {
+        let targets = [
+            sock(family.pod_ip(&a), WILDCARD_PORT),
+            sock(family.pod_ip(&b), WILDCARD_PORT),
+        ];
+        let bind = sock(
+            family.pod_ip(&app),
+            21000 + u16::from(dual) + 2 * u16::from(family == Family::V6),
+        );
         let mut args = to_args(&targets);
         args.extend(["--bind".into(), bind.to_string(), "--reuseaddr".into()]);
         if dual {
@@ -375,8 +389,9 @@ fn two_reuseaddr_sockets_on_one_port_reach_two_servers() {
                     .any(|e| e.peer == bind && e.orig_dst == Some(*to) && e.result == "ok");
             if !ok {
                 failures.push(format!(
-                    "dual-stack {dual}: socket {i} bound to {local} -> {asked}: got {g:?}, \
-                     proxy {new:?}"
+                    "{} dual-stack {dual}: socket {i} bound to {local} -> {asked}: got {g:?}, \
+                     proxy {new:?}",
+                    family.name()
                 ));
             }
         }
@@ -384,38 +399,48 @@ fn two_reuseaddr_sockets_on_one_port_reach_two_servers() {
     failures.assert_none("two sockets on one pod address and port");
 }
 
-/// Captured IPv4 connections to different destinations held open at once, more than one
-/// ephemeral port range holds: under iptables each destination has its own range (the
+/// Captured connections to different destinations held open at once, more than one ephemeral
+/// port range holds, IPv4 and IPv6: under iptables each destination has its own range (the
 /// four-tuple keeps the original destination); with every connection sent to one proxy address
 /// they would all share one. The pod's range is cut to 100 ports (a sysctl of the pod's own
-/// network namespace) so that 150 connections to 3 destinations need three ranges.
+/// network namespace, used by both families) so that 150 connections to 3 destinations need
+/// three ranges. Before the spreading 50 failed (IPv4; IPv6 until `100::/64`).
 #[test]
 fn captured_destinations_have_their_own_port_ranges() {
     require!(Need::Root, datapath());
     let node = Node::new().unwrap();
     let app = node.add_pod("app").unwrap();
     let remote = node.add_pod("remote").unwrap();
-    let targets: Vec<SocketAddr> = (0..3).map(|i| sock(remote.ip4, 31000 + i)).collect();
-    let _echo = echo(&remote, APP_UID, &targets);
+    let mut targets = Vec::new();
+    for f in Family::BOTH {
+        targets.push((0..3).map(|i| sock(f.pod_ip(&remote), 31000 + i)).collect::<Vec<_>>());
+    }
+    let _echo = echo(&remote, APP_UID, &targets.concat());
     let _proxy = Proxy::start(&node, &app, ProxyDial::PodIp, "proxy.log");
     app.in_netns(|| std::fs::write("/proc/sys/net/ipv4/ip_local_port_range", "40000 40099"))
         .expect("enter netns")
         .expect("set the pod's ip_local_port_range");
     let agent = Agent::new();
     agent.enroll(&app, &[]);
-    let to: Vec<SocketAddr> = (0..150).map(|i| targets[i % 3]).collect();
-    let got = addrs(&app, APP_UID, &to_args(&to));
-    let failed: Vec<&Addrs> = got
-        .iter()
-        .filter(|g| g.error.is_some() || g.server.is_none() || g.peer != Some(g.to))
-        .collect();
-    assert_eq!(got.len(), 150);
-    assert!(
-        failed.is_empty(),
-        "{} of 150 connections failed, first {:?}",
-        failed.len(),
-        failed.first()
-    );
+    let mut failures = Failures::default();
+    for (f, targets) in Family::BOTH.iter().zip(&targets) {
+        let to: Vec<SocketAddr> = (0..150).map(|i| targets[i % 3]).collect();
+        let got = addrs(&app, APP_UID, &to_args(&to));
+        let failed: Vec<&Addrs> = got
+            .iter()
+            .filter(|g| g.error.is_some() || g.server.is_none() || g.peer != Some(g.to))
+            .collect();
+        if got.len() != 150 || !failed.is_empty() {
+            failures.push(format!(
+                "{}: {} reports, {} failed, first {:?}",
+                f.name(),
+                got.len(),
+                failed.len(),
+                failed.first()
+            ));
+        }
+    }
+    failures.assert_none("150 connections held open to 3 destinations, 100 ports");
 }
 
 /// An echo server on many addresses, ready when it says so: it prints one `listening` line per

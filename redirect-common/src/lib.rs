@@ -34,6 +34,14 @@ pub const INBOUND_PASSTHROUGH_SRC4: [u8; 4] = [127, 0, 0, 6];
 /// IPv6 twin of [`INBOUND_PASSTHROUGH_SRC4`], `::6`.
 pub const INBOUND_PASSTHROUGH_SRC6: [u8; 16] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 6];
 
+/// Where captured IPv6 connections go: `100::/64` (RFC 6666, the discard-only prefix, never a
+/// real destination), which the agent makes local on the pod's `lo` (`ip -6 route add local
+/// 100::/64 dev lo`): each original destination gets an address of it of its own, hence its own
+/// four-tuple space, as 127.128.0.0/12 gives IPv4 (docs/PER-CONNECTION.md, "Port space").
+pub const SPREAD6_PREFIX: [u8; 16] = [1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+/// Length of [`SPREAD6_PREFIX`]: the datapath fills the other 64 bits.
+pub const SPREAD6_PREFIX_LEN: u8 = 64;
+
 /// Ports of the proxy and its agent (Envoy admin, listeners, HBONE, health, telemetry, DNS).
 /// Connections to them are never captured or rewritten, whoever makes them.
 pub const PROXY_PORTS: [u16; 14] = [

@@ -77,7 +77,7 @@ pub fn dns_pod() -> Option<(u32, &'static PodConfig)> {
 /// Whether a destination is an off-host DNS server the pod's capture takes.
 #[inline(always)]
 pub fn is_dns(dst: &Addr, port: u16) -> bool {
-    port == DNS_PORT && !dst.is_loopback() && !dst.is_unspecified()
+    port == DNS_PORT && !dst.is_local() && !dst.is_unspecified()
 }
 
 /// Where a query to `dst` goes: a loopback address of the server's own (IPv4), `::1` (IPv6).

@@ -61,7 +61,7 @@ fn on_getpeername(ctx: &SockAddrContext, family: u16) {
     let peer = crate::connect::read_dst(sa, family);
     // SAFETY: `sa` is the context; user_port is readable in getpeername hooks.
     let peer_port = u16::from_be(unsafe { (*sa).user_port } as u16);
-    if !peer.is_loopback() || peer_port != listener {
+    if !peer.is_local() || peer_port != listener {
         return;
     }
     crate::connect::write_dst(
