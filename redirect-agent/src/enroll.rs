@@ -210,7 +210,9 @@ pub fn enroll(store: &StateStore, pin_root: &Path, req: Checked) -> Result<Enrol
     if !pin_root.join("progs").exists() {
         // First pod on this node: check the kernel before loading anything, so a missing
         // feature is named with the kernel that brings it instead of surfacing as a verifier log.
-        crate::probe::require_mandatory()?;
+        // With --dns-capture the DNS hooks are checked first, so that a kernel without one
+        // is refused naming it (every hook loads with the one datapath object).
+        crate::probe::require(spec.dns_capture)?;
     }
     let slot = match &existing {
         Some(old) => old.slot,

@@ -396,6 +396,22 @@ fn two_reuseaddr_sockets_on_one_port_reach_two_servers() {
             }
         }
     }
+    // The IPv6 prefix is local on the pod's lo while it is enrolled, and only then.
+    let route = |pod: &Pod| {
+        pod.exec("ip", &["-6", "route", "show", "table", "local", "100::/64"])
+            .expect("ip route")
+            .trim()
+            .to_owned()
+    };
+    let enrolled = route(&app);
+    if !enrolled.starts_with("local 100::/64 dev lo") || !enrolled.contains("src ::1") {
+        failures.push(format!("route while enrolled: {enrolled:?}"));
+    }
+    agent.unenroll(&app.name);
+    let after = route(&app);
+    if !after.is_empty() {
+        failures.push(format!("route after unenroll: {after:?}"));
+    }
     failures.assert_none("two sockets on one pod address and port");
 }
 
