@@ -44,7 +44,10 @@ use netlink_packet_core::{
 use netlink_packet_route::{
     address::{AddressAttribute, AddressFlags, AddressHeaderFlags, AddressMessage, AddressScope},
     link::{LinkFlags, LinkMessage},
-    route::{RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType},
+    route::{
+        RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope,
+        RouteType,
+    },
     AddressFamily, RouteNetlinkMessage,
 };
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
@@ -427,7 +430,9 @@ fn spread_route6_message(lo: u32) -> RouteMessage {
         .push(RouteAttribute::Destination(RouteAddress::Inet6(prefix)));
     msg.attributes.push(RouteAttribute::Oif(lo));
     msg.attributes
-        .push(RouteAttribute::PrefSource(RouteAddress::Inet6(Ipv6Addr::LOCALHOST)));
+        .push(RouteAttribute::PrefSource(RouteAddress::Inet6(
+            Ipv6Addr::LOCALHOST,
+        )));
     msg
 }
 

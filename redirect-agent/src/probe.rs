@@ -267,32 +267,48 @@ pub struct Report {
 /// A mandatory feature is missing: `enroll` refuses.
 #[derive(Debug, thiserror::Error)]
 pub enum ProbeError {
-    #[error(
-        "kernel {kernel} lacks {kind} {feature} (Linux {since} or later brings it): {impact}{}",
-        detail.as_deref().map(|d| format!(" ({d})")).unwrap_or_default()
-    )]
+    /// A mandatory feature is missing, or (`dns_capture`) one that `enroll --dns-capture`
+    /// needs. The message names the feature, the running kernel and the version that brings it.
+    #[error(fmt = describe_missing)]
     Missing {
-        feature: &'static str,
-        kind: &'static str,
-        since: &'static str,
-        impact: &'static str,
+        feature: &'static Feature,
         kernel: String,
+        /// Why the check failed (an errno, a verifier message), if it said.
         detail: Option<String>,
+        /// The enroll asked for DNS capture, and DNS capture needs this feature.
+        dns_capture: bool,
     },
-    /// `enroll --dns-capture` on a kernel without one of the hooks DNS capture uses.
-    #[error(
-        "DNS capture (--dns-capture) needs {kind} {feature}, which kernel {kernel} lacks \
-         (Linux {since} or later brings it): {impact}{}",
-        detail.as_deref().map(|d| format!(" ({d})")).unwrap_or_default()
-    )]
-    DnsCaptureMissing {
-        feature: &'static str,
-        kind: &'static str,
-        since: &'static str,
-        impact: &'static str,
-        kernel: String,
-        detail: Option<String>,
-    },
+}
+
+fn describe_missing(
+    feature: &Feature,
+    kernel: &str,
+    detail: &Option<String>,
+    dns_capture: &bool,
+    f: &mut std::fmt::Formatter<'_>,
+) -> std::fmt::Result {
+    let (name, kind, since, impact) = (
+        feature.name,
+        feature.kind.as_str(),
+        feature.since,
+        feature.impact,
+    );
+    if *dns_capture {
+        write!(
+            f,
+            "DNS capture (--dns-capture) needs {kind} {name}, which kernel {kernel} lacks \
+             (Linux {since} or later brings it): {impact}"
+        )?;
+    } else {
+        write!(
+            f,
+            "kernel {kernel} lacks {kind} {name} (Linux {since} or later brings it): {impact}"
+        )?;
+    }
+    match detail {
+        Some(d) => write!(f, " ({d})"),
+        None => Ok(()),
+    }
 }
 
 /// Checks every mandatory feature and fails on the first one missing, naming it and the
@@ -339,29 +355,16 @@ fn refusal(st: &Status, dns_capture: bool, kernel: &str) -> Option<ProbeError> {
     if st.present {
         return None;
     }
-    let (feature, kind, since, impact) = (st.name, st.kind.as_str(), st.since, st.impact);
-    let (kernel, detail) = (kernel.to_owned(), st.detail.clone());
-    if dns_capture && st.dns_capture {
-        Some(ProbeError::DnsCaptureMissing {
-            feature,
-            kind,
-            since,
-            impact,
-            kernel,
-            detail,
-        })
-    } else if st.mandatory {
-        Some(ProbeError::Missing {
-            feature,
-            kind,
-            since,
-            impact,
-            kernel,
-            detail,
-        })
-    } else {
-        None
+    let for_dns = dns_capture && st.dns_capture;
+    if !for_dns && !st.mandatory {
+        return None;
     }
+    Some(ProbeError::Missing {
+        feature: feature(st.name)?,
+        kernel: kernel.to_owned(),
+        detail: st.detail.clone(),
+        dns_capture: for_dns,
+    })
 }
 
 /// Checks every feature.

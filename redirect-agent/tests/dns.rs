@@ -349,15 +349,21 @@ fn glibc_resolver_is_answered_by_the_proxy_dns_server_under_capture() {
                     Ok(a) => format!("{a:?}?"),
                     Err(e) => e,
                 };
-                let want = if expect == PROXY_WHO { "proxy" } else { "upstream" };
+                let want = if expect == PROXY_WHO {
+                    "proxy"
+                } else {
+                    "upstream"
+                };
                 format!("{}: {said} (want {want})", f.name())
             })
             .collect()
     };
-    let ok = |lines: &[String]| lines.iter().all(|l| {
-        let (said, want) = l.split_once(" (want ").unwrap();
-        said.ends_with(want.trim_end_matches(')'))
-    });
+    let ok = |lines: &[String]| {
+        lines.iter().all(|l| {
+            let (said, want) = l.split_once(" (want ").unwrap();
+            said.ends_with(want.trim_end_matches(')'))
+        })
+    };
     let dns_counters = ["dns_captured", "dns_tcp_captured", "dns_replies_rewritten"];
     let mut failures = Failures::default();
 

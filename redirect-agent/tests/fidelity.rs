@@ -429,7 +429,11 @@ fn captured_destinations_have_their_own_port_ranges() {
     let remote = node.add_pod("remote").unwrap();
     let mut targets = Vec::new();
     for f in Family::BOTH {
-        targets.push((0..3).map(|i| sock(f.pod_ip(&remote), 31000 + i)).collect::<Vec<_>>());
+        targets.push(
+            (0..3)
+                .map(|i| sock(f.pod_ip(&remote), 31000 + i))
+                .collect::<Vec<_>>(),
+        );
     }
     let _echo = echo(&remote, APP_UID, &targets.concat());
     let _proxy = Proxy::start(&node, &app, ProxyDial::PodIp, "proxy.log");
