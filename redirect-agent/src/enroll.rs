@@ -304,9 +304,11 @@ fn apply(
 ) -> Result<Result<usize, String>, EnrollError> {
     let mut dp = Datapath::open(pin_root)?;
     if rec.spec.ip6().is_some() {
-        // Before any row: once the pod is findable its captured IPv6 connections go to
-        // 100::/64, which must already be local on its lo (issue 13, IPv6 port space).
-        add_spread_route6(&rec.spec.netns)?;
+        // Captured IPv6 connections go to 100::/64, which must be local on the pod's lo before
+        // the pod is findable (issue 13, IPv6 port space). Best effort here, required below
+        // after ::6: a namespace without IPv6 on lo then fails where it always did, on ::6,
+        // after rows and links (rolled back with the rest).
+        let _ = add_spread_route6(&rec.spec.netns);
     }
     let rows = PodRows::new(&rec.spec, rec.slot, rec.cgroup_id);
     let old_rows = old.map(|o| PodRows::new(&o.spec, o.slot, o.cgroup_id));
@@ -321,6 +323,10 @@ fn apply(
     attach_links(&dp, old, rec)?;
     if rec.added_lo6 && old.is_none_or(|o| !o.added_lo6 || o.netns_inode != rec.netns_inode) {
         add_passthrough_src6(&rec.spec.netns)?;
+    }
+    if rec.spec.ip6().is_some() {
+        // Required: the attempt before the rows may have failed. Already there is fine.
+        add_spread_route6(&rec.spec.netns)?;
     }
     // Optional (pidfd_getfd, 5.6): without it a running proxy is captured from its next
     // listen() on. Reported, never fatal.

@@ -339,6 +339,72 @@ fn mapped_destinations_follow_ipv4_exclusions() {
     failures.assert_none("mapped destinations and IPv4 exclusions");
 }
 
+/// The proxy's deliveries from a dual-stack socket (`::ffff:127.0.0.1:P`, or `::ffff:POD_IP:P`
+/// from `::ffff:127.0.0.6`) are the IPv4 connections they are: under either policy they end
+/// where the same delivery from an IPv4 socket ends (the application reached or not, at the same
+/// address, from the same source), as iptables' IPv4 rules treat them.
+#[test]
+fn dual_stack_deliveries_end_where_ipv4_ones_do() {
+    require!(Need::Root, datapath());
+    let node = Node::new().unwrap();
+    let server = node.add_pod("server").unwrap();
+    let _apps = matrix_apps(&server);
+    let agent = Agent::new();
+    let mut failures = Failures::default();
+    let loopback = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+    let passthrough = IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 6));
+    // What the application saw of the delivery: the address it accepted on and its peer's
+    // address (the port is the kernel's choice), or nothing.
+    type Seen = Option<(SocketAddr, IpAddr)>;
+    let mut reached: Vec<(String, u16, Seen)> = Vec::new();
+    for policy in ["passthrough", "localhost"] {
+        agent.enroll(&server, &["--inbound-policy", policy]);
+        for port in [POD_IP_PORT, LOOPBACK_PORT, WILDCARD_PORT] {
+            for (to, bind) in [
+                (sock(loopback, port), None),
+                (
+                    sock(IpAddr::V4(server.ip4), port),
+                    Some(sock(passthrough, 0)),
+                ),
+            ] {
+                let view = |mapped: bool| -> Seen {
+                    let mut args = to_args(&[to]);
+                    if let Some(b) = bind {
+                        args.extend(["--bind".into(), b.to_string()]);
+                    }
+                    if mapped {
+                        args.push("--mapped".into());
+                    }
+                    let got = addrs(&server, PROXY_UID, &args);
+                    got[0].server.map(|b| (b.local, b.peer.ip()))
+                };
+                let (v4, dual) = (view(false), view(true));
+                if v4 != dual {
+                    failures.push(format!(
+                        "policy {policy}, proxy dials {to} (bound {bind:?}): IPv4 socket {v4:?}, \
+                         dual-stack socket {dual:?}"
+                    ));
+                }
+                reached.push((policy.to_string(), port, v4));
+            }
+        }
+    }
+    // Not vacuous: each policy reaches its own application and refuses the other's.
+    let seen = |policy: &str, port: u16| {
+        reached
+            .iter()
+            .filter(|(p, q, s)| p == policy && *q == port && s.is_some())
+            .count()
+    };
+    if seen("passthrough", POD_IP_PORT) != 2 || seen("passthrough", LOOPBACK_PORT) != 0 {
+        failures.push(format!("passthrough deliveries: {reached:?}"));
+    }
+    if seen("localhost", LOOPBACK_PORT) != 2 || seen("localhost", POD_IP_PORT) != 0 {
+        failures.push(format!("localhost deliveries: {reached:?}"));
+    }
+    failures.assert_none("dual-stack deliveries");
+}
+
 /// Two `SO_REUSEADDR` sockets bound to the same pod address and port, connected at the same
 /// time to two different servers: distinct four-tuples without redirect and under iptables
 /// (NAT keeps the original destination in the tuple), so both must work when captured. Each

@@ -46,7 +46,8 @@ pub fn run() -> Result<()> {
     ensure!(out.status.success(), "{TEST} failed: {}", out.status);
     let runs: Vec<Value> = text
         .lines()
-        .filter_map(|l| l.strip_prefix("many connections: "))
+        // With --nocapture the first report shares its line with libtest's "test ... ".
+        .filter_map(|l| l.split_once("many connections: ").map(|(_, r)| r))
         .map(serde_json::from_str)
         .collect::<Result<_, _>>()
         .context("a report line is not JSON")?;
