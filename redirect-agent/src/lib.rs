@@ -5,6 +5,7 @@
 
 pub mod agent;
 pub mod bpf_sys;
+pub mod caps;
 pub mod cgroup;
 pub mod commands;
 pub mod conntrack;
@@ -12,6 +13,7 @@ pub mod datapath;
 pub mod detect;
 pub mod enroll;
 pub mod gc;
+pub mod kube;
 pub mod listener;
 pub mod netns;
 pub mod paths;

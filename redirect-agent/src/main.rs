@@ -79,6 +79,11 @@ enum Command {
     /// HTTP (GET /metrics, /healthz, /readyz), collect pods whose cgroup or network namespace
     /// disappears. Exits on SIGTERM, leaving every pod enrolled for the next agent to adopt.
     Run(RunArgs),
+    /// Make the pin root ready: mount bpffs at /sys/fs/bpf when the pin root is below it and
+    /// nothing is mounted there (else at the pin root itself), create the pin root. Run by the
+    /// DaemonSet's privileged init container so that the mount is the host's, not the agent
+    /// container's (pins must outlive the container). Does nothing when all is in place.
+    MountBpffs,
     /// Check the kernel features the datapath needs.
     Probe(cli::probe::ProbeArgs),
     /// Find listeners that the pod-IP delivery change affects.
@@ -93,10 +98,19 @@ struct RunArgs {
     /// Address of the metrics and health endpoint [default: 127.0.0.1:9977].
     #[arg(long, env = "REDIRECT_HTTP_ADDRESS")]
     http_address: Option<std::net::SocketAddr>,
-    /// A YAML file with any of `nodeName`, `socket`, `httpAddress`, `pinRoot`, `stateDir`;
+    /// A YAML file with any of `nodeName`, `socket`, `httpAddress`, `pinRoot`, `stateDir`,
+    /// `kubeconfig`;
     /// flags and environment variables given explicitly take precedence.
     #[arg(long)]
     config: Option<PathBuf>,
+    /// Kubeconfig of the API watch of this node's pods [default: in-cluster when
+    /// KUBERNETES_SERVICE_HOST is set, else no watch].
+    #[arg(long, env = "KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
+    /// Read the configuration (file, flags, environment), print what the agent would run
+    /// with, and exit without starting it.
+    #[arg(long)]
+    check_config: bool,
 }
 
 /// The agent's configuration file.
@@ -108,6 +122,7 @@ struct ConfigFile {
     http_address: Option<std::net::SocketAddr>,
     pin_root: Option<PathBuf>,
     state_dir: Option<PathBuf>,
+    kubeconfig: Option<PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -217,6 +232,12 @@ fn run(cli: &Cli, matches: &clap::ArgMatches) -> anyhow::Result<ExitCode> {
             })
         }
         Command::Run(args) => run_agent(cli, matches, args),
+        Command::MountBpffs => {
+            datapath::ensure_bpffs(&cli.pin_root)
+                .map_err(|e| anyhow::anyhow!(redirect_agent::error_chain(&e)))?;
+            println!("pin root {} is on bpffs", cli.pin_root.display());
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Probe(args) => cli::probe::run(args),
         Command::Detect(args) => cli::detect::run(args),
     }
@@ -344,7 +365,12 @@ fn run_agent(cli: &Cli, matches: &clap::ArgMatches, args: &RunArgs) -> anyhow::R
         http_address,
         pin_root: pick("pin_root", &cli.pin_root, file.pin_root),
         state_dir: pick("state_dir", &cli.state_dir, file.state_dir),
+        kubeconfig: args.kubeconfig.clone().or(file.kubeconfig),
     };
+    if args.check_config {
+        println!("{cfg:#?}");
+        return Ok(ExitCode::SUCCESS);
+    }
     log::info!("starting the node agent: {cfg:?}");
     agent::run(cfg)?;
     Ok(ExitCode::SUCCESS)

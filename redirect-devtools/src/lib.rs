@@ -6,12 +6,14 @@
 //! standard library, thiserror and serde_json (for `cargo metadata`).
 
 mod debian;
+mod pypi;
 
 use std::io::{self, Write as _};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus};
 
 pub use debian::{debian_packages, missing_packages};
+pub use pypi::{PypiTool, KUBERNETES_VALIDATE};
 
 /// Why a command (or a step made of commands) failed.
 #[derive(Debug, thiserror::Error)]

@@ -28,6 +28,7 @@
 
 mod cgroup;
 pub mod echo;
+pub mod fakeapi;
 pub mod needs;
 mod netns;
 mod node;

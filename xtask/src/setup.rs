@@ -40,15 +40,44 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
     "bind9-dnsutils",
     // tests/agent.rs: a real Prometheus scrapes the node agent; promtool checks /metrics
     "prometheus",
+    // deploy/: a venv holds the pinned PyPI validator (kubectl: see `kubectl()` below)
+    "python3-venv",
 ];
+
+/// Pinned PyPI tools (each in its own venv, see redirect_devtools::PypiTool).
+pub const PYPI_TOOLS: &[redirect_devtools::PypiTool] = &[redirect_devtools::KUBERNETES_VALIDATE];
 
 pub fn run() -> Result<()> {
     header("setup: toolchain and system packages");
     let start = Instant::now();
     debian_packages(DEBIAN_PACKAGES)?;
+    kubectl()?;
+    for tool in PYPI_TOOLS {
+        tool.install()?;
+    }
     nightly_rust_src()?;
     bpf_linker()?;
     println!("setup done in {:.1}s", start.elapsed().as_secs_f64());
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// kubectl (kustomize renders deploy/; a real client for the fake API server's test)
+
+/// Debian's `kubernetes-client` only when no kubectl is on PATH: these machines ship a newer
+/// one (1.32, kustomize v5, which deploy/redirect.yaml is rendered with) under the package
+/// name `kubectl`, and Debian 12's 1.20 cannot be installed beside it (both own
+/// /usr/bin/kubectl). The deploy test names the kustomize version it needs if it is older.
+fn kubectl() -> Result<()> {
+    match output_if_success(Command::new("kubectl").args(["version", "--client"])) {
+        Some(v) => present(&format!(
+            "kubectl ({})",
+            v.lines().next().unwrap_or("").trim()
+        )),
+        None => {
+            debian_packages(&["kubernetes-client"])?;
+        }
+    }
     Ok(())
 }
 

@@ -42,6 +42,8 @@ pub struct Metrics {
     enroll_errors: Family<Reason, Counter>,
     adopted: Gauge,
     collected: Counter,
+    /// 1 while the Kubernetes API watch works, 0 while it is down or off (`crate::kube`).
+    pub(crate) kube_watch_up: Gauge,
 }
 
 impl fmt::Debug for Metrics {
@@ -79,6 +81,12 @@ impl Metrics {
             "Pods unenrolled by the agent because their cgroup or network namespace disappeared",
             collected.clone(),
         );
+        let kube_watch_up = Gauge::default();
+        registry.register(
+            "redirect_kube_watch_up",
+            "1 while the Kubernetes API watch of this node's pods works, 0 while it is down or off",
+            kube_watch_up.clone(),
+        );
         registry.register_collector(Box::new(KernelCollector {
             state_dir: state_dir.to_owned(),
             pin_root: pin_root.to_owned(),
@@ -89,6 +97,7 @@ impl Metrics {
             enroll_errors,
             adopted,
             collected,
+            kube_watch_up,
         }
     }
 

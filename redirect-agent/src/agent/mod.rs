@@ -54,6 +54,9 @@ pub struct Config {
     pub http_address: SocketAddr,
     pub pin_root: PathBuf,
     pub state_dir: PathBuf,
+    /// The Kubernetes API watch's kubeconfig; without one it runs in-cluster when
+    /// `KUBERNETES_SERVICE_HOST` is set, and is off otherwise (see [`crate::kube`]).
+    pub kubeconfig: Option<PathBuf>,
 }
 
 /// Why the agent could not start or stopped.
@@ -63,6 +66,8 @@ pub enum AgentError {
     Runtime(#[source] io::Error),
     #[error("must run as root (eBPF programs, cgroup and netns attachments need it)")]
     NotRoot,
+    #[error(transparent)]
+    Capabilities(#[from] crate::caps::CapsError),
     #[error("serving HTTP on {addr}")]
     Http { addr: SocketAddr, source: io::Error },
     #[error("socket {path}")]
@@ -86,6 +91,8 @@ pub(crate) struct Shared {
     writer: Mutex<()>,
     /// Pods were enrolled or unenrolled: the watcher re-reads the records.
     pods_changed: Notify,
+    /// The Kubernetes API watch's health.
+    pub(crate) kube: crate::kube::WatchStatus,
 }
 
 impl Shared {
@@ -98,6 +105,15 @@ impl Shared {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+            .or_else(|| self.kube.not_ready())
+    }
+
+    pub(crate) fn node_name(&self) -> &str {
+        &self.cfg.node_name
+    }
+
+    pub(crate) fn state_dir(&self) -> &Path {
+        &self.cfg.state_dir
     }
 }
 
@@ -107,6 +123,8 @@ pub fn run(cfg: Config) -> Result<(), AgentError> {
     if !nix::unistd::geteuid().is_root() {
         return Err(AgentError::NotRoot);
     }
+    // Before anything else, so that a deployment missing one fails here naming it.
+    crate::caps::require()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -121,8 +139,11 @@ pub fn run(cfg: Config) -> Result<(), AgentError> {
 
 async fn serve(cfg: Config) -> Result<(), AgentError> {
     let stale = check_socket(&cfg.socket)?;
+    let metrics = metrics::Metrics::new(&cfg.state_dir, &cfg.pin_root);
+    let api_source = crate::kube::ApiSource::pick(cfg.kubeconfig.as_deref());
     let shared = Arc::new(Shared {
-        metrics: metrics::Metrics::new(&cfg.state_dir, &cfg.pin_root),
+        kube: crate::kube::WatchStatus::new(metrics.kube_watch_up.clone(), &api_source),
+        metrics,
         not_ready: RwLock::new(Some(
             "reconciling the pinned datapath with the records (waiting for the state lock)".into(),
         )),
@@ -187,6 +208,11 @@ async fn serve(cfg: Config) -> Result<(), AgentError> {
         shared.cfg.socket.display()
     );
     let watcher = tokio::spawn(watch::run(shared.clone(), stop_rx.clone()));
+    let kube_watch = tokio::spawn(crate::kube::run(
+        shared.clone(),
+        api_source,
+        stop_rx.clone(),
+    ));
 
     let mut conns = JoinSet::new();
     loop {
@@ -208,6 +234,7 @@ async fn serve(cfg: Config) -> Result<(), AgentError> {
     remove_socket(&shared.cfg.socket);
     let stopped = stop(stop_tx, http, conns).await;
     let _ = tokio::time::timeout(Duration::from_millis(100), watcher).await;
+    let _ = tokio::time::timeout(Duration::from_millis(100), kube_watch).await;
     stopped
 }
 
@@ -352,7 +379,7 @@ pub(crate) fn pod_log_name(name: &str) -> String {
     format!("namespace={ns:?} pod={pod:?}")
 }
 
-async fn dispatch(shared: &Arc<Shared>, req: Request) -> Response {
+pub(crate) async fn dispatch(shared: &Arc<Shared>, req: Request) -> Response {
     let (sd, pr) = (shared.cfg.state_dir.clone(), shared.cfg.pin_root.clone());
     match req {
         Request::Enroll { spec } => {
