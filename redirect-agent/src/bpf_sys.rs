@@ -8,6 +8,9 @@
 //!   the program of every pinned link in place with it.
 //! - `BPF_OBJ_GET` (with `BPF_F_RDONLY`) and `BPF_OBJ_PIN` on raw file descriptors, for the
 //!   two above and for opening pinned maps read-only (aya's `from_pin` opens them read-write).
+//! - `BPF_MAP_LOOKUP_BATCH`: aya 0.14 reads one element per syscall; the metrics endpoint
+//!   reads every pod's counters and counts the shared maps' rows at each scrape, thousands of
+//!   elements, with a few batches instead.
 //!
 //! Everything else (loading, the six other links, pinning programs and links, map and
 //! program info) goes through aya.
@@ -23,6 +26,7 @@ const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_LINK_CREATE: libc::c_long = 28;
 const BPF_LINK_UPDATE: libc::c_long = 29;
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 
 /// `file_flags` of `BPF_OBJ_GET`: the returned fd may only read the object.
 pub const BPF_F_RDONLY: u32 = 1 << 3;
@@ -129,4 +133,80 @@ pub fn link_update(link: &impl AsRawFd, new_prog: &impl AsRawFd) -> io::Result<(
     put_u32(&mut attr, 0, link.as_raw_fd() as u32);
     put_u32(&mut attr, 4, new_prog.as_raw_fd() as u32);
     sys_bpf(BPF_LINK_UPDATE, &mut attr).map(drop)
+}
+
+/// Every entry of a map, read with `BPF_MAP_LOOKUP_BATCH` (`per_call` entries per syscall),
+/// stopping once `limit` entries were read: (keys, values, how many). `value_size` is the size
+/// of one key's value as the kernel copies it (for a per-CPU map: the value rounded up to 8
+/// bytes, times the possible CPUs).
+///
+/// # Minimum kernel version
+/// 5.6 for arrays and hash maps; LPM tries, sockhash and older kernels refuse it (`EINVAL`,
+/// `ENOTSUPP`): see [`batch_unsupported`].
+pub fn lookup_all(
+    map: std::os::fd::BorrowedFd<'_>,
+    key_size: usize,
+    value_size: usize,
+    per_call: u32,
+    limit: usize,
+) -> io::Result<(Vec<u8>, Vec<u8>, usize)> {
+    let per = per_call as usize;
+    // A batch position is a key for arrays and a bucket index (u32) for hash maps.
+    let pos_size = key_size.max(8);
+    let mut in_batch = vec![0u8; pos_size];
+    let mut out_batch = vec![0u8; pos_size];
+    let mut keys = Vec::new();
+    let mut values = Vec::new();
+    let mut total = 0usize;
+    let mut first = true;
+    while total < limit {
+        keys.resize((total + per) * key_size, 0);
+        values.resize((total + per) * value_size, 0);
+        let mut attr = Attr([0; 128]);
+        // union bpf_attr, BPF_MAP_*_BATCH member: in_batch, out_batch, keys, values (u64
+        // pointers), count, map_fd (u32), elem_flags, flags (u64).
+        put_u64(
+            &mut attr,
+            0,
+            if first { 0 } else { in_batch.as_ptr() as u64 },
+        );
+        put_u64(&mut attr, 8, out_batch.as_mut_ptr() as u64);
+        put_u64(&mut attr, 16, keys[total * key_size..].as_mut_ptr() as u64);
+        put_u64(
+            &mut attr,
+            24,
+            values[total * value_size..].as_mut_ptr() as u64,
+        );
+        put_u32(&mut attr, 32, per_call);
+        put_u32(&mut attr, 36, map.as_raw_fd() as u32);
+        let r = sys_bpf(BPF_MAP_LOOKUP_BATCH, &mut attr);
+        let copied = u32::from_ne_bytes(attr.0[32..36].try_into().expect("4 bytes")) as usize;
+        match r {
+            Ok(_) => {}
+            // The end of the map: `copied` entries were still copied.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                total += copied.min(per);
+                break;
+            }
+            Err(e) => return Err(e),
+        }
+        total += copied.min(per);
+        in_batch.copy_from_slice(&out_batch);
+        first = false;
+    }
+    let total = total.min(limit);
+    keys.truncate(total * key_size);
+    values.truncate(total * value_size);
+    Ok((keys, values, total))
+}
+
+/// Whether `BPF_MAP_LOOKUP_BATCH` failed because the kernel or the map type does not offer it
+/// (the caller then reads element by element).
+pub fn batch_unsupported(e: &io::Error) -> bool {
+    /// The kernel's internal `ENOTSUPP`, which reaches user space as is.
+    const ENOTSUPP: i32 = 524;
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP | ENOTSUPP | libc::ENOSPC)
+    )
 }

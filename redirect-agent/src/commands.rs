@@ -8,16 +8,20 @@
 use std::{
     collections::BTreeMap,
     path::{Path, PathBuf},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
 };
 
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    datapath::{Datapath, DatapathError},
+    datapath::{Datapath, DatapathError, Handles},
     enroll::{self, EnrollError},
     gc,
     spec::PodSpec,
-    state::{self, PodRecord, StateError, StateStore},
+    state::{self, PodRecord, Snapshot, StateError, StateStore},
     stats,
 };
 
@@ -95,39 +99,118 @@ pub struct GcReport {
     pub orphan_slots: Vec<u32>,
 }
 
-/// Enrolls (or updates) a pod: [`enroll::inspect`] without the lock, then [`enroll::enroll`]
-/// under the store's lock, held only for this call.
+/// Whoever changes the datapath and its records: takes the store's lock for each change and
+/// keeps, between changes, the records it read ([`Snapshot`]) and the datapath handles it
+/// opened ([`Handles`]). The CLI makes one per command; the node agent keeps one for its
+/// whole life, so a change through it is map updates and link creation, nothing reloaded.
+/// Both run every change through these same functions under the same lock.
+pub struct Writer {
+    state_dir: PathBuf,
+    snapshot: Option<Snapshot>,
+    handles: Handles,
+    /// The generation written when the lock was last taken (see [`Writer::taken`]).
+    taken: Arc<AtomicU64>,
+}
+
+impl Writer {
+    pub fn new(state_dir: &Path, pin_root: &Path) -> Writer {
+        Writer {
+            state_dir: state_dir.to_owned(),
+            snapshot: None,
+            handles: Handles::new(pin_root),
+            taken: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// Runs `f` with the store's lock held. What was kept from the last change is reused
+    /// unless another process has held the lock since; then the records are read again and
+    /// the datapath handles opened again.
+    pub fn locked<T, E: From<StateError>>(
+        &mut self,
+        f: impl FnOnce(&mut StateStore, &mut Handles) -> Result<T, E>,
+    ) -> Result<T, E> {
+        let mut store = StateStore::open_with(&self.state_dir, self.snapshot.take())?;
+        self.taken.store(store.generation(), Ordering::Release);
+        if store.reloaded() {
+            self.handles.forget();
+        }
+        let r = f(&mut store, &mut self.handles);
+        self.snapshot = Some(store.release());
+        r
+    }
+
+    /// The generation this writer wrote in the lock file when it last took the lock, kept up
+    /// to date: while the file holds it or the [`Writer::snapshot`]'s, no other process has
+    /// changed the records since, and a reader may use the snapshot instead of the files.
+    pub fn taken(&self) -> Arc<AtomicU64> {
+        self.taken.clone()
+    }
+
+    /// The records as the last change left them (`None` before the first).
+    pub fn snapshot(&self) -> Option<&Snapshot> {
+        self.snapshot.as_ref()
+    }
+
+    /// Enrolls (or updates) a pod: [`enroll::inspect`] without the lock, then
+    /// [`enroll::enroll`] under it.
+    pub fn enroll(&mut self, spec: PodSpec) -> Result<EnrollReport, CommandError> {
+        enroll::require_root()?;
+        // Everything that can be checked without the lock is, so nothing blocks while holding it.
+        let checked = enroll::inspect(spec)?;
+        self.enroll_checked(checked)
+    }
+
+    /// [`Writer::enroll`] of a request [`enroll::inspect`] has checked already (the agent
+    /// checks requests before they wait for their turn).
+    pub fn enroll_checked(
+        &mut self,
+        checked: enroll::Checked,
+    ) -> Result<EnrollReport, CommandError> {
+        enroll::require_root()?;
+        let done =
+            self.locked(|store, h| enroll::enroll(store, h, checked).map_err(CommandError::from))?;
+        Ok(EnrollReport {
+            name: done.record.name().to_owned(),
+            slot: done.record.slot,
+            updated: done.updated,
+            adopted_listeners: done.adopted_listeners,
+        })
+    }
+
+    /// Unenrolls a pod under the store's lock.
+    pub fn unenroll(&mut self, name: &str) -> Result<UnenrollReport, CommandError> {
+        enroll::require_root()?;
+        let rec =
+            self.locked(|store, h| enroll::unenroll(store, h, name).map_err(CommandError::from))?;
+        Ok(UnenrollReport {
+            name: rec.name().to_owned(),
+            cgroup: rec.spec.cgroup.clone(),
+        })
+    }
+
+    /// `gc` under the store's lock.
+    pub fn gc(&mut self) -> Result<GcReport, CommandError> {
+        enroll::require_root()?;
+        self.locked(|store, h| gc_locked(store, h).map_err(CommandError::from))
+    }
+}
+
+/// Enrolls (or updates) a pod, as one command: [`Writer::enroll`] of a new writer.
 pub fn enroll(
     state_dir: &Path,
     pin_root: &Path,
     spec: PodSpec,
 ) -> Result<EnrollReport, CommandError> {
-    enroll::require_root()?;
-    // Everything that can be checked without the lock is, so nothing blocks while holding it.
-    let checked = enroll::inspect(spec)?;
-    let store = StateStore::open(state_dir)?;
-    let done = enroll::enroll(&store, pin_root, checked)?;
-    Ok(EnrollReport {
-        name: done.record.name().to_owned(),
-        slot: done.record.slot,
-        updated: done.updated,
-        adopted_listeners: done.adopted_listeners,
-    })
+    Writer::new(state_dir, pin_root).enroll(spec)
 }
 
-/// Unenrolls a pod under the store's lock.
+/// Unenrolls a pod, as one command.
 pub fn unenroll(
     state_dir: &Path,
     pin_root: &Path,
     name: &str,
 ) -> Result<UnenrollReport, CommandError> {
-    enroll::require_root()?;
-    let store = StateStore::open(state_dir)?;
-    let rec = enroll::unenroll(&store, pin_root, name)?;
-    Ok(UnenrollReport {
-        name: rec.name().to_owned(),
-        cgroup: rec.spec.cgroup.clone(),
-    })
+    Writer::new(state_dir, pin_root).unenroll(name)
 }
 
 /// Lists enrolled pods with their status, without the lock. `is_root`: whether the caller
@@ -200,16 +283,14 @@ pub fn stats(
     Ok(StatsReport { pods: rows })
 }
 
-/// `gc` under the store's lock.
+/// `gc`, as one command.
 pub fn gc(state_dir: &Path, pin_root: &Path) -> Result<GcReport, CommandError> {
-    enroll::require_root()?;
-    let store = StateStore::open(state_dir)?;
-    Ok(gc_locked(&store, pin_root)?)
+    Writer::new(state_dir, pin_root).gc()
 }
 
 /// `gc` for a caller that holds the lock already.
-pub fn gc_locked(store: &StateStore, pin_root: &Path) -> Result<GcReport, EnrollError> {
-    let done = gc::gc(store, pin_root)?;
+pub fn gc_locked(store: &mut StateStore, handles: &mut Handles) -> Result<GcReport, EnrollError> {
+    let done = gc::gc(store, handles)?;
     Ok(GcReport {
         recovered: done.recovered,
         gone: done.gone,

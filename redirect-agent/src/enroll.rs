@@ -25,7 +25,7 @@ use redirect_common::{
 
 use crate::{
     cgroup::{self, CgroupError},
-    datapath::{Datapath, DatapathError, Hook},
+    datapath::{Datapath, DatapathError, Handles, Hook},
     listener, netns,
     rows::{PodRows, FREE_CONFIG},
     spec::{pin_dir_name, PodSpec, SpecError},
@@ -159,21 +159,21 @@ pub fn inspect(mut spec: PodSpec) -> Result<Checked, EnrollError> {
 
 use netns::passthrough_src6;
 
-/// Enrolls a pod, or updates it in place when its name is enrolled already.
-pub fn enroll(store: &StateStore, pin_root: &Path, req: Checked) -> Result<Enrolled, EnrollError> {
+/// Enrolls a pod, or updates it in place when its name is enrolled already. The caller holds
+/// the store's lock; `handles` are the datapath's, opened here if they are not already.
+pub fn enroll(
+    store: &mut StateStore,
+    handles: &mut Handles,
+    req: Checked,
+) -> Result<Enrolled, EnrollError> {
     require_root()?;
-    recover(store, pin_root)?;
+    recover(store, handles)?;
     let Checked {
         spec,
         cgroup_id,
         netns_inode,
     } = req;
     let existing = store.get(&spec.name)?;
-    let others: Vec<PodRecord> = store
-        .list()?
-        .into_iter()
-        .filter(|r| r.name() != spec.name)
-        .collect();
     if let Some(old) = &existing {
         if old.cgroup_id != cgroup_id {
             return Err(EnrollError::NameCgroupMismatch {
@@ -182,7 +182,7 @@ pub fn enroll(store: &StateStore, pin_root: &Path, req: Checked) -> Result<Enrol
             });
         }
     }
-    for other in &others {
+    for other in store.pods().filter(|r| r.name() != spec.name) {
         if other.cgroup_id == cgroup_id {
             return Err(EnrollError::CgroupInUse {
                 cgroup: spec.cgroup.clone(),
@@ -207,16 +207,17 @@ pub fn enroll(store: &StateStore, pin_root: &Path, req: Checked) -> Result<Enrol
         }
     }
 
-    if !pin_root.join("progs").exists() {
+    if !handles.root().join("progs").exists() {
         // First pod on this node: check the kernel before loading anything, so a missing
         // feature is named with the kernel that brings it instead of surfacing as a verifier log.
         // With --dns-capture the DNS hooks are checked first, so that a kernel without one
         // is refused naming it (every hook loads with the one datapath object).
         crate::probe::require(spec.dns_capture)?;
     }
+    let dp = handles.build()?;
     let slot = match &existing {
         Some(old) => old.slot,
-        None => free_slot(pin_root, &others)?,
+        None => free_slot(dp, store)?,
     };
     let same_netns = existing
         .as_ref()
@@ -243,11 +244,11 @@ pub fn enroll(store: &StateStore, pin_root: &Path, req: Checked) -> Result<Enrol
     }
     store.put(&record)?;
 
-    let result = apply(store, pin_root, existing.as_ref(), &record);
+    let result = apply(dp, existing.as_ref(), &record);
     match result {
         Ok(adopted) => {
             record.pending = None;
-            store.put(&record)?;
+            store.put_done(&record)?;
             if let Some(old) = &existing {
                 if old.added_lo6 && old.netns_inode != record.netns_inode {
                     // The pod moved: the old namespace's ::6 was ours. Best effort: the old
@@ -270,7 +271,7 @@ pub fn enroll(store: &StateStore, pin_root: &Path, req: Checked) -> Result<Enrol
         }
         Err(e) => {
             // Roll back now; if even that fails the record stays pending for the next command.
-            if let Err(rb) = roll_back(store, pin_root, &record) {
+            if let Err(rb) = roll_back(store, handles, &record) {
                 log::warn!("rolling back {} failed: {rb}", record.name());
             }
             Err(e)
@@ -278,31 +279,24 @@ pub fn enroll(store: &StateStore, pin_root: &Path, req: Checked) -> Result<Enrol
     }
 }
 
-/// A slot no record and no pinned row uses: after a lost state directory, the pins still say
-/// which slots orphaned pods hold, and a new pod never takes one of them.
-fn free_slot(pin_root: &Path, others: &[PodRecord]) -> Result<u32, EnrollError> {
-    let mut used: BTreeSet<u32> = others.iter().map(|r| r.slot).collect();
-    if let Some(mut dp) = Datapath::open_read_only(pin_root)? {
-        let pods = dp.pods()?;
-        for s in 0..MAX_PODS {
-            if !used.contains(&s) && pods.get(&s, 0).is_ok_and(|c| c.enrolled != 0) {
-                used.insert(s);
-            }
-        }
-    }
+/// The lowest slot no record and no pinned row uses: after a lost state directory, the pins
+/// still say which slots orphaned pods hold, and a new pod never takes one of them. Only the
+/// slots no record owns are looked up, lowest first, until one is free in the pins too.
+fn free_slot(dp: &mut Datapath, store: &StateStore) -> Result<u32, EnrollError> {
+    let used: BTreeSet<u32> = store.pods().map(|r| r.slot).collect();
+    let pods = dp.pods()?;
     (0..MAX_PODS)
-        .find(|s| !used.contains(s))
+        .filter(|s| !used.contains(s))
+        .find(|s| !pods.get(s, 0).is_ok_and(|c| c.enrolled != 0))
         .ok_or(EnrollError::NoSlot)
 }
 
 /// The kernel side of an enroll or update; the caller rolls back on error.
 fn apply(
-    _store: &StateStore,
-    pin_root: &Path,
+    dp: &mut Datapath,
     old: Option<&PodRecord>,
     rec: &PodRecord,
 ) -> Result<Result<usize, String>, EnrollError> {
-    let mut dp = Datapath::open(pin_root)?;
     if rec.spec.ip6().is_some() {
         // Captured IPv6 connections go to 100::/64, which must be local on the pod's lo before
         // the pod is findable (issue 13, IPv6 port space). Best effort here, required below
@@ -313,14 +307,14 @@ fn apply(
     let rows = PodRows::new(&rec.spec, rec.slot, rec.cgroup_id);
     let old_rows = old.map(|o| PodRows::new(&o.spec, o.slot, o.cgroup_id));
     if old.is_none() {
-        zero_counters(&mut dp, rec.slot)?;
+        zero_counters(dp, rec.slot)?;
         // A slot starts empty: nothing a previous holder's connections left behind counts
         // against this pod's share of ORIG_DST.
         let (mut orig_dst, mut used) = dp.orig_dst_maps()?;
-        crate::conntrack::sweep_slot(&mut orig_dst, &mut used, rec.slot)?;
+        crate::conntrack::sweep_slot_if_used(&mut orig_dst, &mut used, rec.slot)?;
     }
-    write_rows(&mut dp, rec.name(), old_rows.as_ref(), &rows)?;
-    attach_links(&dp, old, rec)?;
+    write_rows(dp, rec.name(), old_rows.as_ref(), &rows)?;
+    attach_links(dp, old, rec)?;
     if rec.added_lo6 && old.is_none_or(|o| !o.added_lo6 || o.netns_inode != rec.netns_inode) {
         add_passthrough_src6(&rec.spec.netns)?;
     }
@@ -330,7 +324,7 @@ fn apply(
     }
     // Optional (pidfd_getfd, 5.6): without it a running proxy is captured from its next
     // listen() on. Reported, never fatal.
-    Ok(listener::adopt(&mut dp, rec).map_err(|e| e.to_string()))
+    Ok(listener::adopt(dp, rec).map_err(|e| e.to_string()))
 }
 
 /// Whether every link of the pod is pinned (root only: bpffs is not readable by others).
@@ -491,17 +485,17 @@ fn write_rows(
 /// Writes the `new` CIDR rows of one trie, removing those of `old` that `new` has not.
 fn sync_trie<K: aya::Pod + PartialEq>(
     t: &mut aya::maps::lpm_trie::LpmTrie<&mut aya::maps::MapData, K, u32>,
-    old: Option<&[(u32, K)]>,
-    new: &[(u32, K)],
+    old: Option<&[(u32, K, u32)]>,
+    new: &[(u32, K, u32)],
     err: impl FnOnce(MapError) -> EnrollError,
 ) -> Result<(), EnrollError> {
-    for (len, k) in old.unwrap_or_default() {
-        if !new.iter().any(|(l, n)| l == len && n == k) {
+    for (len, k, _) in old.unwrap_or_default() {
+        if !new.iter().any(|(l, n, _)| l == len && n == k) {
             remove_quiet(t.remove(&aya::maps::lpm_trie::Key::new(*len, *k)));
         }
     }
-    for (len, k) in new {
-        if let Err(e) = t.insert(&aya::maps::lpm_trie::Key::new(*len, *k), 1, 0) {
+    for (len, k, rule) in new {
+        if let Err(e) = t.insert(&aya::maps::lpm_trie::Key::new(*len, *k), rule, 0) {
             return Err(err(e));
         }
     }
@@ -594,7 +588,7 @@ fn teardown(dp: &mut Datapath, rec: &PodRecord) -> Vec<String> {
     }
     match dp.cidr4() {
         Ok(mut t) => {
-            for (len, k) in &rows.cidr4 {
+            for (len, k, _) in &rows.cidr4 {
                 check("CIDR4", t.remove(&aya::maps::lpm_trie::Key::new(*len, *k)));
             }
         }
@@ -603,7 +597,7 @@ fn teardown(dp: &mut Datapath, rec: &PodRecord) -> Vec<String> {
     }
     match dp.cidr6() {
         Ok(mut t) => {
-            for (len, k) in &rows.cidr6 {
+            for (len, k, _) in &rows.cidr6 {
                 check("CIDR6", t.remove(&aya::maps::lpm_trie::Key::new(*len, *k)));
             }
         }
@@ -630,7 +624,8 @@ fn teardown(dp: &mut Datapath, rec: &PodRecord) -> Vec<String> {
     // they hold in ORIG_DST is removed here (docs/DESIGN.md, "Per-connection state").
     match dp.orig_dst_maps() {
         Ok((mut orig_dst, mut used)) => {
-            if let Err(e) = crate::conntrack::sweep_slot(&mut orig_dst, &mut used, rec.slot) {
+            if let Err(e) = crate::conntrack::sweep_slot_if_used(&mut orig_dst, &mut used, rec.slot)
+            {
                 failures.push(format!("sweeping ORIG_DST: {}", crate::error_chain(&e)));
             }
         }
@@ -658,11 +653,15 @@ fn teardown(dp: &mut Datapath, rec: &PodRecord) -> Vec<String> {
 
 /// Undoes the change `rec` describes (its `pending`): an enroll or unenroll is removed
 /// completely, an update goes back to its previous record.
-fn roll_back(store: &StateStore, pin_root: &Path, rec: &PodRecord) -> Result<(), EnrollError> {
+fn roll_back(
+    store: &mut StateStore,
+    handles: &mut Handles,
+    rec: &PodRecord,
+) -> Result<(), EnrollError> {
     let Some(pending) = &rec.pending else {
         return Ok(());
     };
-    let Some(mut dp) = Datapath::open_existing(pin_root)? else {
+    let Some(dp) = handles.existing()? else {
         // No pins at all: nothing of this change reached the kernel (but ::6 might have).
         if matches!(pending, Pending::Enroll | Pending::Unenroll) {
             if rec.added_lo6 {
@@ -677,7 +676,7 @@ fn roll_back(store: &StateStore, pin_root: &Path, rec: &PodRecord) -> Result<(),
     };
     match pending {
         Pending::Enroll | Pending::Unenroll => {
-            let failures = teardown(&mut dp, rec);
+            let failures = teardown(dp, rec);
             if !failures.is_empty() {
                 let mut stuck = rec.clone();
                 stuck.pending = Some(Pending::Unenroll);
@@ -692,65 +691,75 @@ fn roll_back(store: &StateStore, pin_root: &Path, rec: &PodRecord) -> Result<(),
         Pending::Update { previous } => {
             let rows = PodRows::new(&rec.spec, rec.slot, rec.cgroup_id);
             let old = PodRows::new(&previous.spec, previous.slot, previous.cgroup_id);
-            write_rows(&mut dp, rec.name(), Some(&rows), &old)?;
+            write_rows(dp, rec.name(), Some(&rows), &old)?;
             if previous.netns_inode != rec.netns_inode {
                 // Back to the previous namespace if it still exists; else the pod has no
                 // sk_lookup link and `list` says so.
                 let mut back = (**previous).clone();
                 back.pending = None;
-                let _ = attach_links(&dp, Some(rec), &back);
+                let _ = attach_links(dp, Some(rec), &back);
             }
             if rec.added_lo6 && !(previous.added_lo6 && previous.netns_inode == rec.netns_inode) {
                 let _ = remove_passthrough_src6(&rec.spec.netns);
             }
-            store.put(previous)?;
+            store.put_done(previous)?;
         }
     }
-    drop(dp);
-    remove_idle_pins(store, pin_root)
+    remove_idle_pins(store, handles)
 }
 
 /// The shared pins go with the last pod: an idle node carries no residue. "Last" is what the
 /// pins say too: links of a pod no record knows (a lost state directory) keep the maps they
 /// use, until `gc` removes them.
-fn remove_idle_pins(store: &StateStore, pin_root: &Path) -> Result<(), EnrollError> {
-    let records = store.records()?;
+fn remove_idle_pins(store: &StateStore, handles: &mut Handles) -> Result<(), EnrollError> {
+    if !store.is_empty() {
+        return Ok(());
+    }
+    let pin_root = handles.root().to_owned();
     let has_links = fs::read_dir(pin_root.join("pods"))
         .map(|mut d| d.next().is_some())
         .unwrap_or(false);
-    if records.pods.is_empty() && records.bad.is_empty() && !has_links {
-        Datapath::remove_shared_pins(pin_root)?;
+    if !has_links {
+        handles.forget();
+        Datapath::remove_shared_pins(&pin_root)?;
     }
     Ok(())
 }
 
 /// Finishes what killed commands left: every pending record is rolled back (an interrupted
 /// unenroll is completed). Returns the names it repaired.
-pub fn recover(store: &StateStore, pin_root: &Path) -> Result<Vec<String>, EnrollError> {
+pub fn recover(store: &mut StateStore, handles: &mut Handles) -> Result<Vec<String>, EnrollError> {
+    let pending: Vec<PodRecord> = store
+        .pods()
+        .filter(|r| r.pending.is_some())
+        .cloned()
+        .collect();
     let mut repaired = Vec::new();
-    for rec in store.list()? {
-        if rec.pending.is_some() {
-            roll_back(store, pin_root, &rec)?;
-            repaired.push(rec.name().to_owned());
-        }
+    for rec in pending {
+        roll_back(store, handles, &rec)?;
+        repaired.push(rec.name().to_owned());
     }
     if repaired.is_empty() {
         // A kill between the last record's removal and the pins' removal leaves pins alone.
-        remove_idle_pins(store, pin_root)?;
+        remove_idle_pins(store, handles)?;
     }
     Ok(repaired)
 }
 
 /// Unenrolls a pod: removes exactly its state; the shared programs and maps go with the last pod.
-pub fn unenroll(store: &StateStore, pin_root: &Path, name: &str) -> Result<PodRecord, EnrollError> {
+pub fn unenroll(
+    store: &mut StateStore,
+    handles: &mut Handles,
+    name: &str,
+) -> Result<PodRecord, EnrollError> {
     require_root()?;
-    recover(store, pin_root)?;
+    recover(store, handles)?;
     let mut rec = store
         .get(name)?
         .ok_or_else(|| EnrollError::Unknown(name.to_owned()))?;
     rec.pending = Some(Pending::Unenroll);
     store.put(&rec)?;
-    roll_back(store, pin_root, &rec)?;
+    roll_back(store, handles, &rec)?;
     rec.pending = None;
     Ok(rec)
 }

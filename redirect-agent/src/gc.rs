@@ -10,7 +10,7 @@ use std::{collections::BTreeSet, fs, io, os::unix::fs::MetadataExt as _, path::P
 use redirect_common::{ListenerKey, AF_INET, AF_INET6, MAX_PODS};
 
 use crate::{
-    datapath::{Datapath, Hook},
+    datapath::{Datapath, Handles, Hook},
     enroll::{self, EnrollError},
     netns,
     rows::FREE_CONFIG,
@@ -74,34 +74,39 @@ pub struct Collected {
 }
 
 /// Collects everything that belongs to no live pod.
-pub fn gc(store: &StateStore, pin_root: &Path) -> Result<Collected, EnrollError> {
+pub fn gc(store: &mut StateStore, handles: &mut Handles) -> Result<Collected, EnrollError> {
     enroll::require_root()?;
     let mut out = Collected {
-        recovered: enroll::recover(store, pin_root)?,
+        recovered: enroll::recover(store, handles)?,
         ..Collected::default()
     };
-    for rec in store.list()? {
-        if health(&rec) == Health::Gone {
-            enroll::unenroll(store, pin_root, rec.name())?;
-            out.gone.push(rec.name().to_owned());
-        }
+    let gone: Vec<String> = store
+        .pods()
+        .filter(|r| health(r) == Health::Gone)
+        .map(|r| r.name().to_owned())
+        .collect();
+    for name in gone {
+        enroll::unenroll(store, handles, &name)?;
+        out.gone.push(name);
     }
-    let records = store.records()?;
-    for bad in &records.bad {
+    let bad = store.bad().to_vec();
+    for bad in &bad {
         store.remove_bad(bad)?;
         out.bad_records
             .push(format!("{}: {}", bad.path.display(), bad.reason));
     }
-    let live: Vec<PodRecord> = store.list()?;
-    if let Some(mut dp) = Datapath::open_existing(pin_root)? {
+    let live: Vec<&PodRecord> = store.pods().collect();
+    let pin_root = handles.root().to_owned();
+    if let Some(dp) = handles.existing()? {
         let owned: BTreeSet<u32> = live.iter().map(|r| r.slot).collect();
         let dirs: BTreeSet<String> = live.iter().map(|r| pin_dir_name(r.name())).collect();
-        out.orphan_links = remove_orphan_links(pin_root, &dirs)?;
-        out.orphan_slots = clear_orphan_slots(&mut dp, &owned)?;
+        out.orphan_links = remove_orphan_links(&pin_root, &dirs)?;
+        out.orphan_slots = clear_orphan_slots(dp, &owned)?;
     }
     if live.is_empty() {
         // The shared pins go with the last pod.
-        Datapath::remove_shared_pins(pin_root)?;
+        handles.forget();
+        Datapath::remove_shared_pins(&pin_root)?;
     }
     Ok(out)
 }

@@ -26,7 +26,7 @@ use crate::{
 /// The proxy's listening TCP sockets on `port` in the calling thread's network namespace, by
 /// sock_diag (which names each socket's inode and creator uid), as `(inode, family)`.
 fn listening_on(port: u16, uid: u32) -> Result<Vec<(u64, u16)>, SockDiagError> {
-    Ok(sockdiag::dump_listeners()?
+    Ok(sockdiag::dump_tcp_listeners()?
         .into_iter()
         .filter(|s| s.protocol == Protocol::Tcp && s.port == port && s.uid == uid)
         .map(|s| {

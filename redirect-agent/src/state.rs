@@ -10,10 +10,12 @@
 //! record (its writer was killed) finishes the rollback first ([`crate::enroll::recover`]).
 
 use std::{
+    collections::BTreeMap,
     fs, io,
     io::Write as _,
     os::unix::fs::{MetadataExt as _, OpenOptionsExt as _, PermissionsExt as _},
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use serde::{Deserialize, Serialize};
@@ -99,9 +101,88 @@ pub struct Records {
 
 /// The directory of pod records, with a lock that serialises every command that changes
 /// the datapath (two `enroll`s racing for a slot, say).
+///
+/// The records are read once, when the lock is taken, and kept in memory while it is held:
+/// every change is written to disk first, then to memory, so the two never differ. A writer
+/// that comes back for the lock again (the node agent) hands in the [`Snapshot`] it left
+/// with [`StateStore::release`], and the records are not read again unless another process
+/// has held the lock since.
 pub struct StateStore {
     dir: PathBuf,
-    _lock: nix::fcntl::Flock<fs::File>,
+    lock: nix::fcntl::Flock<fs::File>,
+    records: BTreeMap<String, Arc<PodRecord>>,
+    bad: Vec<BadRecord>,
+    generation: u64,
+    reloaded: bool,
+}
+
+/// The records as a writer left them when it gave the lock back, and the generation it
+/// wrote (see [`StateStore::open_with`]).
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    generation: u64,
+    records: BTreeMap<String, Arc<PodRecord>>,
+    bad: Vec<BadRecord>,
+    /// The pods directory's modification time when the lock was given back.
+    mtime: i128,
+}
+
+impl Snapshot {
+    fn mtime(&self) -> i128 {
+        self.mtime
+    }
+
+    /// The generation of the state directory this snapshot describes.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Every usable record, sorted by name.
+    pub fn pods(&self) -> impl Iterator<Item = &PodRecord> {
+        self.records.values().map(|r| &**r)
+    }
+
+    /// The files that are not usable records.
+    pub fn bad(&self) -> &[BadRecord] {
+        &self.bad
+    }
+
+    /// The record of `name`.
+    pub fn get(&self, name: &str) -> Option<&PodRecord> {
+        self.records.get(name).map(|r| &**r)
+    }
+}
+
+/// Bytes of the generation in the lock file: a zero-padded decimal number, so that it is
+/// always rewritten whole.
+const GENERATION_LEN: usize = 20;
+
+/// The generation written in the lock file at `dir/lock` (0 when there is none yet), read
+/// without the lock: a reader compares it with a [`Snapshot`]'s to know whether the snapshot
+/// is still what the directory holds.
+pub fn generation(dir: &Path) -> Result<u64, StateError> {
+    let path = dir.join("lock");
+    match fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(&path)
+    {
+        Ok(f) => read_generation(&f).map_err(io_err(&path)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(0),
+        Err(e) => Err(io_err(&path)(e)),
+    }
+}
+
+fn read_generation(f: &fs::File) -> io::Result<u64> {
+    use std::os::unix::fs::FileExt as _;
+    let mut buf = [0u8; GENERATION_LEN];
+    let n = f.read_at(&mut buf, 0)?;
+    // An empty lock file (one made by an older build) is generation 0; anything unreadable
+    // too, which only makes the next writer read the records again.
+    Ok(std::str::from_utf8(&buf[..n])
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0))
 }
 
 /// Default state directory; `REDIRECT_STATE_DIR` overrides it.
@@ -122,9 +203,23 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StateError + '_ {
 }
 
 impl StateStore {
-    /// Opens the store, creating it if needed, and takes its exclusive lock (blocking). The
-    /// directory and every one above it must be root's alone ([`paths::check_trusted_dir`]).
+    /// Opens the store, creating it if needed, takes its exclusive lock (blocking) and reads
+    /// the records. The directory and every one above it must be root's alone
+    /// ([`paths::check_trusted_dir`]).
     pub fn open(dir: &Path) -> Result<Self, StateError> {
+        Self::open_with(dir, None)
+    }
+
+    /// [`StateStore::open`] for a writer that held the lock before and kept what it left
+    /// ([`StateStore::release`]): the records are read again only if another writer has held
+    /// the lock since.
+    ///
+    /// Every writer, whatever its build, takes the lock; each one of this build also writes a
+    /// new generation in the lock file as soon as it has the lock, before it changes anything
+    /// (not synced: a crash that loses it restarts every writer anyway). A snapshot whose
+    /// generation is still the one in the file was the last to hold the lock. The directory's
+    /// modification time is compared too, for a writer that does not count generations.
+    pub fn open_with(dir: &Path, snapshot: Option<Snapshot>) -> Result<Self, StateError> {
         paths::ensure_trusted_dir(dir).map_err(StateError::Unsafe)?;
         let pods = dir.join("pods");
         paths::ensure_trusted_dir(&pods).map_err(StateError::Unsafe)?;
@@ -132,6 +227,7 @@ impl StateStore {
         let lock = fs::OpenOptions::new()
             .create(true)
             .truncate(false)
+            .read(true)
             .write(true)
             .mode(0o600)
             .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
@@ -139,14 +235,62 @@ impl StateStore {
             .map_err(io_err(&lock_path))?;
         let lock = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive).map_err(
             |(_, e)| StateError::Io {
-                path: lock_path,
+                path: lock_path.clone(),
                 source: e.into(),
             },
         )?;
+        let found = read_generation(&lock).map_err(io_err(&lock_path))?;
+        let generation = found.wrapping_add(1);
+        {
+            use std::os::unix::fs::FileExt as _;
+            let text = format!("{generation:0width$}", width = GENERATION_LEN);
+            lock.write_all_at(text.as_bytes(), 0)
+                .map_err(io_err(&lock_path))?;
+        }
+        let fresh = snapshot.filter(|s| s.generation == found && found != 0);
+        let (records, bad, reloaded) = match fresh {
+            Some(s) if pods_mtime(dir) == s.mtime() => (s.records, s.bad, false),
+            _ => {
+                let all = list_records(dir)?;
+                let records = all
+                    .pods
+                    .into_iter()
+                    .map(|r| (r.name().to_owned(), Arc::new(r)))
+                    .collect();
+                (records, all.bad, true)
+            }
+        };
         Ok(StateStore {
             dir: dir.to_owned(),
-            _lock: lock,
+            lock,
+            records,
+            bad,
+            generation,
+            reloaded,
         })
+    }
+
+    /// Gives the lock back, keeping the records for the next [`StateStore::open_with`].
+    pub fn release(self) -> Snapshot {
+        drop(self.lock);
+        Snapshot {
+            generation: self.generation,
+            records: self.records,
+            bad: self.bad,
+            mtime: pods_mtime(&self.dir),
+        }
+    }
+
+    /// Whether the records were read from disk when the lock was taken (another process held
+    /// it since the snapshot, or there was none): whatever the caller kept from its last turn
+    /// besides the records (open datapath handles) may be stale too.
+    pub fn reloaded(&self) -> bool {
+        self.reloaded
+    }
+
+    /// The generation this holder wrote.
+    pub fn generation(&self) -> u64 {
+        self.generation
     }
 
     fn path(&self, name: &str) -> PathBuf {
@@ -156,23 +300,64 @@ impl StateStore {
     /// The record of `name`. A file that is not a usable record is an error naming it: no
     /// command acts on a name whose state it cannot read (other names are not affected).
     pub fn get(&self, name: &str) -> Result<Option<PodRecord>, StateError> {
+        if let Some(r) = self.records.get(name) {
+            return Ok(Some((**r).clone()));
+        }
         let path = self.path(name);
-        read_record(&path).map_err(|reason| StateError::BadRecord { path, reason })
+        match self.bad.iter().find(|b| b.path == path) {
+            Some(b) => Err(StateError::BadRecord {
+                path,
+                reason: b.reason.clone(),
+            }),
+            None => Ok(None),
+        }
+    }
+
+    /// Every usable record, sorted by name, without copying them.
+    pub fn pods(&self) -> impl Iterator<Item = &PodRecord> {
+        self.records.values().map(|r| &**r)
+    }
+
+    /// The files that are not usable records.
+    pub fn bad(&self) -> &[BadRecord] {
+        &self.bad
+    }
+
+    /// Whether the store holds no record at all, usable or not.
+    pub fn is_empty(&self) -> bool {
+        self.records.is_empty() && self.bad.is_empty()
     }
 
     /// Every record, sorted by name, and the files that are not usable records.
     pub fn records(&self) -> Result<Records, StateError> {
-        list_records(&self.dir)
+        Ok(Records {
+            pods: self.pods().cloned().collect(),
+            bad: self.bad.clone(),
+        })
     }
 
     /// Every usable record, sorted by name.
     pub fn list(&self) -> Result<Vec<PodRecord>, StateError> {
-        Ok(self.records()?.pods)
+        Ok(self.pods().cloned().collect())
     }
 
     /// Writes the record atomically and durably (a temporary file never followed through a
     /// symlink, fsync, rename, fsync of the directory): a crash leaves the old or the new one.
-    pub fn put(&self, rec: &PodRecord) -> Result<(), StateError> {
+    /// For the intent of a change, written before the kernel is touched.
+    pub fn put(&mut self, rec: &PodRecord) -> Result<(), StateError> {
+        self.write(rec, true)
+    }
+
+    /// Writes the record atomically (temporary file, rename) without waiting for the disk:
+    /// for the end of a change whose intent [`StateStore::put`] made durable. A process killed
+    /// after it leaves the new record (the page cache has it); only a crash of the machine
+    /// can lose it, and then the record that stays is the durable intent, which the next
+    /// command rolls back. The kernel's side (bpffs) does not survive that crash either.
+    pub fn put_done(&mut self, rec: &PodRecord) -> Result<(), StateError> {
+        self.write(rec, false)
+    }
+
+    fn write(&mut self, rec: &PodRecord, durable: bool) -> Result<(), StateError> {
         let path = self.path(rec.name());
         let tmp = self
             .dir
@@ -192,25 +377,39 @@ impl StateStore {
             .open(&tmp)
             .map_err(io_err(&tmp))?;
         f.write_all(&data).map_err(io_err(&tmp))?;
-        f.sync_all().map_err(io_err(&tmp))?;
+        if durable {
+            f.sync_all().map_err(io_err(&tmp))?;
+        }
         drop(f);
         fs::rename(&tmp, &path).map_err(io_err(&path))?;
-        self.sync_dir()
+        if durable {
+            self.sync_dir()?;
+        }
+        self.bad.retain(|b| b.path != path);
+        self.records
+            .insert(rec.name().to_owned(), Arc::new(rec.clone()));
+        Ok(())
     }
 
-    /// Removes the record of `name`, whatever its content.
-    pub fn remove(&self, name: &str) -> Result<(), StateError> {
-        remove_file(&self.path(name))?;
-        self.sync_dir()
+    /// Removes the record of `name`, whatever its content. Not synced: a record that comes
+    /// back after a crash is the durable intent of the change that removed it, which the
+    /// next command completes.
+    pub fn remove(&mut self, name: &str) -> Result<(), StateError> {
+        let path = self.path(name);
+        remove_file(&path)?;
+        self.records.remove(name);
+        self.bad.retain(|b| b.path != path);
+        Ok(())
     }
 
     /// Removes a record file that is not a usable record (see [`Records::bad`]).
-    pub fn remove_bad(&self, bad: &BadRecord) -> Result<(), StateError> {
+    pub fn remove_bad(&mut self, bad: &BadRecord) -> Result<(), StateError> {
         // Only files directly in our pods directory: a BadRecord comes from our own listing.
         if bad.path.parent() != Some(&self.dir.join("pods")) {
             return Ok(());
         }
         remove_file(&bad.path)?;
+        self.bad.retain(|b| b.path != bad.path);
         self.sync_dir()
     }
 
@@ -220,6 +419,14 @@ impl StateStore {
             .and_then(|d| d.sync_all())
             .map_err(io_err(&pods))
     }
+}
+
+/// The modification time of the pods directory (changed by every record created, renamed or
+/// removed), in nanoseconds; 0 when it cannot be read.
+fn pods_mtime(dir: &Path) -> i128 {
+    fs::symlink_metadata(dir.join("pods"))
+        .map(|m| i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()))
+        .unwrap_or(0)
 }
 
 fn remove_file(path: &Path) -> Result<(), StateError> {

@@ -459,6 +459,7 @@ fn two_hundred_concurrent_enroll_requests_all_succeed() {
         .iter()
         .map(|p| PodSpec {
             name: p.name.clone(),
+            namespace: None,
             cgroup: p.cgroup.clone(),
             netns: p.netns_path.clone(),
             pod_ips: vec![p.ip4.into(), p.ip6.into()],
@@ -472,6 +473,7 @@ fn two_hundred_concurrent_enroll_requests_all_succeed() {
             proxy_outbound_port: 15001,
             dns_capture: false,
             proxy_dns_port: 15053,
+            ..Default::default()
         })
         .collect();
     let go = Arc::new(std::sync::Barrier::new(200));
@@ -572,6 +574,21 @@ fn restart_under_traffic_drops_nothing_and_captures_everything() {
             outcomes
         })
     };
+    let captured = |m: &str| -> u64 {
+        let prefix = format!(
+            "redirect_inbound_captured_total{{namespace=\"\",pod=\"{}\"}} ",
+            server.name
+        );
+        m.lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {prefix} in:\n{m}"))
+    };
+    let mut last_captured = captured(&daemon.metrics());
+    assert!(
+        last_captured >= 20,
+        "the 20 long-lived connections were captured"
+    );
     let mut seed: u64 = 0x5eed_2026;
     for round in 0..10 {
         seed = seed
@@ -590,6 +607,13 @@ fn restart_under_traffic_drops_nothing_and_captures_everything() {
             m.contains("redirect_agent_restarts_adopted_pods 1\n"),
             "round {round}: {m}"
         );
+        // Counters are the kernel's: a new agent goes on from where the last one was.
+        let now = captured(&m);
+        assert!(
+            now >= last_captured,
+            "round {round}: redirect_inbound_captured_total went from {last_captured} to {now}"
+        );
+        last_captured = now;
     }
     stop.store(true, Ordering::Relaxed);
     let outcomes = looper.join().expect("client loop");
@@ -620,6 +644,13 @@ fn restart_under_traffic_drops_nothing_and_captures_everything() {
         ));
     }
     let stats = agent.stats(&server.name);
+    let scraped = captured(&daemon.metrics());
+    if scraped != stats["inbound_captured"] {
+        failures.push(format!(
+            "/metrics says {scraped} inbound_captured, stats {}",
+            stats["inbound_captured"]
+        ));
+    }
     if stats["inbound_captured"] != (outcomes.len() + 20) as u64 {
         failures.push(format!(
             "inbound_captured {} after {} + 20 connections",
@@ -636,7 +667,8 @@ fn restart_under_traffic_drops_nothing_and_captures_everything() {
 
 /// A pod whose netns is deleted, and one whose cgroup is removed, without unenroll: the running
 /// agent unenrolls both by itself (gone from `list` and from `/metrics`), counts them and logs
-/// them with namespace and pod; the other pod stays.
+/// them with namespace and pod; the other pod stays. A pod enrolled with `--namespace` has it
+/// in its metrics' `namespace` label and its log lines; one enrolled without has it empty.
 #[test]
 fn gone_pods_are_collected_while_running() {
     require!(Need::Root, datapath());
@@ -647,12 +679,20 @@ fn gone_pods_are_collected_while_running() {
     let agent = Agent::new();
     let daemon = Daemon::start(&agent);
     for p in [&keep, &no_cgroup, &no_netns] {
-        let out = daemon.cli(&agent, &args_of(&Agent::enroll_args(p, &p.name)));
+        let mut args = Agent::enroll_args(p, &p.name);
+        if p.name == no_netns.name {
+            args.extend(["--namespace".into(), "prod".into()]);
+        }
+        let out = daemon.cli(&agent, &args_of(&args));
         assert!(out.status.success(), "{out:?}");
     }
     let m = daemon.metrics();
-    for p in [&keep, &no_cgroup, &no_netns] {
-        assert!(m.contains(&format!("pod=\"{}\"", p.name)), "{m}");
+    for (p, ns) in [(&keep, ""), (&no_cgroup, ""), (&no_netns, "prod")] {
+        let series = format!(
+            "redirect_inbound_captured_total{{namespace=\"{ns}\",pod=\"{}\"}} 0\n",
+            p.name
+        );
+        assert!(m.contains(&series), "{series} not in:\n{m}");
     }
     let start = Instant::now();
     fs::remove_dir(&no_cgroup.cgroup).expect("remove the pod's cgroup");
@@ -673,9 +713,9 @@ fn gone_pods_are_collected_while_running() {
     assert!(m.contains("redirect_pods_collected_total 2\n"), "{m}");
     assert!(m.contains("redirect_pods_enrolled 1\n"), "{m}");
     let log = daemon.log_text();
-    for p in [&no_cgroup, &no_netns] {
+    for (p, ns) in [(&no_cgroup, ""), (&no_netns, "prod")] {
         assert!(
-            log.contains(&format!("namespace=\"\" pod={:?}: gone", p.name)),
+            log.contains(&format!("namespace={ns:?} pod={:?}: gone", p.name)),
             "{log}"
         );
     }

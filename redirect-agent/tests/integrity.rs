@@ -625,6 +625,7 @@ fn cgroup2_root_is_refused_without_risk() {
         .to_path_buf();
     let spec = redirect_agent::spec::PodSpec {
         name: "root".into(),
+        namespace: None,
         cgroup: root.clone(),
         netns: pod.netns_path.clone(),
         pod_ips: vec![pod.ip4.into()],
@@ -638,6 +639,7 @@ fn cgroup2_root_is_refused_without_risk() {
         proxy_outbound_port: 15001,
         dns_capture: false,
         proxy_dns_port: 15053,
+        ..Default::default()
     };
     let err = redirect_agent::enroll::inspect(spec).expect_err("the cgroup2 root is refused");
     assert!(

@@ -8,8 +8,11 @@
 //! and checks every recorded pod against the kernel. Pods found intact are adopted without
 //! touching anything. Only then does `/readyz` answer 200.
 //!
-//! Every change goes through [`crate::commands`], the same functions the CLI calls without an
-//! agent, each holding the state store's lock for the request: there is never a second writer.
+//! Every change goes through [`crate::commands::Writer`], the same functions the CLI calls
+//! without an agent, each holding the state store's lock for the request: there is never a
+//! second writer. The agent keeps one writer for its life: the datapath is loaded once and
+//! its handles kept, the records are read once and kept in memory (read again only when
+//! another process has held the lock since), so a change is map updates and link creation.
 
 mod http;
 pub mod metrics;
@@ -22,7 +25,10 @@ use std::{
     net::SocketAddr,
     os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
-    sync::{Arc, RwLock},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, RwLock,
+    },
     time::{Duration, Instant},
 };
 
@@ -33,7 +39,10 @@ use tokio::{
     task::JoinSet,
 };
 
-use crate::commands::{self, CommandError};
+use crate::{
+    commands::{self, CommandError, Writer},
+    state::{self, PodRecord, Snapshot},
+};
 pub use proto::{Request, Response, DEFAULT_SOCKET};
 pub use reconcile::{reconcile, Reconciled};
 
@@ -54,6 +63,8 @@ pub struct Config {
     pub http_address: SocketAddr,
     pub pin_root: PathBuf,
     pub state_dir: PathBuf,
+    /// Pods from the container runtime (CNI, CRI): defaults and kubelet's cgroup layout.
+    pub pods: crate::kubepods::KubeConfig,
     /// The Kubernetes API watch's kubeconfig; without one it runs in-cluster when
     /// `KUBERNETES_SERVICE_HOST` is set, and is off otherwise (see [`crate::kube`]).
     pub kubeconfig: Option<PathBuf>,
@@ -86,13 +97,48 @@ pub(crate) struct Shared {
     cfg: Config,
     not_ready: NotReady,
     metrics: metrics::Metrics,
-    /// Requests that change the datapath wait here for their turn, in the order they came,
-    /// instead of each holding a thread blocked on the state lock.
-    writer: Mutex<()>,
+    /// The agent's one writer. Requests that change the datapath wait here for their turn, in
+    /// the order they came, instead of each holding a thread blocked on the state lock.
+    writer: Arc<Mutex<Writer>>,
+    /// The records, for readers that must not wait for the writer's turn.
+    pods: Arc<PodsView>,
     /// Pods were enrolled or unenrolled: the watcher re-reads the records.
     pods_changed: Notify,
     /// The Kubernetes API watch's health.
     pub(crate) kube: crate::kube::WatchStatus,
+}
+
+/// The enrolled pods as the agent's readers (metrics, the watcher) see them: the writer's
+/// snapshot, published after each change, as long as no other process has changed the
+/// records since; else the record files.
+pub(crate) struct PodsView {
+    state_dir: PathBuf,
+    published: RwLock<Option<Arc<Snapshot>>>,
+    taken: Arc<AtomicU64>,
+}
+
+impl PodsView {
+    fn publish(&self, snapshot: Option<Snapshot>) {
+        *self.published.write().unwrap_or_else(|e| e.into_inner()) = snapshot.map(Arc::new);
+    }
+
+    /// Every usable record, sorted by name.
+    pub(crate) fn pods(&self) -> Result<Vec<PodRecord>, state::StateError> {
+        let published = self
+            .published
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if let Some(s) = published {
+            // The file holds the snapshot's generation, or the one of the writer's turn in
+            // progress: nobody else has had the lock since.
+            let now = state::generation(&self.state_dir)?;
+            if now == s.generation() || now == self.taken.load(Ordering::Acquire) {
+                return Ok(s.pods().cloned().collect());
+            }
+        }
+        Ok(state::list_records(&self.state_dir)?.pods)
+    }
 }
 
 impl Shared {
@@ -139,7 +185,13 @@ pub fn run(cfg: Config) -> Result<(), AgentError> {
 
 async fn serve(cfg: Config) -> Result<(), AgentError> {
     let stale = check_socket(&cfg.socket)?;
-    let metrics = metrics::Metrics::new(&cfg.state_dir, &cfg.pin_root);
+    let writer = Writer::new(&cfg.state_dir, &cfg.pin_root);
+    let pods = Arc::new(PodsView {
+        state_dir: cfg.state_dir.clone(),
+        published: RwLock::new(None),
+        taken: writer.taken(),
+    });
+    let metrics = metrics::Metrics::new(pods.clone(), &cfg.pin_root);
     let api_source = crate::kube::ApiSource::pick(cfg.kubeconfig.as_deref());
     let shared = Arc::new(Shared {
         kube: crate::kube::WatchStatus::new(metrics.kube_watch_up.clone(), &api_source),
@@ -147,7 +199,8 @@ async fn serve(cfg: Config) -> Result<(), AgentError> {
         not_ready: RwLock::new(Some(
             "reconciling the pinned datapath with the records (waiting for the state lock)".into(),
         )),
-        writer: Mutex::new(()),
+        writer: Arc::new(Mutex::new(writer)),
+        pods,
         pods_changed: Notify::new(),
         cfg,
     });
@@ -171,10 +224,7 @@ async fn serve(cfg: Config) -> Result<(), AgentError> {
     // Reconcile before accepting: meanwhile the CLI finds no socket and works directly, taking
     // the same lock, so the two are serialised.
     let reconciled = loop {
-        let s = shared.clone();
-        let r = tokio::task::spawn_blocking(move || reconcile(&s.cfg.state_dir, &s.cfg.pin_root))
-            .await
-            .expect("reconcile does not panic");
+        let r = write(&shared, |w| w.locked(reconcile)).await;
         match r {
             Ok(r) => break r,
             Err(e) => {
@@ -200,6 +250,7 @@ async fn serve(cfg: Config) -> Result<(), AgentError> {
     }
     let listener = bind_socket(&shared.cfg.socket)?;
     shared.set_not_ready(None);
+    count_spooled(&shared);
     log::info!(
         "ready: {} pod(s) adopted, {} repaired, {} collected; serving {}",
         reconciled.adopted.len(),
@@ -367,35 +418,70 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
         .expect("commands do not panic")
 }
 
+/// Runs `f` with the agent's writer when its turn comes (in the order requests came), off
+/// the runtime's threads, and publishes the records it leaves for the readers.
+pub(crate) async fn write<T: Send + 'static>(
+    shared: &Arc<Shared>,
+    f: impl FnOnce(&mut Writer) -> T + Send + 'static,
+) -> T {
+    let mut w = shared.writer.clone().lock_owned().await;
+    let pods = shared.pods.clone();
+    blocking(move || {
+        let t = f(&mut w);
+        pods.publish(w.snapshot().cloned());
+        t
+    })
+    .await
+}
+
 fn error(e: &CommandError) -> Response {
     Response::Error {
         message: crate::error_chain(e),
     }
 }
 
-/// How a pod is named in logs: namespace and pod.
-pub(crate) fn pod_log_name(name: &str) -> String {
-    let [(_, ns), (_, pod)] = metrics::pod_labels(name);
+/// How a pod is named in logs: namespace and pod, as its metrics are labelled.
+pub(crate) fn pod_log_name(spec: &crate::spec::PodSpec) -> String {
+    let (ns, pod) = spec.labels();
     format!("namespace={ns:?} pod={pod:?}")
+}
+
+impl Shared {
+    /// [`pod_log_name`] of an enrolled pod known by name only (its record, as last
+    /// published, has its namespace); an unknown one has none.
+    fn log_name(&self, name: &str) -> String {
+        let published = self
+            .pods
+            .published
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let ns = published
+            .as_ref()
+            .and_then(|s| s.get(name))
+            .and_then(|r| r.spec.namespace.clone())
+            .unwrap_or_default();
+        format!("namespace={ns:?} pod={name:?}")
+    }
 }
 
 pub(crate) async fn dispatch(shared: &Arc<Shared>, req: Request) -> Response {
     let (sd, pr) = (shared.cfg.state_dir.clone(), shared.cfg.pin_root.clone());
     match req {
         Request::Enroll { spec } => {
-            let name = spec.name.clone();
+            let who = pod_log_name(&spec);
             let start = Instant::now();
-            let r = {
-                let _turn = shared.writer.lock().await;
-                blocking(move || commands::enroll(&sd, &pr, spec)).await
+            // Checked before its turn: requests wait for the writer only to change things.
+            let r = match blocking(move || crate::enroll::inspect(spec)).await {
+                Ok(checked) => write(shared, move |w| w.enroll_checked(checked)).await,
+                Err(e) => Err(CommandError::from(e)),
             };
             shared.pods_changed.notify_one();
             match r {
                 Ok(r) => {
                     shared.metrics.enrolled(start.elapsed(), None);
                     log::info!(
-                        "{}: {} (slot {})",
-                        pod_log_name(&name),
+                        "{who}: {} (slot {})",
                         if r.updated { "updated" } else { "enrolled" },
                         r.slot
                     );
@@ -405,48 +491,40 @@ pub(crate) async fn dispatch(shared: &Arc<Shared>, req: Request) -> Response {
                     shared
                         .metrics
                         .enrolled(start.elapsed(), Some(metrics::error_reason(&e)));
-                    log::warn!(
-                        "{}: enroll failed: {}",
-                        pod_log_name(&name),
-                        crate::error_chain(&e)
-                    );
+                    log::warn!("{who}: enroll failed: {}", crate::error_chain(&e));
                     error(&e)
                 }
             }
         }
         Request::Unenroll { name } => {
+            let who = shared.log_name(&name);
             let n = name.clone();
-            let r = {
-                let _turn = shared.writer.lock().await;
-                blocking(move || commands::unenroll(&sd, &pr, &n)).await
-            };
+            let r = write(shared, move |w| w.unenroll(&n)).await;
             shared.pods_changed.notify_one();
             match r {
                 Ok(r) => {
-                    log::info!("{}: unenrolled", pod_log_name(&name));
+                    log::info!("{who}: unenrolled");
                     Response::Unenrolled(r)
                 }
                 Err(e) => {
-                    log::warn!(
-                        "{}: unenroll failed: {}",
-                        pod_log_name(&name),
-                        crate::error_chain(&e)
-                    );
+                    log::warn!("{who}: unenroll failed: {}", crate::error_chain(&e));
                     error(&e)
                 }
             }
         }
         Request::Gc => {
-            let r = {
-                let _turn = shared.writer.lock().await;
-                blocking(move || commands::gc(&sd, &pr)).await
-            };
+            let before = shared.pods.pods().unwrap_or_default();
+            let r = write(shared, |w| w.gc()).await;
             shared.pods_changed.notify_one();
             match r {
                 Ok(r) => {
                     for n in &r.gone {
                         shared.metrics.pod_collected();
-                        log::info!("{}: gone, unenrolled by gc", pod_log_name(n));
+                        let who = before.iter().find(|p| &p.spec.name == n).map_or_else(
+                            || format!("namespace=\"\" pod={n:?}"),
+                            |p| pod_log_name(&p.spec),
+                        );
+                        log::info!("{who}: gone, unenrolled by gc");
                     }
                     Response::Gc(r)
                 }
@@ -464,11 +542,112 @@ pub(crate) async fn dispatch(shared: &Arc<Shared>, req: Request) -> Response {
                 Err(e) => error(&e),
             }
         }
+        Request::Cni(req) => cni(shared, req).await,
         Request::Status => Response::Status {
             node_name: shared.cfg.node_name.clone(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
             state_dir: shared.cfg.state_dir.clone(),
             pin_root: shared.cfg.pin_root.clone(),
+        },
+    }
+}
+
+/// Counts what the CNI plugin spooled while it could not reach the agent (see
+/// [`crate::kubepods::spool_ignored`]).
+fn count_spooled(shared: &Shared) {
+    for i in crate::kubepods::drain_spool(&shared.cfg.socket) {
+        log::info!(
+            "namespace={:?} pod={:?}: started unenrolled under failurePolicy ignore ({}), counted from the spool",
+            i.namespace,
+            i.name,
+            i.reason
+        );
+        shared.metrics.cni_ignored(&i.reason);
+    }
+}
+
+/// A request of the CNI plugin: enrollment of a runtime pod and its siblings, through the
+/// same commands (and the same writer turn) as the CLI's.
+async fn cni(shared: &Arc<Shared>, req: crate::kubepods::CniRequest) -> Response {
+    use crate::kubepods::{self as kp, CniRequest as C};
+    let s = shared.clone();
+    let (sd, pr, kube) = (
+        s.cfg.state_dir.clone(),
+        s.cfg.pin_root.clone(),
+        s.cfg.pods.clone(),
+    );
+    count_spooled(shared);
+    let r = match req {
+        C::Status => return Response::Cni(kp::CniResponse::Ready),
+        C::Ignored {
+            reason,
+            namespace,
+            name,
+        } => {
+            log::warn!(
+                "namespace={namespace:?} pod={name:?}: started unenrolled under failurePolicy ignore ({reason})"
+            );
+            shared.metrics.cni_ignored(&reason);
+            return Response::Cni(kp::CniResponse::Counted);
+        }
+        C::Check { pod } => blocking(move || kp::check_pod(&kube, &sd, &pr, &pod)).await,
+        C::Add { pod } => {
+            let log_name = format!("namespace={:?} pod={:?}", pod.namespace, pod.name);
+            let start = Instant::now();
+            let r = {
+                let _turn = shared.writer.lock().await;
+                blocking(move || kp::enroll_pod(&kube, &sd, &pr, &pod)).await
+            };
+            shared.pods_changed.notify_one();
+            match &r {
+                Ok(kp::CniResponse::Enrolled { name, slot }) => {
+                    shared.metrics.enrolled(start.elapsed(), None);
+                    log::info!("{log_name}: enrolled as {name} (slot {slot}) from CNI ADD");
+                }
+                Ok(kp::CniResponse::Skipped { reason }) => {
+                    log::info!("{log_name}: not enrolled: {}", reason.name());
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    let reason = match e {
+                        kp::KubeError::Command { source, .. } => metrics::error_reason(source),
+                        other => other.reason(),
+                    };
+                    shared.metrics.enrolled(start.elapsed(), Some(reason));
+                    log::warn!("{log_name}: CNI ADD failed: {}", crate::error_chain(e));
+                }
+            }
+            r
+        }
+        C::Del {
+            namespace,
+            name,
+            sandbox_id,
+        } => {
+            let r = {
+                let _turn = shared.writer.lock().await;
+                let (ns, n) = (namespace.clone(), name.clone());
+                blocking(move || kp::del_pod(&sd, &pr, &ns, &n, &sandbox_id)).await
+            };
+            shared.pods_changed.notify_one();
+            if let Ok(kp::CniResponse::Removed { name: Some(rec) }) = &r {
+                log::info!("namespace={namespace:?} pod={name:?}: unenrolled {rec} on CNI DEL");
+            }
+            r
+        }
+        C::Gc { valid_sandboxes } => {
+            let r = {
+                let _turn = shared.writer.lock().await;
+                blocking(move || kp::gc_pods(&sd, &pr, &valid_sandboxes)).await
+            };
+            shared.pods_changed.notify_one();
+            r
+        }
+    };
+    match r {
+        Ok(r) => Response::Cni(r),
+        Err(e) => Response::Error {
+            message: crate::error_chain(&e),
         },
     }
 }

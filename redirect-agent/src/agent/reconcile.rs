@@ -1,10 +1,8 @@
 //! What the agent does at start, before it is ready: the pins are the truth, and every record
 //! is checked against them.
 
-use std::path::Path;
-
 use crate::{
-    datapath::Datapath,
+    datapath::{Datapath, Handles},
     enroll::{self, EnrollError},
     gc,
     rows::PodRows,
@@ -24,27 +22,32 @@ pub struct Reconciled {
     pub collected: Vec<String>,
 }
 
-/// Reconciles the records with the kernel under the store's lock: rolls back interrupted
-/// commands, takes over the pinned datapath (programs of another compatible build are
-/// replaced in place, links updated, never detached), unenrolls pods that are gone, enrolls
-/// again in place those whose links or rows are not as recorded, and adopts the rest.
-pub fn reconcile(state_dir: &Path, pin_root: &Path) -> Result<Reconciled, EnrollError> {
-    let store = StateStore::open(state_dir)?;
+/// Reconciles the records with the kernel; the caller holds the store's lock: rolls back
+/// interrupted commands, takes over the pinned datapath (programs of another compatible build
+/// are replaced in place, links updated, never detached), unenrolls pods that are gone,
+/// enrolls again in place those whose links or rows are not as recorded, and adopts the rest.
+/// The datapath's handles stay open in `handles` for the agent's later changes.
+pub fn reconcile(store: &mut StateStore, handles: &mut Handles) -> Result<Reconciled, EnrollError> {
+    let before: std::collections::BTreeMap<String, String> = store
+        .pods()
+        .map(|r| (r.name().to_owned(), super::pod_log_name(&r.spec)))
+        .collect();
     let mut out = Reconciled {
-        recovered: enroll::recover(&store, pin_root)?,
+        recovered: enroll::recover(store, handles)?,
         ..Reconciled::default()
     };
     for n in &out.recovered {
-        log::info!(
-            "{}: rolled back an interrupted change",
-            super::pod_log_name(n)
-        );
+        let who = before
+            .get(n)
+            .cloned()
+            .unwrap_or_else(|| format!("pod={n:?}"));
+        log::info!("{who}: rolled back an interrupted change");
     }
     let records = store.list()?;
     if records.is_empty() {
         return Ok(out);
     }
-    let dp = Datapath::open(pin_root)?;
+    let dp = handles.build()?;
     for c in dp.program_changes() {
         log::info!(
             "datapath: {} replaced (program {:?} -> {}), {} link(s) updated in place",
@@ -54,12 +57,11 @@ pub fn reconcile(state_dir: &Path, pin_root: &Path) -> Result<Reconciled, Enroll
             c.links_updated
         );
     }
-    drop(dp);
     for rec in records {
-        let who = super::pod_log_name(rec.name());
+        let who = super::pod_log_name(&rec.spec);
         match gc::health(&rec) {
             gc::Health::Gone => {
-                enroll::unenroll(&store, pin_root, rec.name())?;
+                enroll::unenroll(store, handles, rec.name())?;
                 log::info!("{who}: gone (cgroup or network namespace removed), unenrolled");
                 out.collected.push(rec.name().to_owned());
             }
@@ -68,7 +70,7 @@ pub fn reconcile(state_dir: &Path, pin_root: &Path) -> Result<Reconciled, Enroll
                 // held the lock, which it cannot.
                 log::warn!("{who}: still pending after recovery; left for gc");
             }
-            gc::Health::Ok => match intact(pin_root, &rec) {
+            gc::Health::Ok => match intact(handles, &rec) {
                 Ok(()) => {
                     log::debug!("{who}: adopted");
                     out.adopted.push(rec.name().to_owned());
@@ -76,7 +78,7 @@ pub fn reconcile(state_dir: &Path, pin_root: &Path) -> Result<Reconciled, Enroll
                 Err(why) => {
                     log::warn!("{who}: {why}; enrolling it again in place");
                     let checked = enroll::inspect(rec.spec.clone())?;
-                    enroll::enroll(&store, pin_root, checked)?;
+                    enroll::enroll(store, handles, checked)?;
                     log::info!("{who}: repaired");
                     out.repaired.push(rec.name().to_owned());
                 }
@@ -87,13 +89,11 @@ pub fn reconcile(state_dir: &Path, pin_root: &Path) -> Result<Reconciled, Enroll
 }
 
 /// Whether the pod's links are pinned and its rows are in the maps as its record says.
-fn intact(pin_root: &Path, rec: &PodRecord) -> Result<(), String> {
-    if !enroll::links_complete(pin_root, rec) {
+fn intact(handles: &mut Handles, rec: &PodRecord) -> Result<(), String> {
+    if !enroll::links_complete(handles.root(), rec) {
         return Err("links missing".into());
     }
-    let mut dp = Datapath::open_read_only(pin_root)
-        .map_err(|e| crate::error_chain(&e))?
-        .ok_or("no datapath pinned")?;
+    let dp: &mut Datapath = handles.held().ok_or("no datapath pinned")?;
     let rows = PodRows::new(&rec.spec, rec.slot, rec.cgroup_id);
     let e = |e: crate::datapath::DatapathError| crate::error_chain(&e);
     let config = dp.pods().map_err(e)?.get(&rec.slot, 0).ok();
@@ -128,7 +128,7 @@ fn intact(pin_root: &Path, rec: &PodRecord) -> Result<(), String> {
         if rows
             .cidr4
             .iter()
-            .any(|(len, k)| t.get(&aya::maps::lpm_trie::Key::new(*len, *k), 0).is_err())
+            .any(|(len, k, v)| t.get(&aya::maps::lpm_trie::Key::new(*len, *k), 0).ok() != Some(*v))
         {
             return Err("a CIDR4 row is missing".into());
         }
@@ -137,7 +137,7 @@ fn intact(pin_root: &Path, rec: &PodRecord) -> Result<(), String> {
     if rows
         .cidr6
         .iter()
-        .any(|(len, k)| t.get(&aya::maps::lpm_trie::Key::new(*len, *k), 0).is_err())
+        .any(|(len, k, v)| t.get(&aya::maps::lpm_trie::Key::new(*len, *k), 0).ok() != Some(*v))
     {
         return Err("a CIDR6 row is missing".into());
     }

@@ -3,9 +3,11 @@
 //! Each enrolled pod's cgroup directory is watched with inotify (`IN_DELETE_SELF` when it is
 //! removed, `IN_MODIFY` of its `cgroup.events` when it empties), and so is the directory of its
 //! network namespace file (`ip netns delete` unlinks it there). An event that concerns an
-//! enrolled pod makes the agent look at the enrolled pods at once; a look every [`BACKSTOP`]
-//! catches what inotify cannot see (a namespace named `/proc/PID/ns/net` whose process exits).
-//! A look is two `stat`s per enrolled pod, nothing more.
+//! enrolled pod makes the agent look at the enrolled pods at once. What inotify cannot see is
+//! looked at on a timer: a namespace named `/proc/PID/ns/net` (its process exits) every
+//! [`BACKSTOP`], those pods only; every pod every [`REREAD`] (a namespace file unmounted but
+//! left in place, say). A look is two `stat`s per pod, nothing more: an idle agent with a
+//! thousand pods wakes up for a few milliseconds every half minute.
 
 use std::{
     collections::BTreeSet, os::unix::fs::MetadataExt as _, path::PathBuf, sync::Arc, time::Duration,
@@ -16,14 +18,12 @@ use inotify::{Inotify, WatchMask, Watches};
 use tokio::sync::watch;
 
 use super::{pod_log_name, Shared};
-use crate::{
-    enroll, gc,
-    state::{self, PodRecord, StateStore},
-};
+use crate::{enroll, gc, state::PodRecord};
 
-/// How often the enrolled pods are looked at without an inotify event.
+/// How often pods whose namespace inotify cannot watch (`/proc/PID/ns/net`) are looked at.
 const BACKSTOP: Duration = Duration::from_secs(2);
-/// How often the records are read again without a change made through the agent.
+/// How often the records are read again without a change made through the agent, and every
+/// pod looked at without an inotify event.
 const REREAD: Duration = Duration::from_secs(30);
 /// Changes made through the agent are read at most this often.
 const COALESCE: Duration = Duration::from_millis(500);
@@ -54,37 +54,38 @@ pub(super) async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
         };
         let look = tokio::select! {
             ev = event => match ev {
-                Some(Ok(ev)) => relevant(&pods, ev.name.as_deref()),
+                Some(Ok(ev)) => Look::All.when(relevant(&pods, ev.name.as_deref())),
                 Some(Err(e)) => {
                     log::warn!("inotify: {e}");
-                    false
+                    Look::None
                 }
-                None => false,
+                None => Look::None,
             },
-            _ = tick.tick() => true,
+            _ = tick.tick() => Look::Unwatchable,
             _ = coalesce.tick() => {
                 if changed {
                     changed = false;
                     pods = reread(&shared, watches.as_mut());
                 }
-                false
+                Look::None
             }
             _ = reread_tick.tick() => {
                 pods = reread(&shared, watches.as_mut());
-                false
+                Look::All
             }
             _ = shared.pods_changed.notified() => {
                 changed = true;
-                false
+                Look::None
             }
             _ = stop.changed() => return,
         };
-        if !look {
-            continue;
-        }
         let gone: Vec<String> = pods
             .iter()
-            .filter(|r| looks_gone(r))
+            .filter(|r| match look {
+                Look::None => false,
+                Look::Unwatchable => !watchable(r) && looks_gone(r),
+                Look::All => looks_gone(r),
+            })
             .map(|r| r.name().to_owned())
             .collect();
         if gone.is_empty() {
@@ -93,6 +94,31 @@ pub(super) async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
         collect(&shared, gone).await;
         pods = reread(&shared, watches.as_mut());
     }
+}
+
+/// Which pods to look at.
+#[derive(Debug, Clone, Copy)]
+enum Look {
+    None,
+    /// Those whose namespace file inotify cannot watch.
+    Unwatchable,
+    All,
+}
+
+impl Look {
+    fn when(self, yes: bool) -> Look {
+        if yes {
+            self
+        } else {
+            Look::None
+        }
+    }
+}
+
+/// Whether inotify tells of the pod's namespace going: a namespace file in a directory
+/// (`ip netns`, the container runtime's bind mounts), not a process's `/proc/PID/ns/net`.
+fn watchable(r: &PodRecord) -> bool {
+    !r.spec.netns.starts_with("/proc")
 }
 
 /// Whether an inotify event may concern an enrolled pod: events on a pod's own cgroup come
@@ -119,44 +145,36 @@ fn looks_gone(r: &PodRecord) -> bool {
 /// Unenrolls the pods that are still gone once the lock is held (another request may have
 /// unenrolled or enrolled them again meanwhile).
 async fn collect(shared: &Arc<Shared>, names: Vec<String>) {
-    let _turn = shared.writer.lock().await;
-    let (sd, pr) = (shared.cfg.state_dir.clone(), shared.cfg.pin_root.clone());
-    let done = tokio::task::spawn_blocking(move || {
-        let store = StateStore::open(&sd).map_err(|e| crate::error_chain(&e))?;
-        let mut done = Vec::new();
-        for name in names {
-            let still_gone = store
-                .get(&name)
-                .ok()
-                .flatten()
-                .is_some_and(|r| gc::health(&r) == gc::Health::Gone);
-            if !still_gone {
-                continue;
+    let done = super::write(shared, move |w| {
+        w.locked(|store, handles| {
+            let mut done = Vec::new();
+            for name in names {
+                let Some(rec) = store.get(&name).ok().flatten() else {
+                    continue;
+                };
+                if gc::health(&rec) != gc::Health::Gone {
+                    continue;
+                }
+                let who = pod_log_name(&rec.spec);
+                match enroll::unenroll(store, handles, &name) {
+                    Ok(_) => done.push(Ok(who)),
+                    Err(e) => done.push(Err((who, crate::error_chain(&e)))),
+                }
             }
-            match enroll::unenroll(&store, &pr, &name) {
-                Ok(_) => done.push(Ok(name)),
-                Err(e) => done.push(Err((name, crate::error_chain(&e)))),
-            }
-        }
-        Ok::<_, String>(done)
+            Ok::<_, crate::state::StateError>(done)
+        })
+        .map_err(|e| crate::error_chain(&e))
     })
-    .await
-    .expect("collecting does not panic");
+    .await;
     match done {
         Ok(done) => {
             for d in done {
                 match d {
-                    Ok(name) => {
+                    Ok(who) => {
                         shared.metrics.pod_collected();
-                        log::info!(
-                            "{}: gone (cgroup or network namespace removed), unenrolled",
-                            pod_log_name(&name)
-                        );
+                        log::info!("{who}: gone (cgroup or network namespace removed), unenrolled");
                     }
-                    Err((name, e)) => log::warn!(
-                        "{}: gone, but unenrolling it failed: {e}",
-                        pod_log_name(&name)
-                    ),
+                    Err((who, e)) => log::warn!("{who}: gone, but unenrolling it failed: {e}"),
                 }
             }
         }
@@ -166,8 +184,8 @@ async fn collect(shared: &Arc<Shared>, names: Vec<String>) {
 
 /// The enrolled pods, and inotify watches on what tells of their disappearance.
 fn reread(shared: &Shared, watches: Option<&mut Watches>) -> Vec<PodRecord> {
-    let pods = match state::list_records(&shared.cfg.state_dir) {
-        Ok(r) => r.pods,
+    let pods = match shared.pods.pods() {
+        Ok(p) => p,
         Err(e) => {
             log::warn!("reading records: {}", crate::error_chain(&e));
             return Vec::new();

@@ -345,6 +345,9 @@ pub struct Datapath {
     maps: BTreeMap<String, Map>,
     changes: Vec<ProgramChange>,
     missing: Vec<PathBuf>,
+    /// Device and inode of the `info` pin when this was opened: a new pin set (the old one
+    /// removed, another made) has another.
+    info_id: Option<(u64, u64)>,
 }
 
 impl Datapath {
@@ -402,6 +405,7 @@ impl Datapath {
             }
         }
         Ok(Datapath {
+            info_id: info_id(root),
             root: root.to_owned(),
             maps,
             changes,
@@ -467,11 +471,19 @@ impl Datapath {
             maps.insert(name.clone(), map);
         }
         Ok(Some(Datapath {
+            info_id: info_id(root),
             root: root.to_owned(),
             maps,
             changes: Vec::new(),
             missing,
         }))
+    }
+
+    /// Whether the pins are still the ones this was opened from: the same `info` pin (one
+    /// `stat`). After the shared pins were removed (the last pod went), or removed and made
+    /// again, the maps held here are no longer the datapath's.
+    pub fn still_pinned(&self) -> bool {
+        self.info_id.is_some() && info_id(&self.root) == self.info_id
     }
 
     /// Pins of a complete datapath that were not there when this was opened (always empty
@@ -685,6 +697,81 @@ impl Datapath {
         } else {
             Err(DatapathError::Remove { failures })
         }
+    }
+}
+
+/// Device and inode of the `info` pin, if there is one.
+fn info_id(root: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt as _;
+    fs::symlink_metadata(root.join(layout::INFO_PIN))
+        .ok()
+        .map(|m| (m.dev(), m.ino()))
+}
+
+/// A writer's handles on the datapath, kept between changes: the node agent keeps them for
+/// its whole life, a CLI command for the one change it makes. Opened on first use, and again
+/// whenever the pins are no longer the ones they were opened from
+/// ([`Datapath::still_pinned`]), so loading the object (which parses the kernel's BTF) is
+/// paid once, not per change. The caller holds the state lock whenever it uses them.
+pub struct Handles {
+    root: PathBuf,
+    dp: Option<Datapath>,
+    /// Whether `dp` came from [`Datapath::open`] (complete, programs current).
+    built: bool,
+}
+
+impl Handles {
+    pub fn new(root: &Path) -> Handles {
+        Handles {
+            root: root.to_owned(),
+            dp: None,
+            built: false,
+        }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn drop_stale(&mut self) {
+        if self.dp.as_ref().is_some_and(|dp| !dp.still_pinned()) {
+            self.forget();
+        }
+    }
+
+    /// The datapath for a change that may build it (enroll): [`Datapath::open`], unless the
+    /// handles held came from it and are still those pinned.
+    pub fn build(&mut self) -> Result<&mut Datapath, DatapathError> {
+        self.drop_stale();
+        if !self.built || self.dp.is_none() {
+            self.dp = Some(Datapath::open(&self.root)?);
+            self.built = true;
+        }
+        Ok(self.dp.as_mut().expect("opened above"))
+    }
+
+    /// The pinned datapath for a change that must not build (a teardown, gc, recovery): the
+    /// handles held if they are still those pinned, else [`Datapath::open_existing`]
+    /// (`None`: nothing is pinned).
+    pub fn existing(&mut self) -> Result<Option<&mut Datapath>, DatapathError> {
+        self.drop_stale();
+        if self.dp.is_none() {
+            self.dp = Datapath::open_existing(&self.root)?;
+            self.built = false;
+        }
+        Ok(self.dp.as_mut())
+    }
+
+    /// The datapath held, if any (for readers within a change: no opening).
+    pub fn held(&mut self) -> Option<&mut Datapath> {
+        self.drop_stale();
+        self.dp.as_mut()
+    }
+
+    /// Lets the handles go: the pins were removed, or another process may have changed them.
+    pub fn forget(&mut self) {
+        self.dp = None;
+        self.built = false;
     }
 }
 

@@ -78,6 +78,16 @@ const INET_DIAG_MSG_LEN: usize = 72;
 /// Dumps TCP listeners and bound, unconnected UDP sockets, IPv4 and IPv6, of the calling
 /// thread's network namespace.
 pub fn dump_listeners() -> Result<Vec<DiagSocket>, SockDiagError> {
+    dump_protocols(&[Protocol::Tcp, Protocol::Udp])
+}
+
+/// Dumps TCP listeners only, IPv4 and IPv6 (the kernel walks every UDP socket of the machine
+/// for a UDP dump: a caller that needs TCP only does not pay for it).
+pub fn dump_tcp_listeners() -> Result<Vec<DiagSocket>, SockDiagError> {
+    dump_protocols(&[Protocol::Tcp])
+}
+
+fn dump_protocols(protocols: &[Protocol]) -> Result<Vec<DiagSocket>, SockDiagError> {
     let sock = open()?;
     let mut out = Vec::new();
     let mut buf = vec![0u8; 64 * 1024];
@@ -87,6 +97,9 @@ pub fn dump_listeners() -> Result<Vec<DiagSocket>, SockDiagError> {
         ("udp/ipv4", libc::AF_INET, Protocol::Udp, 1 << TCP_CLOSE),
         ("udp/ipv6", libc::AF_INET6, Protocol::Udp, 1 << TCP_CLOSE),
     ] {
+        if !protocols.contains(&protocol) {
+            continue;
+        }
         dump(
             &sock,
             &mut buf,
