@@ -397,6 +397,7 @@ pub fn pod_spec(
     let dns_istio = with(PROXY_CONFIG, get(PROXY_CONFIG), proxy_config_dns_capture)?.flatten();
     Ok(PodSpec {
         name: place.name,
+        namespace: place.kube.as_ref().map(|k| k.namespace.clone()),
         cgroup: place.cgroup,
         netns: place.netns,
         pod_ips: place.pod_ips,

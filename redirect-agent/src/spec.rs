@@ -491,7 +491,10 @@ impl PodSpec {
     /// The pod's `namespace` and `pod` labels (metrics, logs): its namespace, empty for a pod
     /// enrolled without one, and its name.
     pub fn labels(&self) -> (&str, &str) {
-        (self.namespace.as_deref().unwrap_or(""), &self.name)
+        // A pod from the runtime is labelled with its Kubernetes name, not its record name
+        // (`NAMESPACE.NAME`, see `crate::kubepods::record_name`).
+        let pod = self.kube.as_ref().map_or(&self.name[..], |k| &k.name[..]);
+        (self.namespace.as_deref().unwrap_or(""), pod)
     }
 
     /// The pod's IPv4 address, if it has one.

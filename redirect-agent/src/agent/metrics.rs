@@ -552,6 +552,7 @@ mod tests {
             proxy_outbound_port: 15001,
             dns_capture: false,
             proxy_dns_port: 15053,
+            ..Default::default()
         };
         assert_eq!(
             pod_labels(&spec),
