@@ -400,3 +400,78 @@ fn glibc_resolver_is_answered_by_the_proxy_dns_server_under_capture() {
     }
     failures.assert_none("glibc resolver");
 }
+
+/// DNS capture turned on by the pod's annotations, through the path the CNI plugin and the API
+/// watch take (`annotations::pod_spec`, then the library's enroll), not by the command line:
+/// `redirect.dev/dns-capture: "true"` and Istio's `ISTIO_META_DNS_CAPTURE: "true"` in
+/// `proxy.istio.io/config` each send the application's queries to the proxy's server; without
+/// either, or with redirect's own annotation saying `false`, the upstream answers.
+#[test]
+fn dns_capture_follows_the_pod_annotations() {
+    use redirect_agent::annotations::{self, Annotations, NodeDefaults, PodPlace};
+    require!(
+        Need::Root,
+        datapath(),
+        tool("dnsmasq", "--version"),
+        tool("dig", "-v")
+    );
+    let node = Node::new().unwrap();
+    let app = node.add_pod("app").unwrap();
+    let upstream = node.add_pod("upstream").unwrap();
+    let _up = dnsmasq(&upstream, 0, 53, UPSTREAM_WHO, None);
+    let _proxy_dns = dnsmasq(&app, PROXY_UID, 15053, PROXY_WHO, None);
+    let agent = Agent::new();
+    let mut writer = redirect_agent::commands::Writer::new(&agent.state_dir, &agent.pin_root);
+    let istio = "holdApplicationUntilProxyStarts: true\nproxyMetadata:\n  \
+                 ISTIO_META_DNS_CAPTURE: \"true\"\n";
+    let mut failures = Failures::default();
+    for (case, pairs, want) in [
+        ("no annotation", vec![], UPSTREAM_WHO),
+        (
+            "redirect.dev/dns-capture",
+            vec![(annotations::DNS_CAPTURE, "true")],
+            PROXY_WHO,
+        ),
+        (
+            "ISTIO_META_DNS_CAPTURE in proxy.istio.io/config",
+            vec![(annotations::PROXY_CONFIG, istio)],
+            PROXY_WHO,
+        ),
+        (
+            "Istio's on, redirect.dev/dns-capture false",
+            vec![
+                (annotations::PROXY_CONFIG, istio),
+                (annotations::DNS_CAPTURE, "false"),
+            ],
+            UPSTREAM_WHO,
+        ),
+    ] {
+        let a: Annotations = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let place = PodPlace {
+            name: app.name.clone(),
+            cgroup: app.cgroup.clone(),
+            netns: app.netns_path.clone(),
+            pod_ips: vec![app.ip4.into(), app.ip6.into()],
+            kube: None,
+        };
+        let spec = annotations::pod_spec(&NodeDefaults::default(), place, &a)
+            .unwrap_or_else(|e| panic!("{case}: {e}"));
+        if let Err(e) = writer.enroll(spec) {
+            failures.push(format!(
+                "{case}: enroll: {}",
+                redirect_agent::error_chain(&e)
+            ));
+            continue;
+        }
+        for f in Family::BOTH {
+            let got = dig(&app, f.pod_ip(&upstream), "who.test", false);
+            if got.as_ref() != Ok(&want) {
+                failures.push(format!("{case}, {}: {got:?}, want {want}", f.name()));
+            }
+        }
+    }
+    failures.assert_none("DNS capture by annotation");
+}
