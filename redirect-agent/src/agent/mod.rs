@@ -161,6 +161,10 @@ impl Shared {
     pub(crate) fn state_dir(&self) -> &Path {
         &self.cfg.state_dir
     }
+
+    pub(crate) fn pods_config(&self) -> &crate::kubepods::KubeConfig {
+        &self.cfg.pods
+    }
 }
 
 /// Runs the agent until SIGTERM or SIGINT; returns once requests in flight finished (or
