@@ -677,6 +677,30 @@ mod tests {
     }
 
     #[test]
+    fn runtime_pods_are_labelled_with_namespace_and_kubernetes_name() {
+        let kube = KubeRef {
+            namespace: "prod".into(),
+            name: "web-0".into(),
+            uid: "u".into(),
+            sandbox_id: "s".into(),
+        };
+        let spec = annotations::pod_spec(
+            &NodeDefaults::default(),
+            PodPlace {
+                name: record_name("prod", "web-0"),
+                cgroup: "/x".into(),
+                netns: "/y".into(),
+                pod_ips: vec![],
+                kube: Some(kube),
+            },
+            &Annotations::new(),
+        )
+        .unwrap();
+        assert_eq!(spec.name, "prod.web-0");
+        assert_eq!(spec.labels(), ("prod", "web-0"));
+    }
+
+    #[test]
     fn ignored_reasons_are_bounded() {
         assert_eq!(ignored_reason("agent_unreachable"), "agent_unreachable");
         assert_eq!(ignored_reason("anything"), "other");
