@@ -4,16 +4,20 @@
 //! use the same functions.
 
 pub mod agent;
+pub mod annotations;
 pub mod bpf_sys;
 pub mod caps;
 pub mod cgroup;
+pub mod cni_install;
 pub mod commands;
 pub mod conntrack;
+pub mod cri;
 pub mod datapath;
 pub mod detect;
 pub mod enroll;
 pub mod gc;
 pub mod kube;
+pub mod kubepods;
 pub mod listener;
 pub mod netns;
 pub mod paths;

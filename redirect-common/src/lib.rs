@@ -34,6 +34,14 @@ pub const INBOUND_PASSTHROUGH_SRC4: [u8; 4] = [127, 0, 0, 6];
 /// IPv6 twin of [`INBOUND_PASSTHROUGH_SRC4`], `::6`.
 pub const INBOUND_PASSTHROUGH_SRC6: [u8; 16] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 6];
 
+/// Where captured IPv6 connections go: `100::/64` (RFC 6666, the discard-only prefix, never a
+/// real destination), which the agent makes local on the pod's `lo` (`ip -6 route add local
+/// 100::/64 dev lo`): each original destination gets an address of it of its own, hence its own
+/// four-tuple space, as 127.128.0.0/12 gives IPv4 (docs/PER-CONNECTION.md, "Port space").
+pub const SPREAD6_PREFIX: [u8; 16] = [1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+/// Length of [`SPREAD6_PREFIX`]: the datapath fills the other 64 bits.
+pub const SPREAD6_PREFIX_LEN: u8 = 64;
+
 /// Ports of the proxy and its agent (Envoy admin, listeners, HBONE, health, telemetry, DNS).
 /// Connections to them are never captured or rewritten, whoever makes them.
 pub const PROXY_PORTS: [u16; 14] = [
@@ -106,7 +114,7 @@ impl core::str::FromStr for InboundPolicy {
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PodConfig {
-    /// Non-zero while the pod is enrolled; a row of zeros is a free slot.
+    /// Non-zero while the pod is enrolled; a row of zeros is a free slot. Bits: [`pod_flags`].
     pub enrolled: u32,
     /// The proxy's uid: its connections are the proxy's, everything else is the application's.
     pub proxy_uid: u32,
@@ -185,6 +193,35 @@ pub mod port_rule {
     pub const DELIVERY_OVERRIDE: u32 = 1 << 2;
     /// With [`DELIVERY_OVERRIDE`]: deliver to loopback; without it: to the pod IP.
     pub const DELIVERY_LOCALHOST: u32 = 1 << 3;
+    /// In Istio's `includeInboundPorts` list: with [`super::pod_flags::INBOUND_INCLUDE_ONLY`],
+    /// only such ports are captured inbound.
+    pub const INCLUDE_INBOUND: u32 = 1 << 4;
+    /// In Istio's `includeOutboundPorts` list: captured outbound whatever the destination
+    /// address, unless the port or the address is excluded.
+    pub const INCLUDE_OUTBOUND: u32 = 1 << 5;
+}
+
+/// Bits of `PodConfig::enrolled`. Bit 0 is "enrolled"; the others say which of Istio's include
+/// lists the pod has (without one, `*`: everything not excluded is captured). A row written
+/// before these existed holds 1 and means what it always meant.
+pub mod pod_flags {
+    pub const ENROLLED: u32 = 1 << 0;
+    /// `includeInboundPorts` is a list, not `*`: only ports with
+    /// [`super::port_rule::INCLUDE_INBOUND`] are captured inbound.
+    pub const INBOUND_INCLUDE_ONLY: u32 = 1 << 1;
+    /// `includeOutboundIPRanges` is a list, not `*`: only destinations in an included CIDR
+    /// ([`super::cidr_rule::INCLUDE`]), or to an included port, are captured outbound.
+    pub const OUTBOUND_INCLUDE_ONLY: u32 = 1 << 2;
+}
+
+/// Values of the `CIDR4`/`CIDR6` tries. The longest prefix decides; the agent leaves out an
+/// included range that an excluded one covers, so exclusions win as in Istio's rules
+/// (`-d EXCLUDED -j RETURN` comes before `-d INCLUDED -j ISTIO_REDIRECT`).
+pub mod cidr_rule {
+    /// `excludeOutboundIPRanges`: never captured.
+    pub const EXCLUDE: u32 = 1;
+    /// `includeOutboundIPRanges`: captured (with `pod_flags::OUTBOUND_INCLUDE_ONLY`).
+    pub const INCLUDE: u32 = 2;
 }
 
 /// Key of the outbound CIDR exclusion tries: the pod's slot, then the address, so one trie
@@ -284,14 +321,30 @@ pub enum Counter {
     MapFull,
     /// The proxy started listening on its inbound port and was registered for capture.
     ListenerRegistered,
+    /// An application's UDP DNS query went to the proxy's DNS port: one per datagram sent with
+    /// an address (`sendmsg`), one per UDP socket connected to a DNS server.
+    DnsCaptured,
+    /// An application's TCP connection to port 53 went to the proxy's DNS port.
+    DnsTcpCaptured,
+    /// A datagram from the proxy's DNS port was reported to the application as coming from the
+    /// server it asked (`recvmsg`).
+    DnsRepliesRewritten,
+    /// A redirected socket's `getpeername()` was answered with its original destination.
+    PeernameRewritten,
 }
 
-/// Number of counters per pod.
-pub const COUNTERS_PER_POD: u32 = 14;
+/// Width of a pod's row in `COUNTERS`: room for counters added later. A counter added at an
+/// index below it keeps `COUNTERS`' layout (older programs never write that index, so it reads
+/// zero until they are replaced): compatible by design. Changing this value changes the map's
+/// size, which the agent's layout check refuses as an incompatible datapath.
+pub const COUNTERS_PER_POD: u32 = 24;
+
+/// Number of counters a pod has now ([`Counter::ALL`]), at most [`COUNTERS_PER_POD`].
+pub const COUNTERS_USED: usize = 18;
 
 impl Counter {
     /// Every counter, in index order.
-    pub const ALL: [Counter; COUNTERS_PER_POD as usize] = [
+    pub const ALL: [Counter; COUNTERS_USED] = [
         Counter::InboundCaptured,
         Counter::InboundExcluded,
         Counter::InboundNoListener,
@@ -306,6 +359,10 @@ impl Counter {
         Counter::OrigDstMiss,
         Counter::MapFull,
         Counter::ListenerRegistered,
+        Counter::DnsCaptured,
+        Counter::DnsTcpCaptured,
+        Counter::DnsRepliesRewritten,
+        Counter::PeernameRewritten,
     ];
 
     /// The name used in `stats` output.
@@ -325,6 +382,10 @@ impl Counter {
             Counter::OrigDstMiss => "orig_dst_miss",
             Counter::MapFull => "map_full",
             Counter::ListenerRegistered => "listener_registered",
+            Counter::DnsCaptured => "dns_captured",
+            Counter::DnsTcpCaptured => "dns_tcp_captured",
+            Counter::DnsRepliesRewritten => "dns_replies_rewritten",
+            Counter::PeernameRewritten => "peername_rewritten",
         }
     }
 
@@ -385,5 +446,11 @@ const _: () = {
     assert!(core::mem::size_of::<ListenerKey>() == 8);
     assert!(core::mem::size_of::<OrigDst>() == 28);
     assert!(core::mem::size_of::<SockTuple>() == 40);
-    assert!(Counter::ALL.len() == COUNTERS_PER_POD as usize);
+    assert!(Counter::ALL.len() <= COUNTERS_PER_POD as usize);
+    // ALL is in index order: `stats` and the metrics read index i as ALL[i].
+    let mut i = 0;
+    while i < Counter::ALL.len() {
+        assert!(Counter::ALL[i] as usize == i);
+        i += 1;
+    }
 };

@@ -23,16 +23,16 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use redirect_common::{
-    port_rule, CidrKey4, CidrKey6, ConnKind, Counter, InboundPolicy, OrigDst, PodConfig, AF_INET,
-    AF_INET6,
+    cidr_rule, pod_flags, port_rule, CidrKey4, CidrKey6, ConnKind, Counter, InboundPolicy, OrigDst,
+    PodConfig, AF_INET, AF_INET6,
 };
 
 use crate::{
-    addr::{loopback, spread4, Addr, SockaddrIn, SockaddrIn6},
+    addr::{loopback, spread4, spread6, Addr, SockaddrIn, SockaddrIn6},
     dns,
     maps::{CIDR4, CIDR6, CONN_ORIG},
     orig_dst,
-    pod::{count, current_pod, delivery, is_proxy_port, pod_of_addr, port_rule},
+    pod::{count, current_pod, delivery, inbound_captured, is_proxy_port, pod_of_addr, port_rule},
 };
 
 const ALLOW: i32 = 1;
@@ -84,8 +84,9 @@ fn on_connect(ctx: &SockAddrContext, family: u16) {
 /// `sf` is the socket's family; `dst.family` the connection's (IPv4 for a mapped address).
 #[inline(always)]
 fn app_connect(ctx: &SockAddrContext, slot: u32, cfg: &PodConfig, dst: Addr, port: u16, sf: u16) {
-    // Loopback and the pod's own address are the application talking to itself.
-    if dst.is_loopback() || dst.is_unspecified() || pod_of_addr(&dst) == Some(slot) {
+    // Loopback (and the spread prefix) and the pod's own address are the application talking
+    // to itself.
+    if dst.is_local() || dst.is_unspecified() || pod_of_addr(&dst) == Some(slot) {
         return;
     }
     if cfg.dns_capture != 0 && dns::is_dns(&dst, port) {
@@ -97,12 +98,13 @@ fn app_connect(ctx: &SockAddrContext, slot: u32, cfg: &PodConfig, dst: Addr, por
         if remember_quiet(ctx, slot, dst, port, ConnKind::Dns) {
             bind_pod_src(ctx, cfg, dst.family, sf);
             write_dst(ctx.sock_addr, to, cfg.dns_port(), sf);
+            count(slot, Counter::DnsTcpCaptured);
         } else {
             count(slot, Counter::MapFull);
         }
         return;
     }
-    if port_rule(slot, port) & port_rule::EXCLUDE_OUTBOUND != 0 || cidr_excluded(slot, &dst) {
+    if !outbound_captured(slot, cfg, &dst, port) {
         count(slot, Counter::OutboundExcluded);
         return;
     }
@@ -110,7 +112,7 @@ fn app_connect(ctx: &SockAddrContext, slot: u32, cfg: &PodConfig, dst: Addr, por
         bind_pod_src(ctx, cfg, dst.family, sf);
         write_dst(
             ctx.sock_addr,
-            outbound_target(&dst, port),
+            outbound_target(cfg, &dst, port),
             cfg.proxy_outbound_port,
             sf,
         );
@@ -138,17 +140,24 @@ fn udp_connect(ctx: &SockAddrContext, sf: u16) {
         && dns::remember(sa, &to, &dst, cfg.dns_port())
     {
         write_dst(sa, to, cfg.dns_port(), sf);
+        count(slot, Counter::DnsCaptured);
+    } else {
+        count(slot, Counter::MapFull);
     }
 }
 
-/// Where a captured connection to `dst:port` goes (at the proxy's outbound port): for IPv4 a
-/// loopback address of its own per original destination (`addr::spread4`), so the port space
-/// is iptables' (one ephemeral range per destination), not one range for every destination of
-/// the pod; for IPv6 `::1`, the only loopback address a namespace has.
+/// Where a captured connection to `dst:port` goes (at the proxy's outbound port): an address
+/// of its own per original destination, so the port space is iptables' (one ephemeral range per
+/// destination), not one range for every destination of the pod. IPv4: one of 127.128.0.0/12
+/// (`addr::spread4`). IPv6: one of `100::/64` (`addr::spread6`), which the agent makes local on
+/// the `lo` of every pod with an IPv6 address before its rows exist; a pod without one (whose
+/// namespace may not even have IPv6) keeps `::1`, the only loopback address a namespace has.
 #[inline(always)]
-fn outbound_target(dst: &Addr, port: u16) -> Addr {
+fn outbound_target(cfg: &PodConfig, dst: &Addr, port: u16) -> Addr {
     if dst.family == AF_INET {
         spread4(dst.words[0], port)
+    } else if pod_addr(cfg, AF_INET6).is_some() {
+        spread6(dst.words, port)
     } else {
         loopback(AF_INET6)
     }
@@ -177,7 +186,7 @@ fn proxy_connect(ctx: &SockAddrContext, slot: u32, cfg: &PodConfig, dst: Addr, p
         return;
     }
     let rule = port_rule(slot, port);
-    if rule & port_rule::EXCLUDE_INBOUND != 0 {
+    if !inbound_captured(cfg, rule) {
         return;
     }
     let to_pod = pod_of_addr(&dst) == Some(slot);
@@ -267,8 +276,26 @@ pub(crate) fn sock_of(sa: *mut bpf_sock_addr) -> *mut aya_ebpf::bindings::bpf_so
     unsafe { crate::ctx::load_ptr::<SK, _>(sa as *const _) }
 }
 
+/// Istio's outbound order (`istio-iptables`): excluded ports, then excluded ranges, return;
+/// included ports, then included ranges (or all, `*`), are redirected; the rest returns.
 #[inline(always)]
-fn cidr_excluded(slot: u32, dst: &Addr) -> bool {
+fn outbound_captured(slot: u32, cfg: &PodConfig, dst: &Addr, port: u16) -> bool {
+    let rule = port_rule(slot, port);
+    if rule & port_rule::EXCLUDE_OUTBOUND != 0 {
+        return false;
+    }
+    let cidr = cidr_rule_of(slot, dst);
+    if cidr == cidr_rule::EXCLUDE {
+        return false;
+    }
+    rule & port_rule::INCLUDE_OUTBOUND != 0
+        || cfg.enrolled & pod_flags::OUTBOUND_INCLUDE_ONLY == 0
+        || cidr == cidr_rule::INCLUDE
+}
+
+/// The value of the longest CIDR rule of the pod that holds `dst` ([`cidr_rule`]), 0 if none.
+#[inline(always)]
+fn cidr_rule_of(slot: u32, dst: &Addr) -> u32 {
     let slot_be = slot.to_be();
     if dst.family == AF_INET {
         let key = aya_ebpf::maps::lpm_trie::Key::new(
@@ -278,7 +305,7 @@ fn cidr_excluded(slot: u32, dst: &Addr) -> bool {
                 addr: dst.words[0],
             },
         );
-        CIDR4.get(&key).is_some()
+        CIDR4.get(&key).copied().unwrap_or(0)
     } else {
         let key = aya_ebpf::maps::lpm_trie::Key::new(
             160,
@@ -287,7 +314,7 @@ fn cidr_excluded(slot: u32, dst: &Addr) -> bool {
                 addr: dst.words,
             },
         );
-        CIDR6.get(&key).is_some()
+        CIDR6.get(&key).copied().unwrap_or(0)
     }
 }
 

@@ -12,12 +12,12 @@ use aya_ebpf::{
     macros::sk_lookup,
     programs::SkLookupContext,
 };
-use redirect_common::{port_rule, Counter, ListenerKey, AF_INET, AF_INET6};
+use redirect_common::{Counter, ListenerKey, AF_INET, AF_INET6};
 
 use crate::{
     addr::Addr,
     maps::LISTENERS,
-    pod::{config, count, is_proxy_port, pod_of_addr, port_rule},
+    pod::{config, count, inbound_captured, is_proxy_port, pod_of_addr, port_rule},
 };
 
 const IPPROTO_TCP: u32 = 6;
@@ -53,14 +53,14 @@ fn on_lookup(ctx: &SkLookupContext) -> u32 {
     };
     // Connections made inside the pod (the application to its own address, the proxy's
     // delivery from 127.0.0.6) are never captured; the connect hooks already decided them.
-    if remote.is_loopback() || remote.is_passthrough_src() || pod_of_addr(&remote) == Some(slot) {
+    if remote.is_local() || remote.is_passthrough_src() || pod_of_addr(&remote) == Some(slot) {
         return SK_PASS;
     }
     let port = port as u16;
     // Exclusions first: Istio's default ones (15008, 15020, ...) are proxy ports too, and an
     // operator reading `inbound_excluded` expects to see them counted.
     let rule = port_rule(slot, port);
-    if rule & port_rule::EXCLUDE_INBOUND != 0 {
+    if !inbound_captured(cfg, rule) {
         count(slot, Counter::InboundExcluded);
         return SK_PASS;
     }

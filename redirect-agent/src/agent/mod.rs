@@ -63,9 +63,14 @@ pub struct Config {
     pub http_address: SocketAddr,
     pub pin_root: PathBuf,
     pub state_dir: PathBuf,
+    /// Pods from the container runtime (CNI, CRI): defaults and kubelet's cgroup layout.
+    pub pods: crate::kubepods::KubeConfig,
     /// The Kubernetes API watch's kubeconfig; without one it runs in-cluster when
     /// `KUBERNETES_SERVICE_HOST` is set, and is off otherwise (see [`crate::kube`]).
     pub kubeconfig: Option<PathBuf>,
+    /// The container runtime's CRI socket: its pod sandboxes are discovered at start
+    /// ([`crate::cri`]); none without it.
+    pub cri_socket: Option<PathBuf>,
 }
 
 /// Why the agent could not start or stopped.
@@ -159,6 +164,10 @@ impl Shared {
     pub(crate) fn state_dir(&self) -> &Path {
         &self.cfg.state_dir
     }
+
+    pub(crate) fn pods_config(&self) -> &crate::kubepods::KubeConfig {
+        &self.cfg.pods
+    }
 }
 
 /// Runs the agent until SIGTERM or SIGINT; returns once requests in flight finished (or
@@ -248,6 +257,7 @@ async fn serve(cfg: Config) -> Result<(), AgentError> {
     }
     let listener = bind_socket(&shared.cfg.socket)?;
     shared.set_not_ready(None);
+    count_spooled(&shared);
     log::info!(
         "ready: {} pod(s) adopted, {} repaired, {} collected; serving {}",
         reconciled.adopted.len(),
@@ -256,6 +266,11 @@ async fn serve(cfg: Config) -> Result<(), AgentError> {
         shared.cfg.socket.display()
     );
     let watcher = tokio::spawn(watch::run(shared.clone(), stop_rx.clone()));
+    let discovery = shared
+        .cfg
+        .cri_socket
+        .clone()
+        .map(|socket| tokio::spawn(discover(shared.clone(), socket, stop_rx.clone())));
     let kube_watch = tokio::spawn(crate::kube::run(
         shared.clone(),
         api_source,
@@ -283,6 +298,9 @@ async fn serve(cfg: Config) -> Result<(), AgentError> {
     let stopped = stop(stop_tx, http, conns).await;
     let _ = tokio::time::timeout(Duration::from_millis(100), watcher).await;
     let _ = tokio::time::timeout(Duration::from_millis(100), kube_watch).await;
+    if let Some(d) = discovery {
+        let _ = tokio::time::timeout(Duration::from_millis(100), d).await;
+    }
     stopped
 }
 
@@ -539,11 +557,198 @@ pub(crate) async fn dispatch(shared: &Arc<Shared>, req: Request) -> Response {
                 Err(e) => error(&e),
             }
         }
+        Request::Cni(req) => cni(shared, req).await,
         Request::Status => Response::Status {
             node_name: shared.cfg.node_name.clone(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
             state_dir: shared.cfg.state_dir.clone(),
             pin_root: shared.cfg.pin_root.clone(),
         },
+    }
+}
+
+/// Counts what the CNI plugin spooled while it could not reach the agent (see
+/// [`crate::kubepods::spool_ignored`]).
+fn count_spooled(shared: &Shared) {
+    for i in crate::kubepods::drain_spool(&shared.cfg.socket) {
+        log::info!(
+            "namespace={:?} pod={:?}: started unenrolled under failurePolicy ignore ({}), counted from the spool",
+            i.namespace,
+            i.name,
+            i.reason
+        );
+        shared.metrics.cni_ignored(&i.reason);
+    }
+}
+
+/// A request of the CNI plugin: enrollment of a runtime pod and its siblings, through the
+/// same commands (and the same writer turn) as the CLI's.
+async fn cni(shared: &Arc<Shared>, req: crate::kubepods::CniRequest) -> Response {
+    use crate::kubepods::{self as kp, CniRequest as C};
+    let s = shared.clone();
+    let (sd, pr, kube) = (
+        s.cfg.state_dir.clone(),
+        s.cfg.pin_root.clone(),
+        s.cfg.pods.clone(),
+    );
+    count_spooled(shared);
+    let r = match req {
+        C::Status => return Response::Cni(kp::CniResponse::Ready),
+        C::Ignored {
+            reason,
+            namespace,
+            name,
+        } => {
+            log::warn!(
+                "namespace={namespace:?} pod={name:?}: started unenrolled under failurePolicy ignore ({reason})"
+            );
+            shared.metrics.cni_ignored(&reason);
+            return Response::Cni(kp::CniResponse::Counted);
+        }
+        C::Check { pod } => blocking(move || kp::check_pod(&kube, &sd, &pr, &pod)).await,
+        C::Add { pod } => {
+            let log_name = format!("namespace={:?} pod={:?}", pod.namespace, pod.name);
+            let start = Instant::now();
+            // The spec first, outside the writer queue: it may wait for kubelet's cgroup.
+            let prepared = {
+                let pod = pod.clone();
+                blocking(move || kp::pod_spec(&kube, &pod)).await
+            };
+            let r = match prepared {
+                Ok(Ok(spec)) => {
+                    let _turn = shared.writer.lock().await;
+                    blocking(move || kp::enroll_spec(&sd, &pr, &pod, spec)).await
+                }
+                Ok(Err(reason)) => Ok(kp::CniResponse::Skipped { reason }),
+                Err(e) => Err(e),
+            };
+            shared.pods_changed.notify_one();
+            match &r {
+                Ok(kp::CniResponse::Enrolled { name, slot }) => {
+                    shared.metrics.enrolled(start.elapsed(), None);
+                    log::info!("{log_name}: enrolled as {name} (slot {slot}) from CNI ADD");
+                }
+                Ok(kp::CniResponse::Skipped { reason }) => {
+                    log::info!("{log_name}: not enrolled: {}", reason.name());
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    let reason = match e {
+                        kp::KubeError::Command { source, .. } => metrics::error_reason(source),
+                        other => other.reason(),
+                    };
+                    shared.metrics.enrolled(start.elapsed(), Some(reason));
+                    log::warn!("{log_name}: CNI ADD failed: {}", crate::error_chain(e));
+                }
+            }
+            r
+        }
+        C::Del {
+            namespace,
+            name,
+            sandbox_id,
+        } => {
+            let r = {
+                let _turn = shared.writer.lock().await;
+                let (ns, n) = (namespace.clone(), name.clone());
+                blocking(move || kp::del_pod(&sd, &pr, &ns, &n, &sandbox_id)).await
+            };
+            shared.pods_changed.notify_one();
+            if let Ok(kp::CniResponse::Removed { name: Some(rec) }) = &r {
+                log::info!("namespace={namespace:?} pod={name:?}: unenrolled {rec} on CNI DEL");
+            }
+            r
+        }
+        C::Gc { valid_sandboxes } => {
+            let r = {
+                let _turn = shared.writer.lock().await;
+                blocking(move || kp::gc_pods(&sd, &pr, &valid_sandboxes)).await
+            };
+            shared.pods_changed.notify_one();
+            r
+        }
+    };
+    match r {
+        Ok(r) => Response::Cni(r),
+        Err(e) => Response::Error {
+            message: crate::error_chain(&e),
+        },
+    }
+}
+
+/// Start-up discovery through the runtime's CRI socket (`--cri-socket`): the ready pod
+/// sandboxes the runtime has are enrolled as a CNI ADD would have (those selected and not
+/// enrolled for their sandbox yet), records of sandboxes that are gone are collected. Retried
+/// (1 s, doubling to 30 s) until the runtime answers once; then done.
+async fn discover(shared: Arc<Shared>, socket: PathBuf, mut stop: tokio_watch::Receiver<bool>) {
+    let mut delay = Duration::from_secs(1);
+    loop {
+        let sd = shared.cfg.state_dir.clone();
+        let before = blocking(move || crate::state::list_records(&sd).map(|r| r.pods)).await;
+        let before = match before {
+            Ok(b) => b,
+            Err(e) => {
+                log::warn!(
+                    "CRI discovery: reading the records: {}",
+                    crate::error_chain(&e)
+                );
+                Vec::new()
+            }
+        };
+        match crate::cri::list_pods(&socket).await {
+            Ok(pods) => {
+                let (kube, sd, pr) = (
+                    shared.cfg.pods.clone(),
+                    shared.cfg.state_dir.clone(),
+                    shared.cfg.pin_root.clone(),
+                );
+                let listed = pods.len();
+                let d = {
+                    let _turn = shared.writer.lock().await;
+                    blocking(move || {
+                        crate::cri::sync(
+                            &kube,
+                            &sd,
+                            &pr,
+                            &crate::cri::DEFAULT_EXCLUDED_NAMESPACES.map(String::from),
+                            &before,
+                            &pods,
+                        )
+                    })
+                    .await
+                };
+                shared.pods_changed.notify_one();
+                for name in &d.enrolled {
+                    log::info!("pod {name:?}: enrolled from CRI discovery");
+                }
+                for name in &d.collected {
+                    log::info!("pod {name:?}: collected by CRI discovery (sandbox gone)");
+                }
+                for f in &d.failed {
+                    log::warn!("CRI discovery: {f}");
+                }
+                log::info!(
+                    "CRI discovery on {}: {listed} ready sandbox(es) discovered, {} enrolled, {} already enrolled, {} not selected, {} failed, {} collected",
+                    socket.display(),
+                    d.enrolled.len(),
+                    d.already,
+                    d.skipped,
+                    d.failed.len(),
+                    d.collected.len()
+                );
+                return;
+            }
+            Err(e) => {
+                log::warn!(
+                    "CRI discovery: {} (retrying in {delay:?})",
+                    crate::error_chain(&e)
+                );
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = stop.changed() => return,
+        }
+        delay = (delay * 2).min(Duration::from_secs(30));
     }
 }
