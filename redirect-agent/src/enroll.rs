@@ -467,17 +467,17 @@ fn write_rows(
 /// Writes the `new` CIDR rows of one trie, removing those of `old` that `new` has not.
 fn sync_trie<K: aya::Pod + PartialEq>(
     t: &mut aya::maps::lpm_trie::LpmTrie<&mut aya::maps::MapData, K, u32>,
-    old: Option<&[(u32, K)]>,
-    new: &[(u32, K)],
+    old: Option<&[(u32, K, u32)]>,
+    new: &[(u32, K, u32)],
     err: impl FnOnce(MapError) -> EnrollError,
 ) -> Result<(), EnrollError> {
-    for (len, k) in old.unwrap_or_default() {
-        if !new.iter().any(|(l, n)| l == len && n == k) {
+    for (len, k, _) in old.unwrap_or_default() {
+        if !new.iter().any(|(l, n, _)| l == len && n == k) {
             remove_quiet(t.remove(&aya::maps::lpm_trie::Key::new(*len, *k)));
         }
     }
-    for (len, k) in new {
-        if let Err(e) = t.insert(&aya::maps::lpm_trie::Key::new(*len, *k), 1, 0) {
+    for (len, k, rule) in new {
+        if let Err(e) = t.insert(&aya::maps::lpm_trie::Key::new(*len, *k), rule, 0) {
             return Err(err(e));
         }
     }
@@ -570,7 +570,7 @@ fn teardown(dp: &mut Datapath, rec: &PodRecord) -> Vec<String> {
     }
     match dp.cidr4() {
         Ok(mut t) => {
-            for (len, k) in &rows.cidr4 {
+            for (len, k, _) in &rows.cidr4 {
                 check("CIDR4", t.remove(&aya::maps::lpm_trie::Key::new(*len, *k)));
             }
         }
@@ -579,7 +579,7 @@ fn teardown(dp: &mut Datapath, rec: &PodRecord) -> Vec<String> {
     }
     match dp.cidr6() {
         Ok(mut t) => {
-            for (len, k) in &rows.cidr6 {
+            for (len, k, _) in &rows.cidr6 {
                 check("CIDR6", t.remove(&aya::maps::lpm_trie::Key::new(*len, *k)));
             }
         }

@@ -4,9 +4,11 @@
 //! use the same functions.
 
 pub mod agent;
+pub mod annotations;
 pub mod bpf_sys;
 pub mod caps;
 pub mod cgroup;
+pub mod cni_install;
 pub mod commands;
 pub mod conntrack;
 pub mod datapath;
@@ -14,6 +16,7 @@ pub mod detect;
 pub mod enroll;
 pub mod gc;
 pub mod kube;
+pub mod kubepods;
 pub mod listener;
 pub mod netns;
 pub mod paths;

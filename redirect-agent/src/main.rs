@@ -15,6 +15,7 @@ use cli::{
 };
 use redirect_agent::{
     agent::{self, proto, Request, Response},
+    annotations::{self, Wildcard},
     commands, datapath, spec, state,
 };
 use redirect_common::InboundPolicy;
@@ -79,6 +80,25 @@ enum Command {
     /// HTTP (GET /metrics, /healthz, /readyz), collect pods whose cgroup or network namespace
     /// disappears. Exits on SIGTERM, leaving every pod enrolled for the next agent to adopt.
     Run(RunArgs),
+    /// Install the CNI plugin: copy `redirect-cni` into --cni-bin-dir and append it to the
+    /// chain of the runtime's configuration in --cni-conf-dir (the first .conf, .conflist or
+    /// .json in libcni's order; a .conf becomes a .conflist). Installing again changes nothing.
+    InstallCni {
+        #[command(flatten)]
+        dirs: CniDirs,
+        #[command(flatten)]
+        settings: CniSettings,
+        /// Keep watching --cni-conf-dir and re-insert the plugin when the primary CNI rewrites
+        /// its configuration (until killed).
+        #[arg(long)]
+        watch: bool,
+    },
+    /// Remove exactly what install-cni added: the plugin's entries (a converted .conflist
+    /// becomes its .conf again) and the binary.
+    UninstallCni {
+        #[command(flatten)]
+        dirs: CniDirs,
+    },
     /// Make the pin root ready: mount bpffs at /sys/fs/bpf when the pin root is below it and
     /// nothing is mounted there (else at the pin root itself), create the pin root. Run by the
     /// DaemonSet's privileged init container so that the mount is the host's, not the agent
@@ -100,8 +120,64 @@ enum Command {
     Detect(cli::detect::DetectCli),
 }
 
+#[derive(Debug, Clone, clap::Args)]
+struct CniDirs {
+    /// The runtime's CNI plugin directory (containerd's `bin_dir`, usually /opt/cni/bin).
+    #[arg(long)]
+    cni_bin_dir: PathBuf,
+    /// The runtime's CNI configuration directory (usually /etc/cni/net.d).
+    #[arg(long)]
+    cni_conf_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+struct CniSettings {
+    /// The plugin binary to install [default: redirect-cni beside this program].
+    #[arg(long)]
+    cni_plugin: Option<PathBuf>,
+    /// What the plugin does when a pod cannot be enrolled: fail its sandbox, or let it start
+    /// unenrolled (counted in redirect_cni_ignored_total).
+    #[arg(long, default_value = "fail", value_parser = ["fail", "ignore"])]
+    cni_failure_policy: String,
+    /// Namespaces whose pods the plugin never enrolls.
+    #[arg(long, value_delimiter = ',', default_value = "kube-system")]
+    cni_exclude_namespaces: Vec<String>,
+    /// The plugin's log level (on the runtime's log).
+    #[arg(long, default_value = "warn")]
+    cni_log_level: String,
+}
+
+impl CniSettings {
+    fn plugin(&self) -> anyhow::Result<PathBuf> {
+        match &self.cni_plugin {
+            Some(p) => Ok(p.clone()),
+            None => Ok(std::env::current_exe()
+                .context("finding this program")?
+                .with_file_name(redirect_agent::cni_install::PLUGIN_TYPE)),
+        }
+    }
+
+    fn settings(&self, socket: &std::path::Path) -> redirect_agent::cni_install::PluginSettings {
+        redirect_agent::cni_install::PluginSettings {
+            agent_socket: socket.to_owned(),
+            failure_policy: self.cni_failure_policy.clone(),
+            exclude_namespaces: self.cni_exclude_namespaces.clone(),
+            log_level: self.cni_log_level.clone(),
+        }
+    }
+}
+
 #[derive(Debug, clap::Args)]
 struct RunArgs {
+    /// Install the CNI plugin into this bin directory at start (with --cni-conf-dir), and keep
+    /// it in the runtime's configuration while running.
+    #[arg(long, requires = "cni_conf_dir")]
+    cni_bin_dir: Option<PathBuf>,
+    /// The CNI configuration directory for --cni-bin-dir.
+    #[arg(long, requires = "cni_bin_dir")]
+    cni_conf_dir: Option<PathBuf>,
+    #[command(flatten)]
+    cni: CniSettings,
     /// The node's name (logged and reported by the agent).
     #[arg(long, env = "NODE_NAME")]
     node_name: Option<String>,
@@ -132,6 +208,11 @@ struct ConfigFile {
     http_address: Option<std::net::SocketAddr>,
     pin_root: Option<PathBuf>,
     state_dir: Option<PathBuf>,
+    /// Defaults for pods from the container runtime (CNI, CRI), where annotations say nothing.
+    #[serde(default)]
+    pod_defaults: redirect_agent::annotations::NodeDefaults,
+    /// Where kubelet's `kubepods` / `kubepods.slice` cgroups are (default: the cgroup2 mount).
+    kubelet_cgroup_roots: Option<Vec<PathBuf>>,
     kubeconfig: Option<PathBuf>,
 }
 
@@ -172,6 +253,17 @@ struct EnrollArgs {
     /// Outbound destinations never captured, comma-separated CIDRs (IPv4 and IPv6).
     #[arg(long, value_delimiter = ',')]
     exclude_outbound_cidrs: Vec<spec::Cidr>,
+    /// Inbound ports captured, `*` (the default: all but the excluded) or a comma-separated
+    /// list (only those; --exclude-inbound-ports is then ignored, as Istio does).
+    #[arg(long, value_parser = annotations::parse_ports_wildcard)]
+    include_inbound_ports: Option<Wildcard<u16>>,
+    /// Outbound ports captured whatever the destination (with --include-outbound-cidrs).
+    #[arg(long, value_delimiter = ',', value_parser = spec::parse_port)]
+    include_outbound_ports: Vec<u16>,
+    /// Outbound destinations captured, `*` (the default) or comma-separated CIDRs (only those,
+    /// unless excluded).
+    #[arg(long, value_parser = annotations::parse_cidrs_wildcard)]
+    include_outbound_cidrs: Option<Wildcard<spec::Cidr>>,
     /// The proxy's inbound listener port.
     #[arg(long, value_parser = spec::parse_port, default_value = "15006")]
     proxy_inbound_port: u16,
@@ -264,6 +356,27 @@ fn run(cli: &Cli, matches: &clap::ArgMatches) -> anyhow::Result<ExitCode> {
                 }
             }
         }
+        Command::InstallCni {
+            dirs,
+            settings,
+            watch,
+        } => install_cni(cli, dirs, settings, *watch),
+        Command::UninstallCni { dirs } => {
+            let u = redirect_agent::cni_install::uninstall(&dirs.cni_bin_dir, &dirs.cni_conf_dir)?;
+            for c in &u.confs {
+                println!("removed redirect-cni from {}", c.display());
+            }
+            for r in &u.restored {
+                println!("restored {}", r.display());
+            }
+            if let Some(b) = &u.binary {
+                println!("removed {}", b.display());
+            }
+            if u.confs.is_empty() && u.restored.is_empty() && u.binary.is_none() {
+                println!("nothing to remove");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::MountBpffs => {
             datapath::ensure_bpffs(&cli.pin_root)
                 .map_err(|e| anyhow::anyhow!(redirect_agent::error_chain(&e)))?;
@@ -346,7 +459,45 @@ fn rendered(cli: &Cli, resp: Response) -> Result<Printed, String> {
         Response::Gc(r) => Ok(render::render_gc(&r)),
         Response::Error { message } => Err(message),
         Response::Status { .. } => Err("the agent answered a status to a command".into()),
+        Response::Cni(_) => Err("the agent answered a CNI response to a command".into()),
     }
+}
+
+fn install_cni(
+    cli: &Cli,
+    dirs: &CniDirs,
+    settings: &CniSettings,
+    watch: bool,
+) -> anyhow::Result<ExitCode> {
+    let s = settings.settings(&cli.socket);
+    let done = redirect_agent::cni_install::install(
+        &settings.plugin()?,
+        &dirs.cni_bin_dir,
+        &dirs.cni_conf_dir,
+        &s,
+    )?;
+    println!(
+        "{} {}",
+        if done.binary_updated {
+            "installed"
+        } else {
+            "unchanged"
+        },
+        done.binary.display()
+    );
+    match (&done.converted_from, done.conf_updated) {
+        (Some(from), _) => println!(
+            "converted {} into {} with redirect-cni last",
+            from.display(),
+            done.conf.display()
+        ),
+        (None, true) => println!("inserted redirect-cni into {}", done.conf.display()),
+        (None, false) => println!("redirect-cni already in {}", done.conf.display()),
+    }
+    if watch {
+        redirect_agent::cni_install::watch(&dirs.cni_conf_dir, &s)?;
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// The agent's configuration file, if one is given.
@@ -403,7 +554,15 @@ fn run_agent(cli: &Cli, matches: &clap::ArgMatches, args: &RunArgs) -> anyhow::R
             .parse()
             .expect("a valid default"),
     };
+    let mut pods = redirect_agent::kubepods::KubeConfig {
+        defaults: file.pod_defaults,
+        ..Default::default()
+    };
+    if let Some(roots) = file.kubelet_cgroup_roots {
+        pods.cgroup_roots = roots;
+    }
     let cfg = agent::Config {
+        pods,
         node_name,
         socket: pick("socket", &cli.socket, file.socket),
         http_address,
@@ -414,6 +573,34 @@ fn run_agent(cli: &Cli, matches: &clap::ArgMatches, args: &RunArgs) -> anyhow::R
     if args.check_config {
         println!("{cfg:#?}");
         return Ok(ExitCode::SUCCESS);
+    }
+    if let (Some(bin), Some(conf)) = (&args.cni_bin_dir, &args.cni_conf_dir) {
+        let settings = args.cni.settings(&cfg.socket);
+        let done = redirect_agent::cni_install::install(&args.cni.plugin()?, bin, conf, &settings)?;
+        log::info!(
+            "CNI plugin installed: {} (binary {}), configuration {}",
+            done.binary.display(),
+            if done.binary_updated {
+                "updated"
+            } else {
+                "unchanged"
+            },
+            done.conf.display()
+        );
+        // The primary CNI may rewrite its configuration at any time (its own restart): keep
+        // our entry in it for as long as the agent runs.
+        let conf = conf.clone();
+        std::thread::Builder::new()
+            .name("cni-watch".into())
+            .spawn(move || {
+                if let Err(e) = redirect_agent::cni_install::watch(&conf, &settings) {
+                    log::error!(
+                        "watching the CNI configuration: {}",
+                        redirect_agent::error_chain(&e)
+                    );
+                }
+            })
+            .context("starting the CNI configuration watch")?;
     }
     log::info!("starting the node agent: {cfg:?}");
     agent::run(cfg)?;
@@ -437,5 +624,15 @@ fn enroll_spec(a: &EnrollArgs) -> anyhow::Result<spec::PodSpec> {
         proxy_outbound_port: a.proxy_outbound_port,
         dns_capture: a.dns_capture,
         proxy_dns_port: a.proxy_dns_port,
+        include_inbound_ports: a
+            .include_inbound_ports
+            .clone()
+            .and_then(Wildcard::into_option),
+        include_outbound_ports: a.include_outbound_ports.clone(),
+        include_outbound_cidrs: a
+            .include_outbound_cidrs
+            .clone()
+            .and_then(Wildcard::into_option),
+        kube: None,
     })
 }

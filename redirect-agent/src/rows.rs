@@ -7,8 +7,8 @@
 use std::{collections::BTreeMap, fmt, net::IpAddr};
 
 use redirect_common::{
-    port_rule, AddrKey, CidrKey4, CidrKey6, InboundPolicy, PodConfig, PortKey, AF_INET, AF_INET6,
-    DEFAULT_EXCLUDED_INBOUND_PORTS,
+    cidr_rule, pod_flags, port_rule, AddrKey, CidrKey4, CidrKey6, InboundPolicy, PodConfig,
+    PortKey, AF_INET, AF_INET6, DEFAULT_EXCLUDED_INBOUND_PORTS,
 };
 
 use crate::spec::{Cidr, PodSpec};
@@ -25,10 +25,10 @@ pub struct PodRows {
     pub addrs: Vec<AddrKey>,
     /// `PORT_RULES[slot, port] = bits`.
     pub port_rules: Vec<(PortKey, u32)>,
-    /// `CIDR4[slot . net / 32 + len] = 1`: (prefix length in the trie, key).
-    pub cidr4: Vec<(u32, CidrKey4)>,
-    /// `CIDR6[slot . net / 32 + len] = 1`.
-    pub cidr6: Vec<(u32, CidrKey6)>,
+    /// `CIDR4[slot . net / 32 + len] = rule`: (prefix length in the trie, key, [`cidr_rule`]).
+    pub cidr4: Vec<(u32, CidrKey4, u32)>,
+    /// `CIDR6[slot . net / 32 + len] = rule`.
+    pub cidr6: Vec<(u32, CidrKey6, u32)>,
 }
 
 /// The kernel's view of an address: network-order words, IPv4 in word 0.
@@ -69,14 +69,22 @@ pub fn addr_key(ip: IpAddr) -> AddrKey {
 /// Every port rule of the pod, Istio's default inbound exclusions included, by port.
 pub fn port_rules(spec: &PodSpec) -> BTreeMap<u16, u32> {
     let mut ports: BTreeMap<u16, u32> = BTreeMap::new();
-    for p in DEFAULT_EXCLUDED_INBOUND_PORTS
-        .iter()
-        .chain(&spec.exclude_inbound_ports)
-    {
+    // With an include list Istio ignores `excludeInboundPorts`; its own ports stay excluded.
+    let user_excluded = match spec.include_inbound_ports {
+        None => &spec.exclude_inbound_ports[..],
+        Some(_) => &[],
+    };
+    for p in DEFAULT_EXCLUDED_INBOUND_PORTS.iter().chain(user_excluded) {
         *ports.entry(*p).or_default() |= port_rule::EXCLUDE_INBOUND;
+    }
+    for p in spec.include_inbound_ports.iter().flatten() {
+        *ports.entry(*p).or_default() |= port_rule::INCLUDE_INBOUND;
     }
     for p in &spec.exclude_outbound_ports {
         *ports.entry(*p).or_default() |= port_rule::EXCLUDE_OUTBOUND;
+    }
+    for p in &spec.include_outbound_ports {
+        *ports.entry(*p).or_default() |= port_rule::INCLUDE_OUTBOUND;
     }
     for (p, policy) in &spec.port_policies {
         *ports.entry(*p).or_default() |= match policy {
@@ -89,15 +97,43 @@ pub fn port_rules(spec: &PodSpec) -> BTreeMap<u16, u32> {
     ports
 }
 
-/// The trie key of an outbound CIDR exclusion: 32 bits of slot, then the network.
+/// Every CIDR rule of the pod with its [`cidr_rule`] value: the exclusions, and the included
+/// ranges that no exclusion covers (the trie's longest prefix would otherwise let an included
+/// range inside an excluded one win, where Istio's rules exclude it).
+pub fn cidr_rules(spec: &PodSpec) -> Vec<(Cidr, u32)> {
+    let mut out: Vec<(Cidr, u32)> = spec
+        .exclude_outbound_cidrs
+        .iter()
+        .map(|c| (*c, cidr_rule::EXCLUDE))
+        .collect();
+    for inc in spec.include_outbound_cidrs.iter().flatten() {
+        if !spec
+            .exclude_outbound_cidrs
+            .iter()
+            .any(|ex| ex.contains(inc))
+        {
+            out.push((*inc, cidr_rule::INCLUDE));
+        }
+    }
+    out
+}
+
+/// The trie key of an outbound CIDR rule: 32 bits of slot, then the network.
 fn cidr_prefix(c: &Cidr) -> u32 {
     32 + u32::from(c.len)
 }
 
 /// The configuration row of a pod.
 pub fn pod_config(spec: &PodSpec) -> PodConfig {
+    let mut enrolled = pod_flags::ENROLLED;
+    if spec.include_inbound_ports.is_some() {
+        enrolled |= pod_flags::INBOUND_INCLUDE_ONLY;
+    }
+    if spec.include_outbound_cidrs.is_some() {
+        enrolled |= pod_flags::OUTBOUND_INCLUDE_ONLY;
+    }
     PodConfig {
-        enrolled: 1,
+        enrolled,
         proxy_uid: spec.proxy_uid,
         ip4: spec.ip4().map_or(0, |a| addr_words(a.into())[0]),
         ip6: spec.ip6().map_or([0; 4], |a| addr_words(a.into())),
@@ -145,22 +181,24 @@ impl PodRows {
         let slot_be = slot.to_be();
         let mut cidr4 = Vec::new();
         let mut cidr6 = Vec::new();
-        for c in &spec.exclude_outbound_cidrs {
+        for (c, rule) in cidr_rules(spec) {
             let words = addr_words(c.addr);
             match c.addr {
                 IpAddr::V4(_) => cidr4.push((
-                    cidr_prefix(c),
+                    cidr_prefix(&c),
                     CidrKey4 {
                         slot_be,
                         addr: words[0],
                     },
+                    rule,
                 )),
                 IpAddr::V6(_) => cidr6.push((
-                    cidr_prefix(c),
+                    cidr_prefix(&c),
                     CidrKey6 {
                         slot_be,
                         addr: words,
                     },
+                    rule,
                 )),
             }
         }
@@ -184,6 +222,12 @@ fn rule_names(bits: u32) -> String {
     }
     if bits & port_rule::EXCLUDE_OUTBOUND != 0 {
         out.push("exclude-outbound");
+    }
+    if bits & port_rule::INCLUDE_INBOUND != 0 {
+        out.push("include-inbound");
+    }
+    if bits & port_rule::INCLUDE_OUTBOUND != 0 {
+        out.push("include-outbound");
     }
     if bits & port_rule::DELIVERY_OVERRIDE != 0 {
         out.push(if bits & port_rule::DELIVERY_LOCALHOST != 0 {
@@ -215,9 +259,17 @@ impl fmt::Display for PodRows {
         } else {
             String::new()
         };
+        // Include lists only when given: the rows of a pod without them read as they always did.
+        let mut includes = String::new();
+        if c.enrolled & pod_flags::INBOUND_INCLUDE_ONLY != 0 {
+            includes.push_str(" inbound=include-only");
+        }
+        if c.enrolled & pod_flags::OUTBOUND_INCLUDE_ONLY != 0 {
+            includes.push_str(" outbound=include-only");
+        }
         writeln!(
             f,
-            "PODS[{}] = enrolled proxy_uid={} ip4={ip4} ip6={ip6} inbound_port={} outbound_port={} policy={}{dns}",
+            "PODS[{}] = enrolled{includes} proxy_uid={} ip4={ip4} ip6={ip6} inbound_port={} outbound_port={} policy={}{dns}",
             self.slot, c.proxy_uid, c.proxy_inbound_port, c.proxy_outbound_port, c.policy
         )?;
         writeln!(f, "POD_CGROUPS[{}] = {}", self.cgroup_id, self.slot)?;
@@ -238,22 +290,31 @@ impl fmt::Display for PodRows {
                 rule_names(*bits)
             )?;
         }
-        for (len, k) in &self.cidr4 {
+        let cidr_name = |rule: u32| {
+            if rule == cidr_rule::INCLUDE {
+                "include"
+            } else {
+                "1"
+            }
+        };
+        for (len, k, rule) in &self.cidr4 {
             let net = words_addr([k.addr, 0, 0, 0], AF_INET.into());
             writeln!(
                 f,
-                "CIDR4[{}:{net}/{}] = 1",
+                "CIDR4[{}:{net}/{}] = {}",
                 u32::from_be(k.slot_be),
-                len - 32
+                len - 32,
+                cidr_name(*rule)
             )?;
         }
-        for (len, k) in &self.cidr6 {
+        for (len, k, rule) in &self.cidr6 {
             let net = words_addr(k.addr, AF_INET6.into());
             writeln!(
                 f,
-                "CIDR6[{}:{net}/{}] = 1",
+                "CIDR6[{}:{net}/{}] = {}",
                 u32::from_be(k.slot_be),
-                len - 32
+                len - 32,
+                cidr_name(*rule)
             )?;
         }
         Ok(())

@@ -78,6 +78,15 @@ impl FromStr for Cidr {
     }
 }
 
+impl Cidr {
+    /// Whether `other` lies entirely within this network.
+    pub fn contains(&self, other: &Cidr) -> bool {
+        self.len <= other.len
+            && self.addr.is_ipv4() == other.addr.is_ipv4()
+            && Cidr::new(other.addr, self.len).addr == self.addr
+    }
+}
+
 impl std::fmt::Display for Cidr {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}/{}", self.addr, self.len)
@@ -122,7 +131,7 @@ pub fn parse_port_policy(s: &str) -> Result<(u16, InboundPolicy), String> {
 
 /// An enrollment request: what the operator (or the CNI plugin, or the API watch) asks for.
 /// [`PodSpec::check`] is what makes it valid; the stored record is this plus what enroll derived.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct PodSpec {
     pub name: String,
     /// The pod's namespace (Kubernetes'), when it has one: a label of its metrics and log
@@ -143,6 +152,19 @@ pub struct PodSpec {
     pub exclude_outbound_ports: Vec<u16>,
     #[serde(default)]
     pub exclude_outbound_cidrs: Vec<Cidr>,
+    /// Istio's `includeInboundPorts`: `None` is `*` (every port not excluded is captured); a
+    /// list, even empty, captures only those ports, and `exclude_inbound_ports` is then
+    /// ignored, as Istio does (Istio's own never-captured ports stay excluded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub include_inbound_ports: Option<Vec<u16>>,
+    /// Istio's `includeOutboundPorts`: captured whatever the destination address (with an
+    /// `include_outbound_cidrs` list), unless the port or the address is excluded.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub include_outbound_ports: Vec<u16>,
+    /// Istio's `includeOutboundIPRanges`: `None` is `*`; a list, even empty, captures only
+    /// destinations in those ranges (or to an included port). Exclusions win over it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub include_outbound_cidrs: Option<Vec<Cidr>>,
     pub proxy_inbound_port: u16,
     pub proxy_outbound_port: u16,
     /// Capture the application's DNS (UDP and TCP to port 53) to `proxy_dns_port` on loopback
@@ -155,6 +177,20 @@ pub struct PodSpec {
         skip_serializing_if = "is_default_dns_port"
     )]
     pub proxy_dns_port: u16,
+    /// The Kubernetes pod this record is, for pods enrolled from the container runtime (CNI,
+    /// CRI discovery); absent for pods enrolled by hand.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kube: Option<KubeRef>,
+}
+
+/// Which Kubernetes pod, and which of its sandboxes, a record is (see `crate::kubepods`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KubeRef {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+    /// The sandbox (CNI container id): a late DEL of an old sandbox never removes a newer one.
+    pub sandbox_id: String,
 }
 
 /// Istio's DNS proxy port.
@@ -386,8 +422,20 @@ impl PodSpec {
             let set: BTreeSet<u16> = list.iter().copied().collect();
             *list = set.into_iter().collect();
         }
-        let set: BTreeSet<Cidr> = self.exclude_outbound_cidrs.iter().copied().collect();
-        self.exclude_outbound_cidrs = set.into_iter().collect();
+        for list in [&mut self.include_outbound_ports]
+            .into_iter()
+            .chain(self.include_inbound_ports.as_mut())
+        {
+            let set: BTreeSet<u16> = list.iter().copied().collect();
+            *list = set.into_iter().collect();
+        }
+        for list in [&mut self.exclude_outbound_cidrs]
+            .into_iter()
+            .chain(self.include_outbound_cidrs.as_mut())
+        {
+            let set: BTreeSet<Cidr> = list.iter().copied().collect();
+            *list = set.into_iter().collect();
+        }
         for (which, port) in [
             ("inbound", self.proxy_inbound_port),
             ("outbound", self.proxy_outbound_port),
@@ -421,6 +469,7 @@ impl PodSpec {
             let n = self
                 .exclude_outbound_cidrs
                 .iter()
+                .chain(self.include_outbound_cidrs.iter().flatten())
                 .filter(|c| c.addr.is_ipv4() == v4)
                 .count();
             if n > MAX_CIDR_RULES_PER_POD as usize {
@@ -442,7 +491,10 @@ impl PodSpec {
     /// The pod's `namespace` and `pod` labels (metrics, logs): its namespace, empty for a pod
     /// enrolled without one, and its name.
     pub fn labels(&self) -> (&str, &str) {
-        (self.namespace.as_deref().unwrap_or(""), &self.name)
+        // A pod from the runtime is labelled with its Kubernetes name, not its record name
+        // (`NAMESPACE.NAME`, see `crate::kubepods::record_name`).
+        let pod = self.kube.as_ref().map_or(&self.name[..], |k| &k.name[..]);
+        (self.namespace.as_deref().unwrap_or(""), pod)
     }
 
     /// The pod's IPv4 address, if it has one.
@@ -468,9 +520,15 @@ impl PodSpec {
         !redirect_common::is_proxy_port(port)
             && port != self.proxy_inbound_port
             && port != self.proxy_outbound_port
-            && crate::rows::port_rules(self)
-                .get(&port)
-                .is_none_or(|bits| bits & redirect_common::port_rule::EXCLUDE_INBOUND == 0)
+            && {
+                use redirect_common::port_rule::{EXCLUDE_INBOUND, INCLUDE_INBOUND};
+                let bits = crate::rows::port_rules(self)
+                    .get(&port)
+                    .copied()
+                    .unwrap_or(0);
+                bits & EXCLUDE_INBOUND == 0
+                    && (self.include_inbound_ports.is_none() || bits & INCLUDE_INBOUND != 0)
+            }
     }
 
     /// The policy that applies to inbound port `port`: the per-port override or the pod's.

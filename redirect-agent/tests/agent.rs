@@ -473,6 +473,7 @@ fn two_hundred_concurrent_enroll_requests_all_succeed() {
             proxy_outbound_port: 15001,
             dns_capture: false,
             proxy_dns_port: 15053,
+            ..Default::default()
         })
         .collect();
     let go = Arc::new(std::sync::Barrier::new(200));

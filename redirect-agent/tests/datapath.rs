@@ -9,7 +9,7 @@
 
 mod common;
 
-use std::net::SocketAddr;
+use std::{net::SocketAddr, path::Path};
 
 use common::*;
 
@@ -93,6 +93,91 @@ fn conformance_matrix_proxy_dials_loopback() {
 #[test]
 fn conformance_matrix_proxy_dials_pod_ip() {
     conformance_matrix(ProxyDial::PodIp);
+}
+
+/// The conformance matrix with HAProxy 2.6 (Debian's package) as the server pod's sidecar
+/// instead of the test proxy: a third-party proxy that reads original destinations with
+/// `SO_ORIGINAL_DST`. Every cell gives the matrix's answer, HAProxy logs one inbound
+/// connection whose destination is the original one and which it dialled at that destination
+/// (pod-IP delivery, from 127.0.0.6 / ::6) or at loopback, and for IPv4 redirect's
+/// getsockopt program answered its `SO_ORIGINAL_DST` (`orig_dst_local`, one per connection).
+fn conformance_matrix_haproxy(delivery: ProxyDial) {
+    require!(Need::Root, datapath());
+    if !Path::new("/usr/sbin/haproxy").exists() {
+        // Not a kernel feature: `cargo xtask setup` installs it, so CI always runs this.
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "haproxy is not installed (cargo xtask setup)"
+        );
+        eprintln!("skipped: haproxy is not installed (cargo xtask setup installs it)");
+        return;
+    }
+    let node = Node::new().unwrap();
+    let server = node.add_pod("server").unwrap();
+    let client = node.add_pod("client").unwrap();
+    let _apps = matrix_apps(&server);
+    let haproxy = Haproxy::start(&node, &server, delivery, "haproxy");
+    let agent = Agent::new();
+
+    let mut failures = Failures::default();
+    for policy in POLICIES {
+        agent.enroll(&server, &["--inbound-policy", policy.name()]);
+        for f in Family::BOTH {
+            for port in [POD_IP_PORT, LOOPBACK_PORT, WILDCARD_PORT] {
+                let to = sock(f.pod_ip(&server), port);
+                let cell = format!(
+                    "haproxy {delivery}, policy {policy}, {}, app :{port}",
+                    f.name()
+                );
+                let seen = haproxy.entries().len();
+                let before = agent.stats(&server.name);
+                let got = probe(&client, to);
+                let expect = matrix_expect(&server, delivery, policy, f, port);
+                failures.check(&cell, expect, &got);
+                let new = haproxy.new_entries(seen);
+                let target = match delivery {
+                    ProxyDial::PodIp => to,
+                    ProxyDial::Loopback => sock(f.loopback(), port),
+                };
+                let ok = |e: &redirect_testbed::proxy::haproxy::HaproxyLogEntry| {
+                    e.frontend == format!("inbound{}", if to.is_ipv4() { 4 } else { 6 })
+                        && e.dst == to
+                        && e.server == Some(target)
+                        && (delivery == ProxyDial::Loopback
+                            || e.source.is_none()
+                            || e.source.map(|s| s.ip()) == Some(f.passthrough_src()))
+                };
+                if new.len() != 1 || !ok(&new[0]) {
+                    failures.push(format!(
+                        "{cell}: expected one inbound HAProxy log entry with dst {to} and \
+                         server {target}, got {new:?}"
+                    ));
+                }
+                let answered = delta(&before, &agent.stats(&server.name))
+                    .get("orig_dst_local")
+                    .copied()
+                    .unwrap_or(0);
+                let want = u64::from(to.is_ipv4());
+                if answered != want {
+                    failures.push(format!(
+                        "{cell}: orig_dst_local moved by {answered}, expected {want} \
+                         (HAProxy asks SO_ORIGINAL_DST at SOL_IP)"
+                    ));
+                }
+            }
+        }
+    }
+    failures.assert_none(&format!("conformance matrix, HAProxy delivery {delivery}"));
+}
+
+#[test]
+fn conformance_matrix_haproxy_dials_loopback() {
+    conformance_matrix_haproxy(ProxyDial::Loopback);
+}
+
+#[test]
+fn conformance_matrix_haproxy_dials_pod_ip() {
+    conformance_matrix_haproxy(ProxyDial::PodIp);
 }
 
 /// An echo application (uid 1000) on the wildcard addresses of both families, on each port.

@@ -639,6 +639,7 @@ fn cgroup2_root_is_refused_without_risk() {
         proxy_outbound_port: 15001,
         dns_capture: false,
         proxy_dns_port: 15053,
+        ..Default::default()
     };
     let err = redirect_agent::enroll::inspect(spec).expect_err("the cgroup2 root is refused");
     assert!(

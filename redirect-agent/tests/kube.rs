@@ -314,7 +314,14 @@ fn api_server_going_away_and_back_is_survived() {
     // A second enrolled pod, deleted from the API while the agent cannot see it.
     let other = s.node.add_pod("other").unwrap();
     s.agent.enroll(&other, &[]);
-    s.api.apply_pod(api_pod(&other, json!({})));
+    // With a setting to apply: its Updated Event says the watch has seen the pod.
+    s.api.apply_pod(api_pod(
+        &other,
+        json!({"traffic.sidecar.istio.io/excludeInboundPorts": "18099"}),
+    ));
+    wait_for("the watch to see the second pod", PATIENCE, || {
+        (!events_for(&s.api, &other.name, "Updated").is_empty()).then_some(())
+    });
     s.api.stop();
     let (code, why) = wait_for("/readyz to say 503", PATIENCE, || {
         s.daemon.readyz().filter(|(c, _)| *c == 503)

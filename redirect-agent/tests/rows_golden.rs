@@ -29,6 +29,7 @@ fn base(name: &str) -> PodSpec {
         proxy_outbound_port: 15001,
         dns_capture: false,
         proxy_dns_port: 15053,
+        ..Default::default()
     }
 }
 
@@ -82,6 +83,39 @@ fn exclusions_and_port_policies_merge_per_port() {
         "0.0.0.0/0".parse().unwrap(),
     ];
     golden("exclusions_and_port_policies", s, 4095, 1 << 40);
+}
+
+#[test]
+fn include_lists_as_istio() {
+    let mut s = base("includes");
+    s.pod_ips.push("2001:db8::10".parse().unwrap());
+    // With includeInboundPorts, excludeInboundPorts means nothing (Istio ignores it); Istio's
+    // own never-captured ports stay excluded.
+    s.include_inbound_ports = Some(vec![9090, 8080, 8080]);
+    s.exclude_inbound_ports = vec![7070];
+    s.include_outbound_ports = vec![5432];
+    s.exclude_outbound_ports = vec![5432, 3306];
+    // 198.18.1.0/24 lies inside an excluded range: left out, so the exclusion wins as in
+    // Istio's rules; 198.18.0.0/16 holds the excluded 198.18.100.0/24, which the longer prefix
+    // decides.
+    s.include_outbound_cidrs = Some(vec![
+        "198.18.0.0/16".parse().unwrap(),
+        "198.19.1.0/24".parse().unwrap(),
+        "2001:db8::/32".parse().unwrap(),
+    ]);
+    s.exclude_outbound_cidrs = vec![
+        "198.18.100.0/24".parse().unwrap(),
+        "198.19.0.0/16".parse().unwrap(),
+    ];
+    golden("include_lists", s, 3, 77);
+}
+
+#[test]
+fn empty_include_lists_capture_nothing_that_way() {
+    let mut s = base("include-none");
+    s.include_inbound_ports = Some(vec![]);
+    s.include_outbound_cidrs = Some(vec![]);
+    golden("include_nothing", s, 1, 5);
 }
 
 #[test]

@@ -212,7 +212,7 @@ impl Bed {
                 .with_context(|| format!("installing the iptables rules in {}", pod.name))?;
             }
         }
-        if cfg.mode == Mode::Ebpf {
+        if cfg.mode.enrolled() {
             for (name, pod) in [
                 ("bench-client", &self.client),
                 ("bench-server", &self.server),
@@ -240,6 +240,7 @@ impl Bed {
                 let p = match kind {
                     ProxyKind::TestProxy => self.spawn_test_proxy(cfg.mode, side, pod)?,
                     ProxyKind::Nginx => self.spawn_nginx(cfg.mode, side, pod)?,
+                    ProxyKind::Haproxy => self.spawn_haproxy(cfg.mode, side, pod)?,
                 };
                 running.proxies.push(p);
             }
@@ -315,7 +316,7 @@ impl Bed {
                 "pod-ip"
             },
         ]);
-        if mode == Mode::Explicit {
+        if mode.explicit() {
             let upstream = match side {
                 "client" => SocketAddr::new(self.server.ip4.into(), INBOUND_PORT),
                 _ => self.server_app(),
@@ -339,7 +340,7 @@ impl Bed {
         fs::create_dir_all(dir.join("logs"))?;
         let app = self.server_app();
         let server_block = match (side, mode) {
-            ("client", Mode::Explicit) => format!(
+            ("client", Mode::Explicit | Mode::ExplicitEnrolled) => format!(
                 "server {{ listen {OUTBOUND_PORT}; proxy_pass {}:{INBOUND_PORT}; }}\n\
                  server {{ listen {INBOUND_PORT}; proxy_pass {app}; }}",
                 self.server.ip4
@@ -379,6 +380,44 @@ impl Bed {
             .arg(dir.join("nginx.conf"));
         let mut cmd = self.pinned(&mut cmd);
         cmd.stdin(Stdio::null()).stdout(Stdio::null());
+        pod.spawn(PROXY_UID, cmd)
+    }
+}
+
+impl Bed {
+    /// HAProxy as a transparent sidecar: outbound to the original destination it reads with
+    /// `SO_ORIGINAL_DST` (redirect's getsockopt program, or conntrack under iptables), inbound
+    /// to the same destination from 127.0.0.6, or to 127.0.0.1 at its port for the pre-1.10
+    /// rules; fixed upstreams in `explicit`, as the other proxies have.
+    fn spawn_haproxy(&self, mode: Mode, side: &str, pod: &Pod) -> Result<PodProcess> {
+        use redirect_testbed::proxy::haproxy::HaproxyConfig;
+        use redirect_testbed::ProxyDial;
+        let dir = self
+            .node
+            .scratch_dir()
+            .join(format!("haproxy-{side}-{}", mode.name()));
+        let upstream = mode.explicit().then(|| {
+            (
+                SocketAddr::new(self.server.ip4.into(), INBOUND_PORT),
+                self.server_app(),
+            )
+        });
+        let cfg = HaproxyConfig {
+            inbound_port: INBOUND_PORT,
+            outbound_port: OUTBOUND_PORT,
+            dial: if mode.loopback_delivery() {
+                ProxyDial::Loopback
+            } else {
+                ProxyDial::PodIp
+            },
+            upstream,
+            ipv6: false,
+            log: false,
+        };
+        let mut cmd = self.pinned(&mut cfg.command(&dir)?);
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
         pod.spawn(PROXY_UID, cmd)
     }
 }

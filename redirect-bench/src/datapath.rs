@@ -24,7 +24,7 @@ use std::{
     fs,
     path::{Path, PathBuf},
     process::Command,
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use anyhow::{ensure, Context as _, Result};
@@ -34,8 +34,9 @@ use serde_json::{json, Value};
 use crate::bed::{Bed, NGINX_STREAM_MODULE};
 use crate::crowd::Crowd;
 use crate::modes::{
-    BpfStat, Config, Mode, ProxyKind, Sample, Scale, Timing, BULK, CRR, RR_1B, RR_1K,
+    BpfStat, Config, Mode, ProxyKind, Sample, Scale, Timing, Workload, BULK, CRR, RR_1B, RR_1K,
 };
+use crate::report::{Groups, Key};
 
 /// Debian packages the benchmark needs beyond `cargo xtask setup`'s.
 const PACKAGES: &[&str] = &[
@@ -47,6 +48,7 @@ const PACKAGES: &[&str] = &[
     "nftables",
     "bpftool",
     "util-linux",
+    "haproxy",
 ];
 
 #[derive(Clone, clap::Args)]
@@ -73,6 +75,14 @@ pub struct Opts {
     /// Leave out the nginx proxy.
     #[arg(long)]
     pub no_nginx: bool,
+    /// Leave out the HAProxy proxy.
+    #[arg(long)]
+    pub no_haproxy: bool,
+    /// Time budget of the whole run in seconds (default 1140; 0 with --quick): after the fixed
+    /// repetitions, more rounds of the comparisons whose interval is too wide to decide are
+    /// measured while the budget lasts.
+    #[arg(long)]
+    pub budget_s: Option<u64>,
 }
 
 pub fn run(opts: Opts) -> Result<()> {
@@ -104,12 +114,15 @@ pub fn run(opts: Opts) -> Result<()> {
             bulk_ms: 200,
         }
     } else {
+        // Shorter windows and more rounds: the intervals come from the spread between rounds,
+        // which more rounds narrow and longer windows do not.
         Timing {
             warmup_ms: 200,
-            duration_ms: 1500,
-            bulk_ms: 1000,
+            duration_ms: 1000,
+            bulk_ms: 700,
         }
     };
+    let budget = Duration::from_secs(opts.budget_s.unwrap_or(if quick { 0 } else { 1140 }));
     let rule_counts: Vec<usize> = if quick {
         vec![1, 100]
     } else {
@@ -150,9 +163,17 @@ pub fn run(opts: Opts) -> Result<()> {
     if nginx {
         proxies.push(ProxyKind::Nginx);
     }
+    let haproxy =
+        !opts.no_haproxy && dev::output_if_success(Command::new("haproxy").arg("-v")).is_some();
+    if haproxy {
+        proxies.push(ProxyKind::Haproxy);
+    } else if !opts.no_haproxy {
+        println!("  haproxy not found: HAProxy left out");
+    }
     for proxy in &proxies {
         for mode in [
             Mode::Explicit,
+            Mode::ExplicitEnrolled,
             Mode::IptablesNft,
             Mode::IptablesLegacy,
             Mode::IptablesLocalhost,
@@ -168,9 +189,19 @@ pub fn run(opts: Opts) -> Result<()> {
     let scale_modes = [Mode::IptablesNft, Mode::IptablesLegacy, Mode::Ebpf];
     let pods_modes = [Mode::Explicit, Mode::IptablesNft, Mode::Ebpf];
 
-    let total = reps * configs.len() * workloads.len()
+    let per_round: usize = configs
+        .iter()
+        .map(|c| {
+            if c.mode == Mode::ExplicitEnrolled {
+                1
+            } else {
+                workloads.len()
+            }
+        })
+        .sum();
+    let total = reps * per_round
         + reps * rule_counts.len() * scale_modes.len()
-        + workloads.len() * proxies.len()
+        + 3 * proxies.len()
         + reps * pods_modes.len() * 2;
     let mut progress = Progress::new(total);
     let mut samples = Vec::new();
@@ -184,6 +215,9 @@ pub fn run(opts: Opts) -> Result<()> {
         for cfg in &configs {
             let running = bed.start(*cfg, Scale::default())?;
             for wl in &workloads {
+                if cfg.mode == Mode::ExplicitEnrolled && wl.kind != "crr" {
+                    continue;
+                }
                 let s = bed.measure("main", *cfg, *wl, rep, Scale::default(), timing, &running)?;
                 progress.tick(rep, reps, &s);
                 samples.push(s);
@@ -222,35 +256,42 @@ pub fn run(opts: Opts) -> Result<()> {
     let mut bpf = Vec::new();
     {
         let _stats = crate::sys::enable_bpf_stats()?;
+        // rr-1B shows that kept connections run no program; crr-1B what setup costs, also
+        // with the programs attached but nothing redirected (explicit+enrolled).
         for proxy in &proxies {
-            let cfg = Config {
-                mode: Mode::Ebpf,
-                proxy: Some(*proxy),
-            };
-            let running = bed.start(cfg, Scale::default())?;
-            for wl in &workloads {
-                let before = bed.bpf_stats()?;
-                let s =
-                    bed.measure("bpf-stats", cfg, *wl, 0, Scale::default(), timing, &running)?;
-                let after = bed.bpf_stats()?;
-                // The statistics also count the warm-up, so divide by every operation.
-                let ops = s.load["ops"].as_u64().unwrap_or(0)
-                    + s.load["warmup_ops"].as_u64().unwrap_or(0);
-                for (prog, (cnt, ns)) in &after {
-                    let (c0, n0) = before.get(prog).copied().unwrap_or_default();
-                    bpf.push(BpfStat {
-                        config: cfg.label(),
-                        workload: wl.name,
-                        program: prog,
-                        run_cnt: cnt - c0,
-                        run_time_ns: ns - n0,
-                        ops,
-                    });
+            for (mode, wls) in [
+                (Mode::Ebpf, &[RR_1B, CRR][..]),
+                (Mode::ExplicitEnrolled, &[CRR][..]),
+            ] {
+                let cfg = Config {
+                    mode,
+                    proxy: Some(*proxy),
+                };
+                let running = bed.start(cfg, Scale::default())?;
+                for wl in wls {
+                    let before = bed.bpf_stats()?;
+                    let s =
+                        bed.measure("bpf-stats", cfg, *wl, 0, Scale::default(), timing, &running)?;
+                    let after = bed.bpf_stats()?;
+                    // The statistics also count the warm-up, so divide by every operation.
+                    let ops = s.load["ops"].as_u64().unwrap_or(0)
+                        + s.load["warmup_ops"].as_u64().unwrap_or(0);
+                    for (prog, (cnt, ns)) in &after {
+                        let (c0, n0) = before.get(prog).copied().unwrap_or_default();
+                        bpf.push(BpfStat {
+                            config: cfg.label(),
+                            workload: wl.name,
+                            program: prog,
+                            run_cnt: cnt - c0,
+                            run_time_ns: ns - n0,
+                            ops,
+                        });
+                    }
+                    progress.tick(0, 1, &s);
+                    samples.push(s);
                 }
-                progress.tick(0, 1, &s);
-                samples.push(s);
+                bed.stop(running)?;
             }
-            bed.stop(running)?;
         }
     }
 
@@ -293,6 +334,8 @@ pub fn run(opts: Opts) -> Result<()> {
     let crowd_unenroll_s = t.elapsed().as_secs_f64();
     drop(crowd);
 
+    let extra_rounds = more_rounds(&bed, &proxies, reps, timing, started, budget, &mut samples)?;
+
     let bad: Vec<String> = samples
         .iter()
         .filter(|s| !s.path_ok)
@@ -301,6 +344,7 @@ pub fn run(opts: Opts) -> Result<()> {
 
     let results = json!({
         "meta": meta(&opts, reps, cpu, timing, nginx, started.elapsed().as_secs_f64())?,
+        "extra_rounds": extra_rounds,
         "crowd": {
             "extra_pods": extra_pods,
             "create_s": crowd_create_s,
@@ -332,6 +376,99 @@ pub fn run(opts: Opts) -> Result<()> {
         started.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+/// The comparisons the adaptive rounds try to decide: `ebpf` against `explicit` and
+/// `iptables-nft` (the targets), per proxy, for latency and CPU of rr-1B and crr-1B.
+const DECIDE_BASES: &[Mode] = &[Mode::Explicit, Mode::IptablesNft];
+const DECIDE_WORKLOADS: &[Workload] = &[RR_1B, CRR];
+const DECIDE_METRICS: &[&str] = &["p50", "cpu_per_op"];
+
+/// The (proxy, workload) pairs with a comparison whose interval is too wide to decide.
+fn undecided(samples: &[Sample], proxies: &[ProxyKind]) -> Result<Vec<(ProxyKind, Workload)>> {
+    let results = json!({ "samples": samples });
+    let g = Groups::new(&results);
+    let mut out = Vec::new();
+    for proxy in proxies {
+        for wl in DECIDE_WORKLOADS {
+            let e = Key::main(&format!("ebpf/{}", proxy.name()), wl.name);
+            let open = DECIDE_BASES.iter().any(|base| {
+                let b = Key::main(&format!("{}/{}", base.name(), proxy.name()), wl.name);
+                DECIDE_METRICS
+                    .iter()
+                    .any(|m| !g.ratio(&e, &b, m).decided(1.0))
+            });
+            if open {
+                out.push((*proxy, *wl));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// More interleaved rounds (numbered after the fixed ones, so they pair like them) of the
+/// configurations in undecided comparisons, while the time budget lasts. Returns how many.
+fn more_rounds(
+    bed: &Bed,
+    proxies: &[ProxyKind],
+    reps: usize,
+    timing: Timing,
+    started: Instant,
+    budget: Duration,
+    samples: &mut Vec<Sample>,
+) -> Result<usize> {
+    let mut rounds = 0;
+    // Kept for the report and the shutdown: a round must fit with this much to spare.
+    let reserve = Duration::from_secs(20);
+    let mut last_round = Duration::ZERO;
+    loop {
+        let open = undecided(samples, proxies)?;
+        if open.is_empty() {
+            println!("  every compared interval is decided");
+            break;
+        }
+        if started.elapsed() + last_round + reserve > budget {
+            println!(
+                "  {} (proxy, workload) comparisons still undecided; time budget of {} s used",
+                open.len(),
+                budget.as_secs()
+            );
+            break;
+        }
+        if rounds == 0 {
+            dev::header("bench datapath: more rounds of the undecided comparisons");
+        }
+        let t = Instant::now();
+        let rep = reps + rounds;
+        let mut progress = Progress::new(open.len() * (DECIDE_BASES.len() + 1));
+        for proxy in proxies {
+            let wls: Vec<Workload> = open
+                .iter()
+                .filter(|(p, _)| p == proxy)
+                .map(|(_, w)| *w)
+                .collect();
+            if wls.is_empty() {
+                continue;
+            }
+            for mode in DECIDE_BASES.iter().copied().chain([Mode::Ebpf]) {
+                let cfg = Config {
+                    mode,
+                    proxy: Some(*proxy),
+                };
+                let running = bed.start(cfg, Scale::default())?;
+                for wl in &wls {
+                    let s =
+                        bed.measure("main", cfg, *wl, rep, Scale::default(), timing, &running)?;
+                    progress.tick(rep, rep + 1, &s);
+                    samples.push(s);
+                }
+                bed.stop(running)?;
+            }
+        }
+        rounds += 1;
+        last_round = t.elapsed();
+    }
+    Ok(rounds)
 }
 
 fn meta(
@@ -376,6 +513,7 @@ fn meta(
         "os": sh("sh", &["-c", ". /etc/os-release && echo $PRETTY_NAME"]),
         "iptables": sh("iptables", &["--version"]),
         "nginx": if nginx { sh("sh", &["-c", "nginx -v 2>&1"]) } else { String::new() },
+        "haproxy": sh("sh", &["-c", "haproxy -v 2>/dev/null | head -1"]),
         "quick": opts.quick,
         "reps": reps,
         "pinned_cpu": cpu,

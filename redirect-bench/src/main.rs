@@ -22,6 +22,7 @@ mod istio;
 mod measure;
 mod modes;
 mod report;
+mod stats;
 mod sys;
 
 use anyhow::Result;

@@ -14,6 +14,10 @@ use crate::istio::Generation;
 pub enum Mode {
     Direct,
     Explicit,
+    /// `explicit` with both pods enrolled: redirect's programs attached and run on every
+    /// socket, but nothing to redirect (the clients dial the proxies). Separates the cost of
+    /// the attached programs from the cost of redirection; measured for crr-1B only.
+    ExplicitEnrolled,
     IptablesNft,
     IptablesLegacy,
     IptablesLocalhost,
@@ -25,6 +29,7 @@ impl Mode {
         match self {
             Mode::Direct => "direct",
             Mode::Explicit => "explicit",
+            Mode::ExplicitEnrolled => "explicit+enrolled",
             Mode::IptablesNft => "iptables-nft",
             Mode::IptablesLegacy => "iptables-legacy",
             Mode::IptablesLocalhost => "iptables-localhost",
@@ -41,6 +46,16 @@ impl Mode {
         }
     }
 
+    /// Whether the clients dial the proxies themselves (fixed upstreams, no interception).
+    pub fn explicit(self) -> bool {
+        matches!(self, Mode::Explicit | Mode::ExplicitEnrolled)
+    }
+
+    /// Whether both pods are enrolled with redirect.
+    pub fn enrolled(self) -> bool {
+        matches!(self, Mode::Ebpf | Mode::ExplicitEnrolled)
+    }
+
     /// Whether the server proxy delivers to 127.0.0.1:P (else POD_IP:P from 127.0.0.6).
     pub fn loopback_delivery(self) -> bool {
         self == Mode::IptablesLocalhost
@@ -54,6 +69,9 @@ pub enum ProxyKind {
     TestProxy,
     /// nginx stream module.
     Nginx,
+    /// HAProxy 2.6 as a transparent sidecar (`SO_ORIGINAL_DST`, see
+    /// `redirect_testbed::proxy::haproxy`).
+    Haproxy,
 }
 
 impl ProxyKind {
@@ -61,6 +79,7 @@ impl ProxyKind {
         match self {
             ProxyKind::TestProxy => "test-proxy",
             ProxyKind::Nginx => "nginx",
+            ProxyKind::Haproxy => "haproxy",
         }
     }
 }

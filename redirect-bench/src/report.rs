@@ -6,6 +6,11 @@ use std::{collections::BTreeMap, fmt::Write as _, fs, path::Path};
 use anyhow::{Context as _, Result};
 use serde_json::Value;
 
+use crate::stats::{self, Better, Interval};
+
+/// The proxies a report knows, in the order it shows them.
+pub const PROXIES: &[&str] = &["test-proxy", "nginx", "haproxy"];
+
 /// Median, min and max of one metric over repetitions.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Agg {
@@ -28,13 +33,8 @@ impl Agg {
         }
         v.sort_by(|a, b| a.total_cmp(b));
         let n = v.len();
-        let med = if n % 2 == 1 {
-            v[n / 2]
-        } else {
-            (v[n / 2 - 1] + v[n / 2]) / 2.0
-        };
         Agg {
-            med,
+            med: stats::median(&v),
             min: v[0],
             max: v[n - 1],
             n,
@@ -63,6 +63,42 @@ pub fn metric(s: &Value, name: &str) -> f64 {
 }
 
 const GIB: f64 = (1u64 << 30) as f64;
+
+/// One group of samples: a configuration's measurements of one workload in one phase.
+#[derive(Clone, Debug)]
+pub struct Key {
+    pub phase: String,
+    pub config: String,
+    pub workload: String,
+    pub rules: u64,
+    pub pods: u64,
+}
+
+impl Key {
+    pub fn main(config: &str, workload: &str) -> Key {
+        Key::new("main", config, workload, 0, 0)
+    }
+
+    pub fn new(phase: &str, config: &str, workload: &str, rules: u64, pods: u64) -> Key {
+        Key {
+            phase: phase.to_owned(),
+            config: config.to_owned(),
+            workload: workload.to_owned(),
+            rules,
+            pods,
+        }
+    }
+
+    fn tuple(&self) -> (String, String, String, u64, u64) {
+        (
+            self.phase.clone(),
+            self.config.clone(),
+            self.workload.clone(),
+            self.rules,
+            self.pods,
+        )
+    }
+}
 
 /// Samples grouped by (phase, config, workload, rules, extra_pods).
 pub struct Groups<'a> {
@@ -109,6 +145,33 @@ impl<'a> Groups<'a> {
         )
     }
 
+    /// `(a, b)` of metric `m` for every round (`rep`) in which both `a` and `b` were measured:
+    /// the pairs a comparison of the two is bootstrapped from.
+    pub fn pairs(&self, a: &Key, b: &Key, m: &str) -> Vec<(f64, f64)> {
+        let by_rep = |k: &Key| -> BTreeMap<u64, f64> {
+            self.map
+                .get(&k.tuple())
+                .into_iter()
+                .flatten()
+                .filter_map(|s| Some((s["rep"].as_u64()?, metric(s, m))))
+                .collect()
+        };
+        let (ma, mb) = (by_rep(a), by_rep(b));
+        ma.iter()
+            .filter_map(|(r, x)| Some((*x, *mb.get(r)?)))
+            .collect()
+    }
+
+    /// `median(a) / median(b)` of metric `m` with its interval over the paired rounds.
+    pub fn ratio(&self, a: &Key, b: &Key, m: &str) -> Interval {
+        stats::ratio_of_medians(&self.pairs(a, b, m))
+    }
+
+    /// `median(a) - median(b)` of metric `m` with its interval over the paired rounds.
+    pub fn difference(&self, a: &Key, b: &Key, m: &str) -> Interval {
+        stats::difference_of_medians(&self.pairs(a, b, m))
+    }
+
     /// Configs of a phase, in first-seen order of the run.
     pub fn configs(results: &Value, phase: &str) -> Vec<String> {
         let mut v: Vec<String> = Vec::new();
@@ -144,13 +207,39 @@ fn cell(a: Agg) -> String {
     }
 }
 
-fn ratio(a: Agg, b: Agg) -> String {
-    let r = a.med / b.med;
-    if r.is_finite() {
-        format!("{r:.3}")
-    } else {
-        "–".into()
+/// A ratio with its 95 % interval and the verdict for a metric where `better` is good:
+/// `0.812 [0.750, 0.871] faster`.
+fn ratio_cell(i: Interval, better: Better) -> String {
+    if !i.point.is_finite() {
+        return "–".into();
     }
+    if !i.lo.is_finite() {
+        return format!("{:.3}", i.point);
+    }
+    format!(
+        "{:.3} [{:.3}, {:.3}] {}",
+        i.point,
+        i.lo,
+        i.hi,
+        i.verdict(better).name()
+    )
+}
+
+/// A difference with its 95 % interval: `+60.5 [+40.1, +80.2]`, and the verdict.
+fn difference_cell(i: Interval, better: Better) -> String {
+    if !i.point.is_finite() {
+        return "–".into();
+    }
+    if !i.lo.is_finite() {
+        return format!("{:+.1}", i.point);
+    }
+    format!(
+        "{:+.1} [{:+.1}, {:+.1}] {}",
+        i.point,
+        i.lo,
+        i.hi,
+        i.verdict(better).name()
+    )
 }
 
 pub fn rewrite(from: &Path) -> Result<()> {
@@ -221,6 +310,9 @@ pub fn write(results: &Value, out_dir: &Path, md_path: &Path) -> Result<()> {
     writeln!(w, "| OS | {} |", s(&meta["os"]))?;
     writeln!(w, "| iptables | {} |", s(&meta["iptables"]))?;
     writeln!(w, "| nginx | {} |", s(&meta["nginx"]))?;
+    if !s(&meta["haproxy"]).is_empty() {
+        writeln!(w, "| HAProxy | {} |", s(&meta["haproxy"]))?;
+    }
     writeln!(w, "| binaries | {} profile |", s(&meta["profile"]))?;
     writeln!(
         w,
@@ -246,6 +338,7 @@ pub fn write(results: &Value, out_dir: &Path, md_path: &Path) -> Result<()> {
     }
     full_tables(w, results, &groups)?;
     ratios(w, results, &groups)?;
+    setup_cost(w, results, &groups)?;
     scale(w, results, &groups, &charts, &rel)?;
     pods(w, results, &groups)?;
     bpf(w, results)?;
@@ -285,7 +378,12 @@ Proxies: the project's **test proxy** (`redirect-testbed proxy`: a thread per co
 `libnginx-mod-stream`). nginx cannot read `SO_ORIGINAL_DST`, so its outbound listener always \
 proxies to the server application; its inbound listener proxies to `$server_addr:$server_port` \
 (the original destination when capture keeps it, as sk_lookup does) with `proxy_bind 127.0.0.6`, \
-and to the application's fixed address when the local port is the capture port (REDIRECT).\n\n\
+and to the application's fixed address when the local port is the capture port (REDIRECT). \
+**HAProxy** 2.6 (Debian `haproxy`) is a transparent sidecar: its outbound listener forwards to \
+`server 0.0.0.0` (no port), the original destination HAProxy reads with `SO_ORIGINAL_DST` \
+(answered by redirect's `cgroup/getsockopt` program, or by conntrack under iptables); its \
+inbound listener forwards to the same destination with `source 127.0.0.6` (to `127.0.0.1` at \
+the destination's port for the pre-1.10 rules); one thread, no logging.\n\n\
 Workloads (Rust load generator, `redirect-testbed load`, HDR histograms, one connection at a \
 time): `rr-1B` and `rr-1KiB` request/response on one kept connection; `crr-1B` connect, \
 request/response, close; `bulk` one connection streaming 64 KiB writes through the echo path \
@@ -293,6 +391,20 @@ request/response, close; `bulk` one connection streaming 64 KiB writes through t
 application) are pinned to one CPU: on this VM cross-CPU wake-ups triple latency and make p99 \
 meaningless. The configurations are measured **interleaved** (A B C … A B C …) so that drift \
 falls on all alike; figures are the **median of the repetitions, with (min–max)**.\n\n\
+**Statistics.** A round measures every configuration once, so a comparison of two \
+configurations is a set of pairs, one per round. Every ratio and difference the report \
+prints comes with a 95 % interval from a **paired bootstrap over the rounds** (4 000 \
+replicates drawing whole rounds with replacement, ratio or difference of the medians, \
+percentile interval; ChaCha8 with a fixed seed, so rewriting the report from the JSON gives \
+the same intervals; `redirect-bench/src/stats.rs`, unit-tested on synthetic data). The \
+verdict is read off the interval: **faster** or **slower** when it lies entirely on one side \
+of no difference, **within noise** when it contains it. After the fixed rounds, the \
+comparisons of `ebpf` with `explicit` and `iptables-nft` (rr-1B and crr-1B, p50 and CPU) \
+whose interval contains no difference but is wider than ±5 % get **more rounds** of just \
+the configurations involved, while the run's time budget (19 minutes) lasts. A percentile \
+bootstrap over few rounds is somewhat too narrow (on synthetic data with 8 rounds, about 6 % \
+of identical pairs are called different instead of 5 %): read a verdict at the edge of its \
+interval as weak.\n\n\
 **CPU per operation** is the `usage_usec` delta of both pods' cgroups over the measured window \
 (load generator, proxies, application, and the kernel work charged to them), divided by the \
 operations. **Conntrack** is `conntrack -C` in both pods after the window (tables flushed \
@@ -316,16 +428,19 @@ const MODES: &[&str] = &[
 
 fn headline(w: &mut String, results: &Value, g: &Groups) -> Result<()> {
     let configs = Groups::configs(results, "main");
-    let proxies: Vec<&str> = ["test-proxy", "nginx"]
-        .into_iter()
+    let proxies: Vec<&str> = PROXIES
+        .iter()
+        .copied()
         .filter(|p| configs.iter().any(|c| c.ends_with(p)))
         .collect();
     writeln!(w, "## Headline: interception cost over `explicit`\n")?;
     writeln!(
         w,
         "The cost each mechanism adds on top of the same proxies dialled explicitly, from the \
-         medians of this run: latency in µs added at p50, CPU µs added per operation. \
-         `direct` (no proxy at all) is shown for scale.\n"
+         medians of this run: latency in µs added at p50 and CPU µs added per operation, each \
+         with its 95 % interval over the paired rounds and the verdict the interval gives \
+         (\"slower\": the mode costs more than `explicit`). `direct` (no proxy at all) is \
+         shown for scale.\n"
     )?;
     for proxy in &proxies {
         writeln!(w, "**{proxy}**\n")?;
@@ -334,32 +449,32 @@ fn headline(w: &mut String, results: &Value, g: &Groups) -> Result<()> {
             "| mode | rr-1B p50 µs | +µs | crr-1B p50 µs | +µs | crr-1B rate /s | crr CPU µs/op | +µs | rr-1B CPU µs/op | +µs |"
         )?;
         writeln!(w, "|---|---|---|---|---|---|---|---|---|---|")?;
-        let base = |wl: &str, m: &str| g.agg("main", &format!("explicit/{proxy}"), wl, 0, 0, m).med;
-        let d = |x: f64, b: f64| format!("{:+.1}", x - b);
-        let direct = "direct".to_owned();
+        let base = format!("explicit/{proxy}");
         for mode in std::iter::once("direct").chain(MODES.iter().copied()) {
             let cfg = if mode == "direct" {
-                direct.clone()
+                "direct".to_owned()
             } else {
                 format!("{mode}/{proxy}")
             };
-            let rr = g.agg("main", &cfg, "rr-1B", 0, 0, "p50").med;
-            let crr = g.agg("main", &cfg, "crr-1B", 0, 0, "p50").med;
-            let rate = g.agg("main", &cfg, "crr-1B", 0, 0, "rate").med;
-            let ccpu = g.agg("main", &cfg, "crr-1B", 0, 0, "cpu_per_op").med;
-            let rcpu = g.agg("main", &cfg, "rr-1B", 0, 0, "cpu_per_op").med;
+            let med = |wl: &str, m: &str| g.agg("main", &cfg, wl, 0, 0, m).med;
+            let d = |wl: &str, m: &str| {
+                difference_cell(
+                    g.difference(&Key::main(&cfg, wl), &Key::main(&base, wl), m),
+                    Better::of_metric(m),
+                )
+            };
             writeln!(
                 w,
                 "| `{mode}` | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
-                fmt_num(rr),
-                d(rr, base("rr-1B", "p50")),
-                fmt_num(crr),
-                d(crr, base("crr-1B", "p50")),
-                fmt_num(rate),
-                fmt_num(ccpu),
-                d(ccpu, base("crr-1B", "cpu_per_op")),
-                fmt_num(rcpu),
-                d(rcpu, base("rr-1B", "cpu_per_op")),
+                fmt_num(med("rr-1B", "p50")),
+                d("rr-1B", "p50"),
+                fmt_num(med("crr-1B", "p50")),
+                d("crr-1B", "p50"),
+                fmt_num(med("crr-1B", "rate")),
+                fmt_num(med("crr-1B", "cpu_per_op")),
+                d("crr-1B", "cpu_per_op"),
+                fmt_num(med("rr-1B", "cpu_per_op")),
+                d("rr-1B", "cpu_per_op"),
             )?;
         }
         writeln!(w)?;
@@ -378,6 +493,9 @@ fn full_tables(w: &mut String, results: &Value, g: &Groups) -> Result<()> {
         )?;
         writeln!(w, "|---|---|---|---|---|---|---|")?;
         for c in &configs {
+            if g.agg("main", c, wl, 0, 0, "rate").n == 0 {
+                continue;
+            }
             let a = |m: &str| cell(g.agg("main", c, wl, 0, 0, m));
             writeln!(
                 w,
@@ -399,6 +517,9 @@ fn full_tables(w: &mut String, results: &Value, g: &Groups) -> Result<()> {
     )?;
     writeln!(w, "|---|---|---|---|")?;
     for c in &configs {
+        if g.agg("main", c, "bulk", 0, 0, "rate").n == 0 {
+            continue;
+        }
         let a = |m: &str| cell(g.agg("main", c, "bulk", 0, 0, m));
         writeln!(
             w,
@@ -412,43 +533,177 @@ fn full_tables(w: &mut String, results: &Value, g: &Groups) -> Result<()> {
     Ok(())
 }
 
+/// The workloads and metrics of the ratio table.
+pub const RATIO_METRICS: &[(&str, &[&str])] = &[
+    ("rr-1B", &["rate", "p50", "p99", "cpu_per_op"]),
+    ("rr-1KiB", &["rate", "p50", "p99", "cpu_per_op"]),
+    ("crr-1B", &["rate", "p50", "p99", "cpu_per_op"]),
+    ("bulk", &["gib_s", "cpu_s_per_gib"]),
+];
+
+/// The modes `ebpf` is compared with in the ratio table.
+pub const RATIO_BASES: &[&str] = &[
+    "explicit",
+    "iptables-nft",
+    "iptables-legacy",
+    "iptables-localhost",
+];
+
 fn ratios(w: &mut String, results: &Value, g: &Groups) -> Result<()> {
     let configs = Groups::configs(results, "main");
     writeln!(w, "## Ratios from the same run\n")?;
     writeln!(
         w,
-        "Ratio of medians, `ebpf` over the other mode with the same proxy: below 1 means redirect \
-         is faster (latency, CPU) or — for rate and GiB/s — above 1 means redirect is faster.\n"
+        "Ratio of medians, `ebpf` over the other mode with the same proxy, with its 95 % \
+         interval from a paired bootstrap over the interleaved rounds ({} resamples, seed {}; \
+         see Method) and the verdict for `ebpf`: **faster** when the whole interval is on the \
+         good side of 1 (below 1 for latency and CPU, above 1 for rate and GiB/s), **slower** \
+         when it is on the other side, **within noise** when it contains 1.\n",
+        stats::RESAMPLES,
+        stats::SEED
     )?;
     writeln!(
         w,
-        "| proxy | workload | metric | ebpf/explicit | ebpf/iptables-nft | ebpf/iptables-legacy | ebpf/iptables-localhost |"
+        "| proxy | workload | metric | rounds | ebpf/explicit | ebpf/iptables-nft | ebpf/iptables-legacy | ebpf/iptables-localhost |"
     )?;
-    writeln!(w, "|---|---|---|---|---|---|---|")?;
-    for proxy in ["test-proxy", "nginx"] {
+    writeln!(w, "|---|---|---|---|---|---|---|---|")?;
+    for proxy in PROXIES {
         if !configs.iter().any(|c| c.ends_with(proxy)) {
             continue;
         }
-        for (wl, metrics) in [
-            ("rr-1B", &["rate", "p50", "p99", "cpu_per_op"][..]),
-            ("rr-1KiB", &["rate", "p50", "p99", "cpu_per_op"][..]),
-            ("crr-1B", &["rate", "p50", "p99", "cpu_per_op"][..]),
-            ("bulk", &["gib_s", "cpu_s_per_gib"][..]),
-        ] {
-            for m in metrics {
-                let e = g.agg("main", &format!("ebpf/{proxy}"), wl, 0, 0, m);
-                let r =
-                    |mode: &str| ratio(e, g.agg("main", &format!("{mode}/{proxy}"), wl, 0, 0, m));
-                writeln!(
-                    w,
-                    "| {proxy} | {wl} | {m} | {} | {} | {} | {} |",
-                    r("explicit"),
-                    r("iptables-nft"),
-                    r("iptables-legacy"),
-                    r("iptables-localhost")
-                )?;
+        for (wl, metrics) in RATIO_METRICS {
+            for m in *metrics {
+                let e = Key::main(&format!("ebpf/{proxy}"), wl);
+                let cells: Vec<Interval> = RATIO_BASES
+                    .iter()
+                    .map(|mode| g.ratio(&e, &Key::main(&format!("{mode}/{proxy}"), wl), m))
+                    .collect();
+                write!(w, "| {proxy} | {wl} | {m} | {} |", cells[0].n)?;
+                for c in cells {
+                    write!(w, " {} |", ratio_cell(c, Better::of_metric(m)))?;
+                }
+                writeln!(w)?;
             }
         }
+    }
+    writeln!(w)?;
+    verdict_summary(w, results, g)?;
+    Ok(())
+}
+
+/// How many of the ratio table's comparisons came out which way.
+fn verdict_summary(w: &mut String, results: &Value, g: &Groups) -> Result<()> {
+    let configs = Groups::configs(results, "main");
+    writeln!(w, "Verdicts for `ebpf`, counted over the table above:\n")?;
+    writeln!(w, "| against | faster | slower | within noise |")?;
+    writeln!(w, "|---|---|---|---|")?;
+    for base in RATIO_BASES {
+        let mut n = [0usize; 3];
+        for proxy in PROXIES {
+            if !configs.iter().any(|c| c.ends_with(proxy)) {
+                continue;
+            }
+            for (wl, metrics) in RATIO_METRICS {
+                for m in *metrics {
+                    let i = g.ratio(
+                        &Key::main(&format!("ebpf/{proxy}"), wl),
+                        &Key::main(&format!("{base}/{proxy}"), wl),
+                        m,
+                    );
+                    match i.verdict(Better::of_metric(m)) {
+                        stats::Verdict::Faster => n[0] += 1,
+                        stats::Verdict::Slower => n[1] += 1,
+                        stats::Verdict::WithinNoise => n[2] += 1,
+                        stats::Verdict::NoData => {}
+                    }
+                }
+            }
+        }
+        writeln!(w, "| `{base}` | {} | {} | {} |", n[0], n[1], n[2])?;
+    }
+    writeln!(w)?;
+    Ok(())
+}
+
+/// BPF run time per operation of all programs of both pods, from the statistics pass.
+fn bpf_ns_per_op(results: &Value, config: &str, workload: &str) -> f64 {
+    let mut ns = 0.0;
+    let mut ops = f64::NAN;
+    for s in results["bpf_stats"].as_array().into_iter().flatten() {
+        if s["config"] == config && s["workload"] == workload {
+            ns += s["run_time_ns"].as_f64().unwrap_or(0.0);
+            ops = s["ops"].as_f64().unwrap_or(f64::NAN);
+        }
+    }
+    ns / ops
+}
+
+/// Connection setup (crr-1B) taken apart: the proxies dialled explicitly, then the same with
+/// both pods enrolled (every program attached and run, nothing redirected), then redirected.
+fn setup_cost(w: &mut String, results: &Value, g: &Groups) -> Result<()> {
+    let configs = Groups::configs(results, "main");
+    let proxies: Vec<&str> = PROXIES
+        .iter()
+        .copied()
+        .filter(|p| configs.contains(&format!("explicit+enrolled/{p}")))
+        .collect();
+    if proxies.is_empty() {
+        return Ok(());
+    }
+    writeln!(w, "## Where the setup time goes\n")?;
+    writeln!(
+        w,
+        "`crr-1B` (connect, 1-byte request/response, close: three TCP connections per \
+         operation through two sidecars) in three steps, measured in the same interleaved \
+         rounds: `explicit`; `explicit+enrolled`, the same traffic with both pods enrolled, so \
+         every redirect program is attached and runs on every socket (sock_ops callbacks, \
+         connect4/bind4 checks, sk_lookup on every SYN) but nothing is redirected; and `ebpf`, \
+         where the application's connection is redirected to its proxy (connect4 rewrite and \
+         `bpf_bind`, the original destination filed and taken over by sock_ops, \
+         `SO_ORIGINAL_DST` answered by getsockopt) and the server proxy's connection handed to \
+         its listener by sk_lookup. Each step's difference to the one before is a paired \
+         interval over the rounds; \"BPF ns/op\" is the kernel's run time of all programs of \
+         both pods per operation from the statistics pass (below).\n"
+    )?;
+    writeln!(
+        w,
+        "| proxy | step | p50 µs | Δ p50 µs | CPU µs/op | Δ CPU µs/op | BPF ns/op |"
+    )?;
+    writeln!(w, "|---|---|---|---|---|---|---|")?;
+    for proxy in &proxies {
+        let steps = ["explicit", "explicit+enrolled", "ebpf"];
+        for (i, step) in steps.iter().enumerate() {
+            let c = format!("{step}/{proxy}");
+            let k = Key::main(&c, "crr-1B");
+            let (dp, dc) = if i == 0 {
+                ("".to_owned(), "".to_owned())
+            } else {
+                let prev = Key::main(&format!("{}/{proxy}", steps[i - 1]), "crr-1B");
+                (
+                    difference_cell(g.difference(&k, &prev, "p50"), Better::Lower),
+                    difference_cell(g.difference(&k, &prev, "cpu_per_op"), Better::Lower),
+                )
+            };
+            let bpf = if i == 0 {
+                "0".to_owned()
+            } else {
+                fmt_num(bpf_ns_per_op(results, &c, "crr-1B"))
+            };
+            writeln!(
+                w,
+                "| {proxy} | `{step}` | {} | {dp} | {} | {dc} | {bpf} |",
+                cell(g.agg("main", &c, "crr-1B", 0, 0, "p50")),
+                cell(g.agg("main", &c, "crr-1B", 0, 0, "cpu_per_op")),
+            )?;
+        }
+        let e = Key::main(&format!("ebpf/{proxy}"), "crr-1B");
+        let x = Key::main(&format!("explicit/{proxy}"), "crr-1B");
+        writeln!(
+            w,
+            "| {proxy} | **`ebpf` − `explicit`** | | {} | | {} | |",
+            difference_cell(g.difference(&e, &x, "p50"), Better::Lower),
+            difference_cell(g.difference(&e, &x, "cpu_per_op"), Better::Lower),
+        )?;
     }
     writeln!(w)?;
     Ok(())
@@ -521,12 +776,18 @@ fn scale(
         let c = format!("{m}/test-proxy");
         let a = g.agg("rules", &c, "crr-1B", first, 0, "p50").med;
         let b = g.agg("rules", &c, "crr-1B", last, 0, "p50").med;
+        let i = g.ratio(
+            &Key::new("rules", &c, "crr-1B", last, 0),
+            &Key::new("rules", &c, "crr-1B", first, 0),
+            "p50",
+        );
         writeln!(
             w,
-            "- `{m}`: crr p50 {} µs at N={first} → {} µs at N={last} ({:+.0}%).",
+            "- `{m}`: crr p50 {} µs at N={first} → {} µs at N={last}: ratio {} (\"slower\": \
+             N={last} costs more).",
             fmt_num(a),
             fmt_num(b),
-            (b / a - 1.0) * 100.0
+            ratio_cell(i, Better::Lower)
         )?;
     }
     writeln!(w)?;
@@ -555,7 +816,7 @@ fn pods(w: &mut String, results: &Value, g: &Groups) -> Result<()> {
     )?;
     writeln!(
         w,
-        "| config | workload | p50 µs, 2 pods | p50 µs, {} pods | rate, 2 pods | rate, {} pods | ratio to explicit, 2 pods | ratio to explicit, {} pods |",
+        "| config | workload | p50 µs, 2 pods | p50 µs, {} pods | rate, 2 pods | rate, {} pods | p50 ratio to explicit, 2 pods | p50 ratio to explicit, {} pods |",
         extra + 2,
         extra + 2,
         extra + 2
@@ -566,8 +827,6 @@ fn pods(w: &mut String, results: &Value, g: &Groups) -> Result<()> {
             let c = format!("{mode}/test-proxy");
             let a = g.agg("main", &c, wl, 0, 0, "p50");
             let b = g.agg("pods", &c, wl, 0, extra, "p50");
-            let ea = g.agg("main", "explicit/test-proxy", wl, 0, 0, "p50");
-            let eb = g.agg("pods", "explicit/test-proxy", wl, 0, extra, "p50");
             writeln!(
                 w,
                 "| `{c}` | {wl} | {} | {} | {} | {} | {} | {} |",
@@ -575,8 +834,22 @@ fn pods(w: &mut String, results: &Value, g: &Groups) -> Result<()> {
                 cell(b),
                 fmt_num(g.agg("main", &c, wl, 0, 0, "rate").med),
                 fmt_num(g.agg("pods", &c, wl, 0, extra, "rate").med),
-                ratio(a, ea),
-                ratio(b, eb),
+                ratio_cell(
+                    g.ratio(
+                        &Key::main(&c, wl),
+                        &Key::main("explicit/test-proxy", wl),
+                        "p50"
+                    ),
+                    Better::Lower
+                ),
+                ratio_cell(
+                    g.ratio(
+                        &Key::new("pods", &c, wl, 0, extra),
+                        &Key::new("pods", "explicit/test-proxy", wl, 0, extra),
+                        "p50"
+                    ),
+                    Better::Lower
+                ),
             )?;
         }
     }

@@ -106,7 +106,7 @@ impl core::str::FromStr for InboundPolicy {
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PodConfig {
-    /// Non-zero while the pod is enrolled; a row of zeros is a free slot.
+    /// Non-zero while the pod is enrolled; a row of zeros is a free slot. Bits: [`pod_flags`].
     pub enrolled: u32,
     /// The proxy's uid: its connections are the proxy's, everything else is the application's.
     pub proxy_uid: u32,
@@ -185,6 +185,35 @@ pub mod port_rule {
     pub const DELIVERY_OVERRIDE: u32 = 1 << 2;
     /// With [`DELIVERY_OVERRIDE`]: deliver to loopback; without it: to the pod IP.
     pub const DELIVERY_LOCALHOST: u32 = 1 << 3;
+    /// In Istio's `includeInboundPorts` list: with [`super::pod_flags::INBOUND_INCLUDE_ONLY`],
+    /// only such ports are captured inbound.
+    pub const INCLUDE_INBOUND: u32 = 1 << 4;
+    /// In Istio's `includeOutboundPorts` list: captured outbound whatever the destination
+    /// address, unless the port or the address is excluded.
+    pub const INCLUDE_OUTBOUND: u32 = 1 << 5;
+}
+
+/// Bits of `PodConfig::enrolled`. Bit 0 is "enrolled"; the others say which of Istio's include
+/// lists the pod has (without one, `*`: everything not excluded is captured). A row written
+/// before these existed holds 1 and means what it always meant.
+pub mod pod_flags {
+    pub const ENROLLED: u32 = 1 << 0;
+    /// `includeInboundPorts` is a list, not `*`: only ports with
+    /// [`super::port_rule::INCLUDE_INBOUND`] are captured inbound.
+    pub const INBOUND_INCLUDE_ONLY: u32 = 1 << 1;
+    /// `includeOutboundIPRanges` is a list, not `*`: only destinations in an included CIDR
+    /// ([`super::cidr_rule::INCLUDE`]), or to an included port, are captured outbound.
+    pub const OUTBOUND_INCLUDE_ONLY: u32 = 1 << 2;
+}
+
+/// Values of the `CIDR4`/`CIDR6` tries. The longest prefix decides; the agent leaves out an
+/// included range that an excluded one covers, so exclusions win as in Istio's rules
+/// (`-d EXCLUDED -j RETURN` comes before `-d INCLUDED -j ISTIO_REDIRECT`).
+pub mod cidr_rule {
+    /// `excludeOutboundIPRanges`: never captured.
+    pub const EXCLUDE: u32 = 1;
+    /// `includeOutboundIPRanges`: captured (with `pod_flags::OUTBOUND_INCLUDE_ONLY`).
+    pub const INCLUDE: u32 = 2;
 }
 
 /// Key of the outbound CIDR exclusion tries: the pod's slot, then the address, so one trie

@@ -23,8 +23,8 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use redirect_common::{
-    port_rule, CidrKey4, CidrKey6, ConnKind, Counter, InboundPolicy, OrigDst, PodConfig, AF_INET,
-    AF_INET6,
+    cidr_rule, pod_flags, port_rule, CidrKey4, CidrKey6, ConnKind, Counter, InboundPolicy, OrigDst,
+    PodConfig, AF_INET, AF_INET6,
 };
 
 use crate::{
@@ -32,7 +32,7 @@ use crate::{
     dns,
     maps::{CIDR4, CIDR6, CONN_ORIG},
     orig_dst,
-    pod::{count, current_pod, delivery, is_proxy_port, pod_of_addr, port_rule},
+    pod::{count, current_pod, delivery, inbound_captured, is_proxy_port, pod_of_addr, port_rule},
 };
 
 const ALLOW: i32 = 1;
@@ -102,7 +102,7 @@ fn app_connect(ctx: &SockAddrContext, slot: u32, cfg: &PodConfig, dst: Addr, por
         }
         return;
     }
-    if port_rule(slot, port) & port_rule::EXCLUDE_OUTBOUND != 0 || cidr_excluded(slot, &dst) {
+    if !outbound_captured(slot, cfg, &dst, port) {
         count(slot, Counter::OutboundExcluded);
         return;
     }
@@ -177,7 +177,7 @@ fn proxy_connect(ctx: &SockAddrContext, slot: u32, cfg: &PodConfig, dst: Addr, p
         return;
     }
     let rule = port_rule(slot, port);
-    if rule & port_rule::EXCLUDE_INBOUND != 0 {
+    if !inbound_captured(cfg, rule) {
         return;
     }
     let to_pod = pod_of_addr(&dst) == Some(slot);
@@ -267,8 +267,26 @@ pub(crate) fn sock_of(sa: *mut bpf_sock_addr) -> *mut aya_ebpf::bindings::bpf_so
     unsafe { crate::ctx::load_ptr::<SK, _>(sa as *const _) }
 }
 
+/// Istio's outbound order (`istio-iptables`): excluded ports, then excluded ranges, return;
+/// included ports, then included ranges (or all, `*`), are redirected; the rest returns.
 #[inline(always)]
-fn cidr_excluded(slot: u32, dst: &Addr) -> bool {
+fn outbound_captured(slot: u32, cfg: &PodConfig, dst: &Addr, port: u16) -> bool {
+    let rule = port_rule(slot, port);
+    if rule & port_rule::EXCLUDE_OUTBOUND != 0 {
+        return false;
+    }
+    let cidr = cidr_rule_of(slot, dst);
+    if cidr == cidr_rule::EXCLUDE {
+        return false;
+    }
+    rule & port_rule::INCLUDE_OUTBOUND != 0
+        || cfg.enrolled & pod_flags::OUTBOUND_INCLUDE_ONLY == 0
+        || cidr == cidr_rule::INCLUDE
+}
+
+/// The value of the longest CIDR rule of the pod that holds `dst` ([`cidr_rule`]), 0 if none.
+#[inline(always)]
+fn cidr_rule_of(slot: u32, dst: &Addr) -> u32 {
     let slot_be = slot.to_be();
     if dst.family == AF_INET {
         let key = aya_ebpf::maps::lpm_trie::Key::new(
@@ -278,7 +296,7 @@ fn cidr_excluded(slot: u32, dst: &Addr) -> bool {
                 addr: dst.words[0],
             },
         );
-        CIDR4.get(&key).is_some()
+        CIDR4.get(&key).copied().unwrap_or(0)
     } else {
         let key = aya_ebpf::maps::lpm_trie::Key::new(
             160,
@@ -287,7 +305,7 @@ fn cidr_excluded(slot: u32, dst: &Addr) -> bool {
                 addr: dst.words,
             },
         );
-        CIDR6.get(&key).is_some()
+        CIDR6.get(&key).copied().unwrap_or(0)
     }
 }
 

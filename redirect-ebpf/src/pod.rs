@@ -1,7 +1,7 @@
 //! Finding the pod a hook runs for, and counting what happened to it.
 
 use aya_ebpf::helpers::{bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id};
-use redirect_common::{port_rule, AddrKey, Counter, InboundPolicy, PodConfig, PortKey};
+use redirect_common::{pod_flags, port_rule, AddrKey, Counter, InboundPolicy, PodConfig, PortKey};
 
 use crate::{
     addr::Addr,
@@ -79,6 +79,16 @@ pub fn port_rule(slot: u32, port: u16) -> u32 {
     };
     // SAFETY: a hash map value, copied at once.
     unsafe { PORT_RULES.get(key) }.copied().unwrap_or(0)
+}
+
+/// Whether inbound connections to a port with rule bits `rule` are captured: not excluded,
+/// and included when the pod has an `includeInboundPorts` list (Istio ignores
+/// `excludeInboundPorts` then; the agent writes no such exclusion but Istio's default ones).
+#[inline(always)]
+pub fn inbound_captured(cfg: &PodConfig, rule: u32) -> bool {
+    rule & port_rule::EXCLUDE_INBOUND == 0
+        && (cfg.enrolled & pod_flags::INBOUND_INCLUDE_ONLY == 0
+            || rule & port_rule::INCLUDE_INBOUND != 0)
 }
 
 /// The delivery policy for `port`: its own, else the pod's.

@@ -12,12 +12,12 @@ use aya_ebpf::{
     macros::sk_lookup,
     programs::SkLookupContext,
 };
-use redirect_common::{port_rule, Counter, ListenerKey, AF_INET, AF_INET6};
+use redirect_common::{Counter, ListenerKey, AF_INET, AF_INET6};
 
 use crate::{
     addr::Addr,
     maps::LISTENERS,
-    pod::{config, count, is_proxy_port, pod_of_addr, port_rule},
+    pod::{config, count, inbound_captured, is_proxy_port, pod_of_addr, port_rule},
 };
 
 const IPPROTO_TCP: u32 = 6;
@@ -60,7 +60,7 @@ fn on_lookup(ctx: &SkLookupContext) -> u32 {
     // Exclusions first: Istio's default ones (15008, 15020, ...) are proxy ports too, and an
     // operator reading `inbound_excluded` expects to see them counted.
     let rule = port_rule(slot, port);
-    if rule & port_rule::EXCLUDE_INBOUND != 0 {
+    if !inbound_captured(cfg, rule) {
         count(slot, Counter::InboundExcluded);
         return SK_PASS;
     }

@@ -6,6 +6,8 @@
 //! inbound traffic either the pre-1.10 way (`127.0.0.1:P`) or the 1.10+ way (`POD_IP:P` from
 //! `127.0.0.6`). Every connection is logged as one JSON line so tests can assert what it saw.
 
+pub mod haproxy;
+
 use std::{
     fs::{File, OpenOptions},
     io::{self, BufRead as _, Write as _},

@@ -35,6 +35,8 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
     "conntrack",
     "libnginx-mod-stream",
     "fonts-dejavu-core",
+    // the third real proxy of the benchmark and of the conformance matrix (tests/datapath.rs)
+    "haproxy",
     // DNS capture tests (redirect-agent/tests/dns.rs): the servers and the client
     "dnsmasq-base",
     "bind9-dnsutils",

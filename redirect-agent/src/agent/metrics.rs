@@ -42,6 +42,7 @@ pub struct Metrics {
     enroll_errors: Family<Reason, Counter>,
     adopted: Gauge,
     collected: Counter,
+    cni_ignored: Family<Reason, Counter>,
     /// 1 while the Kubernetes API watch works, 0 while it is down or off (`crate::kube`).
     pub(crate) kube_watch_up: Gauge,
 }
@@ -81,6 +82,12 @@ impl Metrics {
             "Pods unenrolled by the agent because their cgroup or network namespace disappeared",
             collected.clone(),
         );
+        let cni_ignored = Family::<Reason, Counter>::default();
+        registry.register(
+            "redirect_cni_ignored",
+            "Pods the CNI plugin let start unenrolled under failurePolicy ignore, by reason",
+            cni_ignored.clone(),
+        );
         let kube_watch_up = Gauge::default();
         registry.register(
             "redirect_kube_watch_up",
@@ -97,8 +104,16 @@ impl Metrics {
             enroll_errors,
             adopted,
             collected,
+            cni_ignored,
             kube_watch_up,
         }
+    }
+
+    /// One pod the CNI plugin let start unenrolled (`failurePolicy: ignore`).
+    pub fn cni_ignored(&self, reason: &str) {
+        self.cni_ignored
+            .get_or_create(&vec![("reason", crate::kubepods::ignored_reason(reason))])
+            .inc();
     }
 
     /// One enroll request served.
@@ -525,6 +540,7 @@ mod tests {
             proxy_outbound_port: 15001,
             dns_capture: false,
             proxy_dns_port: 15053,
+            ..Default::default()
         };
         assert_eq!(
             pod_labels(&spec),

@@ -63,6 +63,8 @@ pub struct Config {
     pub http_address: SocketAddr,
     pub pin_root: PathBuf,
     pub state_dir: PathBuf,
+    /// Pods from the container runtime (CNI, CRI): defaults and kubelet's cgroup layout.
+    pub pods: crate::kubepods::KubeConfig,
     /// The Kubernetes API watch's kubeconfig; without one it runs in-cluster when
     /// `KUBERNETES_SERVICE_HOST` is set, and is off otherwise (see [`crate::kube`]).
     pub kubeconfig: Option<PathBuf>,
@@ -248,6 +250,7 @@ async fn serve(cfg: Config) -> Result<(), AgentError> {
     }
     let listener = bind_socket(&shared.cfg.socket)?;
     shared.set_not_ready(None);
+    count_spooled(&shared);
     log::info!(
         "ready: {} pod(s) adopted, {} repaired, {} collected; serving {}",
         reconciled.adopted.len(),
@@ -453,12 +456,10 @@ impl Shared {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
-        let ns = published
-            .as_ref()
-            .and_then(|s| s.get(name))
-            .and_then(|r| r.spec.namespace.clone())
-            .unwrap_or_default();
-        format!("namespace={ns:?} pod={name:?}")
+        match published.as_ref().and_then(|s| s.get(name)) {
+            Some(r) => pod_log_name(&r.spec),
+            None => format!("namespace=\"\" pod={name:?}"),
+        }
     }
 }
 
@@ -539,11 +540,112 @@ pub(crate) async fn dispatch(shared: &Arc<Shared>, req: Request) -> Response {
                 Err(e) => error(&e),
             }
         }
+        Request::Cni(req) => cni(shared, req).await,
         Request::Status => Response::Status {
             node_name: shared.cfg.node_name.clone(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
             state_dir: shared.cfg.state_dir.clone(),
             pin_root: shared.cfg.pin_root.clone(),
+        },
+    }
+}
+
+/// Counts what the CNI plugin spooled while it could not reach the agent (see
+/// [`crate::kubepods::spool_ignored`]).
+fn count_spooled(shared: &Shared) {
+    for i in crate::kubepods::drain_spool(&shared.cfg.socket) {
+        log::info!(
+            "namespace={:?} pod={:?}: started unenrolled under failurePolicy ignore ({}), counted from the spool",
+            i.namespace,
+            i.name,
+            i.reason
+        );
+        shared.metrics.cni_ignored(&i.reason);
+    }
+}
+
+/// A request of the CNI plugin: enrollment of a runtime pod and its siblings, through the
+/// same commands (and the same writer turn) as the CLI's.
+async fn cni(shared: &Arc<Shared>, req: crate::kubepods::CniRequest) -> Response {
+    use crate::kubepods::{self as kp, CniRequest as C};
+    let s = shared.clone();
+    let (sd, pr, kube) = (
+        s.cfg.state_dir.clone(),
+        s.cfg.pin_root.clone(),
+        s.cfg.pods.clone(),
+    );
+    count_spooled(shared);
+    let r = match req {
+        C::Status => return Response::Cni(kp::CniResponse::Ready),
+        C::Ignored {
+            reason,
+            namespace,
+            name,
+        } => {
+            log::warn!(
+                "namespace={namespace:?} pod={name:?}: started unenrolled under failurePolicy ignore ({reason})"
+            );
+            shared.metrics.cni_ignored(&reason);
+            return Response::Cni(kp::CniResponse::Counted);
+        }
+        C::Check { pod } => blocking(move || kp::check_pod(&kube, &sd, &pr, &pod)).await,
+        C::Add { pod } => {
+            let log_name = format!("namespace={:?} pod={:?}", pod.namespace, pod.name);
+            let start = Instant::now();
+            let r = {
+                let _turn = shared.writer.lock().await;
+                blocking(move || kp::enroll_pod(&kube, &sd, &pr, &pod)).await
+            };
+            shared.pods_changed.notify_one();
+            match &r {
+                Ok(kp::CniResponse::Enrolled { name, slot }) => {
+                    shared.metrics.enrolled(start.elapsed(), None);
+                    log::info!("{log_name}: enrolled as {name} (slot {slot}) from CNI ADD");
+                }
+                Ok(kp::CniResponse::Skipped { reason }) => {
+                    log::info!("{log_name}: not enrolled: {}", reason.name());
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    let reason = match e {
+                        kp::KubeError::Command { source, .. } => metrics::error_reason(source),
+                        other => other.reason(),
+                    };
+                    shared.metrics.enrolled(start.elapsed(), Some(reason));
+                    log::warn!("{log_name}: CNI ADD failed: {}", crate::error_chain(e));
+                }
+            }
+            r
+        }
+        C::Del {
+            namespace,
+            name,
+            sandbox_id,
+        } => {
+            let r = {
+                let _turn = shared.writer.lock().await;
+                let (ns, n) = (namespace.clone(), name.clone());
+                blocking(move || kp::del_pod(&sd, &pr, &ns, &n, &sandbox_id)).await
+            };
+            shared.pods_changed.notify_one();
+            if let Ok(kp::CniResponse::Removed { name: Some(rec) }) = &r {
+                log::info!("namespace={namespace:?} pod={name:?}: unenrolled {rec} on CNI DEL");
+            }
+            r
+        }
+        C::Gc { valid_sandboxes } => {
+            let r = {
+                let _turn = shared.writer.lock().await;
+                blocking(move || kp::gc_pods(&sd, &pr, &valid_sandboxes)).await
+            };
+            shared.pods_changed.notify_one();
+            r
+        }
+    };
+    match r {
+        Ok(r) => Response::Cni(r),
+        Err(e) => Response::Error {
+            message: crate::error_chain(&e),
         },
     }
 }

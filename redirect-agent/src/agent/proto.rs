@@ -44,6 +44,8 @@ pub enum Request {
     Gc,
     /// Whether the agent is there and ready, and who it is.
     Status,
+    /// From the CNI plugin (issue 11): see [`crate::kubepods`].
+    Cni(crate::kubepods::CniRequest),
 }
 
 /// What the agent answers.
@@ -62,6 +64,8 @@ pub enum Response {
         state_dir: PathBuf,
         pin_root: PathBuf,
     },
+    /// The answer to a [`Request::Cni`].
+    Cni(crate::kubepods::CniResponse),
     /// The command failed: the message is what the CLI prints after `error: `.
     Error {
         message: String,
@@ -108,6 +112,13 @@ impl Client {
                 source,
             }),
         }
+    }
+
+    /// Bounds every later read and write on the connection (the CNI plugin must not hang a
+    /// sandbox's creation forever on a stuck agent).
+    pub fn set_timeout(&self, t: Option<std::time::Duration>) -> io::Result<()> {
+        self.stream.get_ref().set_read_timeout(t)?;
+        self.stream.get_ref().set_write_timeout(t)
     }
 
     /// Sends one request and waits for its answer.

@@ -128,7 +128,7 @@ fn intact(handles: &mut Handles, rec: &PodRecord) -> Result<(), String> {
         if rows
             .cidr4
             .iter()
-            .any(|(len, k)| t.get(&aya::maps::lpm_trie::Key::new(*len, *k), 0).is_err())
+            .any(|(len, k, v)| t.get(&aya::maps::lpm_trie::Key::new(*len, *k), 0).ok() != Some(*v))
         {
             return Err("a CIDR4 row is missing".into());
         }
@@ -137,7 +137,7 @@ fn intact(handles: &mut Handles, rec: &PodRecord) -> Result<(), String> {
     if rows
         .cidr6
         .iter()
-        .any(|(len, k)| t.get(&aya::maps::lpm_trie::Key::new(*len, *k), 0).is_err())
+        .any(|(len, k, v)| t.get(&aya::maps::lpm_trie::Key::new(*len, *k), 0).ok() != Some(*v))
     {
         return Err("a CIDR6 row is missing".into());
     }

@@ -399,6 +399,69 @@ impl Proxy {
     }
 }
 
+/// HAProxy (Debian's package) as the pod's sidecar, uid 1337, configured as a transparent
+/// proxy (`redirect_testbed::proxy::haproxy`), logging each connection to a scratch file.
+pub struct Haproxy {
+    pub process: PodProcess,
+    pub log: PathBuf,
+}
+
+impl Haproxy {
+    /// Starts HAProxy delivering the way `delivery` says and waits for its four listeners.
+    /// For pod-IP delivery over IPv6 it puts `::6` on the pod's `lo`, as Istio's init does.
+    pub fn start(node: &Node, pod: &Pod, delivery: ProxyDial, name: &str) -> Haproxy {
+        use redirect_testbed::proxy::haproxy::HaproxyConfig;
+        if delivery == ProxyDial::PodIp {
+            pod.add_lo_address(V6_PASSTHROUGH_SRC).expect("::6 on lo");
+        }
+        let dir = node.scratch_dir().join(name);
+        let cfg = HaproxyConfig {
+            inbound_port: 15006,
+            outbound_port: 15001,
+            dial: delivery,
+            upstream: None,
+            ipv6: true,
+            log: true,
+        };
+        let mut cmd = cfg.command(&dir).expect("haproxy config");
+        let log = dir.join("connections.log");
+        let out = fs::File::create(&log).expect("haproxy log file");
+        cmd.stdout(out).stderr(Stdio::null()).stdin(Stdio::null());
+        let mut process = pod.spawn(PROXY_UID, cmd).expect("spawn haproxy");
+        for port in [15006, 15001] {
+            for f in Family::BOTH {
+                process
+                    .wait_for_listen(sock(f.unspecified(), port), LISTEN_WAIT)
+                    .expect("haproxy listens");
+            }
+        }
+        Haproxy { process, log }
+    }
+
+    pub fn entries(&self) -> Vec<redirect_testbed::proxy::haproxy::HaproxyLogEntry> {
+        redirect_testbed::proxy::haproxy::parse_log(
+            &fs::read_to_string(&self.log).unwrap_or_default(),
+        )
+    }
+
+    /// The entries after the first `seen`, once there is at least one more (HAProxy logs when
+    /// its connection to the server is made or has failed, a moment after the client's), or
+    /// none after a second.
+    pub fn new_entries(
+        &self,
+        seen: usize,
+    ) -> Vec<redirect_testbed::proxy::haproxy::HaproxyLogEntry> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(1);
+        loop {
+            let mut e = self.entries();
+            if e.len() > seen || std::time::Instant::now() >= deadline {
+                return e.split_off(seen.min(e.len()));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
 /// A probe from `pod`'s network namespace, by the test process itself: outside every pod's
 /// cgroup, so like a client in a pod that is not enrolled.
 pub fn probe(pod: &Pod, to: SocketAddr) -> Outcome {
