@@ -210,7 +210,9 @@ pub fn enroll(
     if !handles.root().join("progs").exists() {
         // First pod on this node: check the kernel before loading anything, so a missing
         // feature is named with the kernel that brings it instead of surfacing as a verifier log.
-        crate::probe::require_mandatory()?;
+        // With --dns-capture the DNS hooks are checked first, so that a kernel without one
+        // is refused naming it (every hook loads with the one datapath object).
+        crate::probe::require(spec.dns_capture)?;
     }
     let dp = handles.build()?;
     let slot = match &existing {
@@ -255,6 +257,11 @@ pub fn enroll(
                         log::warn!("removing ::6 from {}: {e}", old.spec.netns.display());
                     }
                 }
+                if old.spec.ip6().is_some() && old.netns_inode != record.netns_inode {
+                    if let Err(e) = remove_spread_route6(&old.spec.netns) {
+                        log::warn!("removing 100::/64 from {}: {e}", old.spec.netns.display());
+                    }
+                }
             }
             Ok(Enrolled {
                 record,
@@ -290,6 +297,13 @@ fn apply(
     old: Option<&PodRecord>,
     rec: &PodRecord,
 ) -> Result<Result<usize, String>, EnrollError> {
+    if rec.spec.ip6().is_some() {
+        // Captured IPv6 connections go to 100::/64, which must be local on the pod's lo before
+        // the pod is findable (issue 13, IPv6 port space). Best effort here, required below
+        // after ::6: a namespace without IPv6 on lo then fails where it always did, on ::6,
+        // after rows and links (rolled back with the rest).
+        let _ = add_spread_route6(&rec.spec.netns);
+    }
     let rows = PodRows::new(&rec.spec, rec.slot, rec.cgroup_id);
     let old_rows = old.map(|o| PodRows::new(&o.spec, o.slot, o.cgroup_id));
     if old.is_none() {
@@ -303,6 +317,10 @@ fn apply(
     attach_links(dp, old, rec)?;
     if rec.added_lo6 && old.is_none_or(|o| !o.added_lo6 || o.netns_inode != rec.netns_inode) {
         add_passthrough_src6(&rec.spec.netns)?;
+    }
+    if rec.spec.ip6().is_some() {
+        // Required: the attempt before the rows may have failed. Already there is fine.
+        add_spread_route6(&rec.spec.netns)?;
     }
     // Optional (pidfd_getfd, 5.6): without it a running proxy is captured from its next
     // listen() on. Reported, never fatal.
@@ -622,6 +640,14 @@ fn teardown(dp: &mut Datapath, rec: &PodRecord) -> Vec<String> {
             ));
         }
     }
+    if rec.spec.ip6().is_some() {
+        if let Err(e) = remove_spread_route6(&rec.spec.netns) {
+            failures.push(format!(
+                "removing the local route of 100::/64 in {}: {e}",
+                rec.spec.netns.display()
+            ));
+        }
+    }
     failures
 }
 
@@ -640,6 +666,9 @@ fn roll_back(
         if matches!(pending, Pending::Enroll | Pending::Unenroll) {
             if rec.added_lo6 {
                 let _ = remove_passthrough_src6(&rec.spec.netns);
+            }
+            if rec.spec.ip6().is_some() {
+                let _ = remove_spread_route6(&rec.spec.netns);
             }
             store.remove(rec.name())?;
         }
@@ -760,6 +789,31 @@ fn add_passthrough_src6(netns_path: &Path) -> Result<(), EnrollError> {
             netns: netns_path.to_owned(),
             detail: crate::error_chain(&e),
         })
+}
+
+/// Makes the IPv6 spread prefix local on the pod's `lo` (`netns::add_spread_route6`); already
+/// there is fine. The prefix is the datapath's own (RFC 6666's discard-only /64, which nothing
+/// else routes), so unenroll removes it whoever added it.
+fn add_spread_route6(netns_path: &Path) -> Result<(), EnrollError> {
+    let ns = netns::NetnsHandle::open(netns_path)?;
+    netns::add_spread_route6(&ns)
+        .map(drop)
+        .map_err(|e| EnrollError::Prepare {
+            netns: netns_path.to_owned(),
+            detail: crate::error_chain(&e),
+        })
+}
+
+fn remove_spread_route6(netns_path: &Path) -> Result<(), netns::NetnsError> {
+    let ns = match netns::NetnsHandle::open(netns_path) {
+        Ok(ns) => ns,
+        // The namespace is gone, and its routes with it.
+        Err(netns::NetnsError::Open { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
+            return Ok(())
+        }
+        Err(e) => return Err(e),
+    };
+    netns::remove_spread_route6(&ns).map(drop)
 }
 
 fn remove_passthrough_src6(netns_path: &Path) -> Result<(), netns::NetnsError> {

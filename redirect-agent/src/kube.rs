@@ -13,9 +13,10 @@
 //! - every outcome is recorded as a Kubernetes Event on the pod (`Enrolled`, `Updated`,
 //!   `Unenrolled`, `EnrollFailed`), from `redirect-agent` on this node.
 //!
-//! Records are matched to API pods by the pod's addresses (`status.podIPs`): on one node no two
-//! running pods share one, and it holds for pods enrolled by hand, by the CNI plugin or at
-//! discovery alike.
+//! Records are matched to API pods by the pod's UID (the `kube` reference the CNI plugin and CRI
+//! discovery record), and a record enrolled by hand by the pod's addresses (`status.podIPs`: on
+//! one node no two running pods share one). Settings come from [`crate::annotations`], the
+//! CNI path's mapping, applied to the record's place (name, cgroup, netns, addresses).
 //!
 //! The watch is optional: with neither a kubeconfig (`--kubeconfig`, `KUBECONFIG`, the config
 //! file's `kubeconfig`) nor the in-cluster service account (`KUBERNETES_SERVICE_HOST`), it is
@@ -48,6 +49,7 @@ use tokio::sync::watch as tokio_watch;
 
 use crate::{
     agent::{proto::Response, Request, Shared},
+    annotations,
     spec::PodSpec,
     state,
 };
@@ -285,21 +287,24 @@ impl NodePods {
         }
     }
 
-    /// The record of a pod with these addresses, if one is enrolled.
-    async fn record_of(&self, ips: &BTreeSet<std::net::IpAddr>) -> Option<PodSpec> {
-        if ips.is_empty() {
-            return None;
-        }
+    /// The record of this pod, if one is enrolled: the one carrying its UID (enrolled by the
+    /// CNI plugin or CRI discovery), else one holding one of its addresses (enrolled by hand).
+    async fn record_of(&self, uid: &str, ips: &BTreeSet<std::net::IpAddr>) -> Option<PodSpec> {
         let dir = self.shared.state_dir().to_owned();
         let records = tokio::task::spawn_blocking(move || state::list_records(&dir))
             .await
             .ok()?
             .ok()?;
-        records
-            .pods
-            .into_iter()
-            .map(|r| r.spec)
-            .find(|s| s.pod_ips.iter().any(|ip| ips.contains(ip)))
+        let specs: Vec<PodSpec> = records.pods.into_iter().map(|r| r.spec).collect();
+        let by_uid = specs
+            .iter()
+            .find(|s| !uid.is_empty() && s.kube.as_ref().is_some_and(|k| k.uid == uid));
+        let by_ip = || {
+            specs
+                .iter()
+                .find(|s| s.kube.is_none() && s.pod_ips.iter().any(|ip| ips.contains(ip)))
+        };
+        by_uid.or_else(by_ip).cloned()
     }
 
     async fn applied(&mut self, pod: Pod) {
@@ -309,8 +314,14 @@ impl NodePods {
             return; // Shares the node's namespace: never enrolled.
         }
         let annotations = pod.metadata.annotations.clone().unwrap_or_default();
-        let Some(current) = self.record_of(&ips).await else {
-            if selected(&annotations) {
+        let namespace = pod.metadata.namespace.clone().unwrap_or_default();
+        let selection = annotations::select(
+            &namespace,
+            &annotations,
+            &self.shared.pods_config().defaults.exclude_namespaces,
+        );
+        let Some(current) = self.record_of(&uid(&pod), &ips).await else {
+            if matches!(selection, Ok(Ok(()))) {
                 // Not enrolled by the CNI path (or enrolled by it before its addresses were
                 // known). Enrolling from here needs the pod's cgroup and netns, which the
                 // CNI ADD and the CRI discovery give; the API only names the pod.
@@ -321,31 +332,36 @@ impl NodePods {
             }
             return;
         };
-        if !selected(&annotations) {
-            let name = current.name.clone();
-            let r = self.request(Request::Unenroll { name }).await;
-            self.record(
-                &pod,
-                r,
-                "Unenrolled",
-                "no longer selected by its annotations",
-            )
-            .await;
-            return;
-        }
-        let wanted = match with_annotations(&current, &annotations) {
-            Ok(s) => s,
-            Err(why) => {
-                self.event(
-                    &pod,
-                    "Warning",
-                    "EnrollFailed",
-                    format!("annotations: {why}"),
-                )
-                .await;
+        let skip = match selection {
+            Ok(Ok(())) => None,
+            Ok(Err(skip)) => Some(skip.name().to_owned()),
+            Err(e) => {
+                self.event(&pod, "Warning", "EnrollFailed", e.to_string())
+                    .await;
                 return;
             }
         };
+        if let Some(why) = skip {
+            let name = current.name.clone();
+            let r = self.request(Request::Unenroll { name }).await;
+            let why = format!("no longer selected: {why}");
+            self.record(&pod, r, "Unenrolled", &why).await;
+            return;
+        }
+        let wanted =
+            match with_annotations(&self.shared.pods_config().defaults, &current, &annotations) {
+                Ok(s) => s,
+                Err(why) => {
+                    self.event(
+                        &pod,
+                        "Warning",
+                        "EnrollFailed",
+                        format!("annotations: {why}"),
+                    )
+                    .await;
+                    return;
+                }
+            };
         if wanted == current {
             return;
         }
@@ -360,7 +376,7 @@ impl NodePods {
         if let Some(seen) = &seen {
             ips.extend(pod_ips(seen));
         }
-        let Some(current) = self.record_of(&ips).await else {
+        let Some(current) = self.record_of(&uid(&pod), &ips).await else {
             return;
         };
         let r = self
@@ -448,62 +464,24 @@ impl NodePods {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Annotations -> settings. The one place the watch maps them.
+// Annotations -> settings: the CNI path's mapping (`crate::annotations`), from the record's place.
 
-/// Whether the pod's annotations select it (Istio's injection status, or redirect's own
-/// switch), and none deselects it.
-pub fn selected(annotations: &BTreeMap<String, String>) -> bool {
-    let get = |k: &str| annotations.get(k).map(String::as_str);
-    if get("redirect.dev/enabled") == Some("false")
-        || get("sidecar.istio.io/inject") == Some("false")
-    {
-        return false;
-    }
-    get("redirect.dev/enabled") == Some("true")
-        || annotations.contains_key("sidecar.istio.io/status")
-}
-
-/// `current` with the settings its annotations give (those not annotated take the record's
-/// node-wide values: proxy uid and ports stay), checked as any request is.
+/// `current` with the settings the node's defaults and the pod's annotations give now, as the
+/// CNI plugin's ADD would have made it: the same name, cgroup, netns, addresses and pod.
 pub fn with_annotations(
+    defaults: &annotations::NodeDefaults,
     current: &PodSpec,
-    annotations: &BTreeMap<String, String>,
+    a: &annotations::Annotations,
 ) -> Result<PodSpec, String> {
-    use crate::spec;
-    let get = |k: &str| {
-        annotations
-            .get(k)
-            .map(|v| v.trim())
-            .filter(|v| !v.is_empty())
+    let place = annotations::PodPlace {
+        name: current.name.clone(),
+        cgroup: current.cgroup.clone(),
+        netns: current.netns.clone(),
+        pod_ips: current.pod_ips.clone(),
+        kube: current.kube.clone(),
     };
-    let named = |k: &str, e: String| format!("{k}: {e}");
-    let ports = |k: &str| {
-        get(k).map_or(Ok(Vec::new()), |v| {
-            spec::parse_port_list(v).map_err(|e| named(k, e))
-        })
-    };
-    let mut wanted = current.clone();
-    wanted.exclude_inbound_ports = ports("traffic.sidecar.istio.io/excludeInboundPorts")?;
-    wanted.exclude_outbound_ports = ports("traffic.sidecar.istio.io/excludeOutboundPorts")?;
-    const CIDRS: &str = "traffic.sidecar.istio.io/excludeOutboundIPRanges";
-    wanted.exclude_outbound_cidrs = get(CIDRS).map_or(Ok(Vec::new()), |v| {
-        spec::parse_cidr_list(v).map_err(|e| named(CIDRS, e))
-    })?;
-    const POLICY: &str = "redirect.dev/inbound-policy";
-    if let Some(p) = get(POLICY) {
-        wanted.inbound_policy = p.parse().map_err(|e| named(POLICY, format!("{e}")))?;
-    }
-    const PORT_POLICY: &str = "redirect.dev/port-policy";
-    let list = get(PORT_POLICY)
-        .map_or(Ok(Vec::new()), |v| {
-            v.split(',')
-                .filter(|p| !p.trim().is_empty())
-                .map(spec::parse_port_policy)
-                .collect::<Result<Vec<_>, _>>()
-        })
-        .map_err(|e| named(PORT_POLICY, e))?;
-    wanted.port_policies =
-        spec::port_policies(&list).map_err(|e| named(PORT_POLICY, e.to_string()))?;
+    let mut wanted = annotations::pod_spec(defaults, place, a).map_err(|e| e.to_string())?;
+    // Normalised as the stored record is, so that an unchanged pod compares equal.
     wanted.check().map_err(|e| e.to_string())?;
     Ok(wanted)
 }

@@ -324,16 +324,32 @@ fn is_pod(r: &state::PodRecord, namespace: &str, name: &str) -> bool {
 
 /// Enrolls a runtime pod (ADD, CRI discovery): returns once it is enrolled or refused. A
 /// newer sandbox of an enrolled pod updates its record in place (its links move to the new
-/// network namespace).
+/// network namespace). [`pod_spec`] (which may wait for the cgroup) then [`enroll_spec`]; the
+/// agent runs the first outside its writer queue, so a pod whose cgroup is late holds up
+/// nobody else.
 pub fn enroll_pod(
     cfg: &KubeConfig,
     state_dir: &Path,
     pin_root: &Path,
     pod: &KubePod,
 ) -> Result<CniResponse, KubeError> {
-    let spec = match pod_spec(cfg, pod)? {
-        Ok(s) => s,
-        Err(reason) => return Ok(CniResponse::Skipped { reason }),
+    match pod_spec(cfg, pod)? {
+        Ok(spec) => enroll_spec(state_dir, pin_root, pod, spec),
+        Err(reason) => Ok(CniResponse::Skipped { reason }),
+    }
+}
+
+/// Enrolls a runtime pod with the spec [`pod_spec`] built for it.
+pub fn enroll_spec(
+    state_dir: &Path,
+    pin_root: &Path,
+    pod: &KubePod,
+    spec: PodSpec,
+) -> Result<CniResponse, KubeError> {
+    let command = |source| KubeError::Command {
+        namespace: pod.namespace.clone(),
+        name: pod.name.clone(),
+        source: Box::new(source),
     };
     if let Some(r) = record_of(state_dir, &pod.namespace, &pod.name)? {
         if !is_pod(&r, &pod.namespace, &pod.name) {
@@ -346,20 +362,10 @@ pub fn enroll_pod(
         // A pod of the same name but another UID: the API server lets only one exist, so
         // the recorded one was deleted (its DEL never reached us). It goes first.
         if r.spec.kube.as_ref().is_some_and(|k| k.uid != pod.uid) {
-            commands::unenroll(state_dir, pin_root, r.name()).map_err(|source| {
-                KubeError::Command {
-                    namespace: pod.namespace.clone(),
-                    name: pod.name.clone(),
-                    source: Box::new(source),
-                }
-            })?;
+            commands::unenroll(state_dir, pin_root, r.name()).map_err(command)?;
         }
     }
-    let r = commands::enroll(state_dir, pin_root, spec).map_err(|source| KubeError::Command {
-        namespace: pod.namespace.clone(),
-        name: pod.name.clone(),
-        source: Box::new(source),
-    })?;
+    let r = commands::enroll(state_dir, pin_root, spec).map_err(command)?;
     Ok(CniResponse::Enrolled {
         name: r.name,
         slot: r.slot,
@@ -668,6 +674,30 @@ mod tests {
             Err(KubeError::BadUid { .. })
         ));
         std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn runtime_pods_are_labelled_with_namespace_and_kubernetes_name() {
+        let kube = KubeRef {
+            namespace: "prod".into(),
+            name: "web-0".into(),
+            uid: "u".into(),
+            sandbox_id: "s".into(),
+        };
+        let spec = annotations::pod_spec(
+            &NodeDefaults::default(),
+            PodPlace {
+                name: record_name("prod", "web-0"),
+                cgroup: "/x".into(),
+                netns: "/y".into(),
+                pod_ips: vec![],
+                kube: Some(kube),
+            },
+            &Annotations::new(),
+        )
+        .unwrap();
+        assert_eq!(spec.name, "prod.web-0");
+        assert_eq!(spec.labels(), ("prod", "web-0"));
     }
 
     #[test]

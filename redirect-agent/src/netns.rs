@@ -44,6 +44,10 @@ use netlink_packet_core::{
 use netlink_packet_route::{
     address::{AddressAttribute, AddressFlags, AddressHeaderFlags, AddressMessage, AddressScope},
     link::{LinkFlags, LinkMessage},
+    route::{
+        RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope,
+        RouteType,
+    },
     AddressFamily, RouteNetlinkMessage,
 };
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
@@ -345,6 +349,91 @@ pub fn remove_lo_addr6(ns: &NetnsHandle, addr: Ipv6Addr) -> Result<Removed, Netn
         }
     })?;
     removed.map_err(|source| netlink_err(ns, op, source))
+}
+
+/// `100::/64` (RFC 6666, discard-only: never a real destination), made local on the pod's `lo`
+/// so that captured IPv6 connections can go to one address of it per original destination
+/// (`redirect_common::SPREAD6_PREFIX`; docs/PER-CONNECTION.md, "Port space").
+pub fn spread_prefix6() -> (Ipv6Addr, u8) {
+    (
+        Ipv6Addr::from(redirect_common::SPREAD6_PREFIX),
+        redirect_common::SPREAD6_PREFIX_LEN,
+    )
+}
+
+/// `ip -6 route add local 100::/64 dev lo table local` in `ns` (every address of the prefix is
+/// then this namespace's own, as 127.0.0.0/8 is, so a wildcard listener accepts them). A route
+/// already there is [`Added::AlreadyThere`] (`EEXIST`).
+pub fn add_spread_route6(ns: &NetnsHandle) -> Result<Added, NetnsError> {
+    let (prefix, len) = spread_prefix6();
+    let op = format!("adding the local route {prefix}/{len} on lo");
+    let added = ns.run(|| -> io::Result<Added> {
+        let nl = Netlink::open()?;
+        let index = lo_index()?;
+        // `::1`, the route's preferred source, exists only while lo is up.
+        let mut link = LinkMessage::default();
+        link.header.index = index;
+        link.header.flags = LinkFlags::Up;
+        link.header.change_mask = LinkFlags::Up;
+        nl.request(RouteNetlinkMessage::SetLink(link), 0)?;
+        let msg = spread_route6_message(index);
+        match nl.request(
+            RouteNetlinkMessage::NewRoute(msg),
+            NLM_F_CREATE | NLM_F_EXCL,
+        ) {
+            Ok(()) => Ok(Added::Now),
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(Added::AlreadyThere),
+            Err(e) => Err(e),
+        }
+    })?;
+    added.map_err(|source| netlink_err(ns, op, source))
+}
+
+/// Removes the route [`add_spread_route6`] adds; a route already gone (`ESRCH`, or `ENOENT`) is
+/// [`Removed::WasAbsent`].
+pub fn remove_spread_route6(ns: &NetnsHandle) -> Result<Removed, NetnsError> {
+    let (prefix, len) = spread_prefix6();
+    let op = format!("removing the local route {prefix}/{len} from lo");
+    let removed = ns.run(|| -> io::Result<Removed> {
+        let nl = Netlink::open()?;
+        let msg = spread_route6_message(lo_index()?);
+        match nl.request(RouteNetlinkMessage::DelRoute(msg), 0) {
+            Ok(()) => Ok(Removed::Now),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ESRCH | libc::ENOENT)) => {
+                Ok(Removed::WasAbsent)
+            }
+            Err(e) => Err(e),
+        }
+    })?;
+    removed.map_err(|source| netlink_err(ns, op, source))
+}
+
+/// The `local` route of the spread prefix on `lo`, in the local table, preferred source `::1`:
+/// a socket that reaches it without a bound address (one bound to `[::]:port`, which the
+/// datapath cannot bind to the pod's address any more) gets `::1` as its source, as it did when
+/// captured IPv6 connections all went to `[::1]`, and as such an IPv4 socket gets `127.0.0.1`
+/// (without the hint the kernel may pick `::6`, which is no pod's and not loopback).
+fn spread_route6_message(lo: u32) -> RouteMessage {
+    const RT_TABLE_LOCAL: u8 = 255;
+    let (prefix, len) = spread_prefix6();
+    let mut msg = RouteMessage::default();
+    msg.header = RouteHeader {
+        address_family: AddressFamily::Inet6,
+        destination_prefix_length: len,
+        table: RT_TABLE_LOCAL,
+        protocol: RouteProtocol::Static,
+        scope: RouteScope::Host,
+        kind: RouteType::Local,
+        ..msg.header
+    };
+    msg.attributes
+        .push(RouteAttribute::Destination(RouteAddress::Inet6(prefix)));
+    msg.attributes.push(RouteAttribute::Oif(lo));
+    msg.attributes
+        .push(RouteAttribute::PrefSource(RouteAddress::Inet6(
+            Ipv6Addr::LOCALHOST,
+        )));
+    msg
 }
 
 /// Every address assigned to an interface of `ns` (IPv4 and IPv6, `lo` included), in the

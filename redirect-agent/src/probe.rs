@@ -82,7 +82,18 @@ pub struct Feature {
     pub since: &'static str,
     /// What does not work without it.
     pub impact: &'static str,
+    /// DNS capture (`enroll --dns-capture`) needs it: an enroll asking for DNS capture names it
+    /// first when it is missing.
+    pub dns_capture: bool,
     check: Check,
+}
+
+/// A feature DNS capture needs (`enroll --dns-capture` refuses without it).
+const fn dns(feat: Feature) -> Feature {
+    Feature {
+        dns_capture: true,
+        ..feat
+    }
 }
 
 const fn f(
@@ -99,6 +110,7 @@ const fn f(
         mandatory,
         since,
         impact,
+        dns_capture: false,
         check,
     }
 }
@@ -193,26 +205,26 @@ pub static FEATURES: &[Feature] = &[
     f("program/rd_sk_lookup", Kind::Program, true, "5.10",
       "the verifier rejects the sk_lookup hook: no inbound delivery to the proxy",
       Check::Load(Hook::SkLookup)),
-    f("program/rd_getpeername4", Kind::Program, true, "5.8",
+    dns(f("program/rd_getpeername4", Kind::Program, true, "5.8",
       "the getpeername4 hook does not load: a redirected IPv4 socket's peer is the proxy's \
        listener, not its original destination",
-      Check::Load(Hook::GetPeername4)),
-    f("program/rd_getpeername6", Kind::Program, true, "5.8",
+      Check::Load(Hook::GetPeername4))),
+    dns(f("program/rd_getpeername6", Kind::Program, true, "5.8",
       "the getpeername6 hook does not load: a redirected IPv6 socket's peer is the proxy's \
        listener, not its original destination",
-      Check::Load(Hook::GetPeername6)),
-    f("program/rd_sendmsg4", Kind::Program, true, "4.18",
+      Check::Load(Hook::GetPeername6))),
+    dns(f("program/rd_sendmsg4", Kind::Program, true, "4.18",
       "the sendmsg4 hook does not load: no DNS capture of unconnected IPv4 UDP",
-      Check::Load(Hook::SendMsg4)),
-    f("program/rd_sendmsg6", Kind::Program, true, "4.18",
+      Check::Load(Hook::SendMsg4))),
+    dns(f("program/rd_sendmsg6", Kind::Program, true, "4.18",
       "the sendmsg6 hook does not load: no DNS capture of unconnected IPv6 UDP",
-      Check::Load(Hook::SendMsg6)),
-    f("program/rd_recvmsg4", Kind::Program, true, "5.2",
+      Check::Load(Hook::SendMsg6))),
+    dns(f("program/rd_recvmsg4", Kind::Program, true, "5.2",
       "the recvmsg4 hook does not load: captured IPv4 DNS replies come from the proxy's port",
-      Check::Load(Hook::RecvMsg4)),
-    f("program/rd_recvmsg6", Kind::Program, true, "5.2",
+      Check::Load(Hook::RecvMsg4))),
+    dns(f("program/rd_recvmsg6", Kind::Program, true, "5.2",
       "the recvmsg6 hook does not load: captured IPv6 DNS replies come from the proxy's port",
-      Check::Load(Hook::RecvMsg6)),
+      Check::Load(Hook::RecvMsg6))),
 ];
 
 /// Looks a feature up by its name.
@@ -226,6 +238,8 @@ pub struct Status {
     pub name: &'static str,
     pub kind: Kind,
     pub mandatory: bool,
+    /// DNS capture needs it ([`Feature::dns_capture`]).
+    pub dns_capture: bool,
     pub present: bool,
     pub since: &'static str,
     /// What does not work without it.
@@ -253,37 +267,104 @@ pub struct Report {
 /// A mandatory feature is missing: `enroll` refuses.
 #[derive(Debug, thiserror::Error)]
 pub enum ProbeError {
-    #[error(
-        "kernel {kernel} lacks {kind} {feature} (Linux {since} or later brings it): {impact}{}",
-        detail.as_deref().map(|d| format!(" ({d})")).unwrap_or_default()
-    )]
+    /// A mandatory feature is missing, or (`dns_capture`) one that `enroll --dns-capture`
+    /// needs. The message names the feature, the running kernel and the version that brings it.
+    #[error(fmt = describe_missing)]
     Missing {
-        feature: &'static str,
-        kind: &'static str,
-        since: &'static str,
-        impact: &'static str,
+        feature: &'static Feature,
         kernel: String,
+        /// Why the check failed (an errno, a verifier message), if it said.
         detail: Option<String>,
+        /// The enroll asked for DNS capture, and DNS capture needs this feature.
+        dns_capture: bool,
     },
+}
+
+fn describe_missing(
+    feature: &Feature,
+    kernel: &str,
+    detail: &Option<String>,
+    dns_capture: &bool,
+    f: &mut std::fmt::Formatter<'_>,
+) -> std::fmt::Result {
+    let (name, kind, since, impact) = (
+        feature.name,
+        feature.kind.as_str(),
+        feature.since,
+        feature.impact,
+    );
+    if *dns_capture {
+        write!(
+            f,
+            "DNS capture (--dns-capture) needs {kind} {name}, which kernel {kernel} lacks \
+             (Linux {since} or later brings it): {impact}"
+        )?;
+    } else {
+        write!(
+            f,
+            "kernel {kernel} lacks {kind} {name} (Linux {since} or later brings it): {impact}"
+        )?;
+    }
+    match detail {
+        Some(d) => write!(f, " ({d})"),
+        None => Ok(()),
+    }
 }
 
 /// Checks every mandatory feature and fails on the first one missing, naming it and the
 /// kernel version that brings it.
 pub fn require_mandatory() -> Result<(), ProbeError> {
-    for feat in FEATURES.iter().filter(|f| f.mandatory) {
-        let st = check(feat);
-        if !st.present {
-            return Err(ProbeError::Missing {
-                feature: feat.name,
-                kind: feat.kind.as_str(),
-                since: feat.since,
-                impact: feat.impact,
-                kernel: kernel_release(),
-                detail: st.detail,
-            });
+    require(false)
+}
+
+/// What enroll needs of the kernel: every mandatory feature, and with `dns_capture` the DNS
+/// hooks, checked first so that the refusal names what DNS capture lacks. Stops at the first
+/// feature missing.
+pub fn require(dns_capture: bool) -> Result<(), ProbeError> {
+    let kernel = kernel_release();
+    let dns_first = FEATURES.iter().filter(|f| dns_capture && f.dns_capture);
+    let rest = FEATURES
+        .iter()
+        .filter(|f| f.mandatory && !(dns_capture && f.dns_capture));
+    for feat in dns_first.chain(rest) {
+        if let Some(e) = refusal(&check(feat), dns_capture, &kernel) {
+            return Err(e);
         }
     }
     Ok(())
+}
+
+/// The refusal a probe [`Report`] means for an enroll (with `dns_capture` or without), if any:
+/// the first missing DNS feature when DNS capture is asked, else the first missing mandatory
+/// one. What [`require`] decides, for a report read elsewhere (or made up, in tests).
+pub fn refusal_of(report: &Report, dns_capture: bool) -> Option<ProbeError> {
+    let dns = report
+        .features
+        .iter()
+        .filter(|s| dns_capture && s.dns_capture);
+    let rest = report
+        .features
+        .iter()
+        .filter(|s| s.mandatory && !(dns_capture && s.dns_capture));
+    dns.chain(rest)
+        .find_map(|s| refusal(s, dns_capture, &report.kernel))
+}
+
+/// The refusal one checked feature means, `None` when it is present or not needed.
+fn refusal(st: &Status, dns_capture: bool, kernel: &str) -> Option<ProbeError> {
+    if st.present {
+        return None;
+    }
+    let for_dns = dns_capture && st.dns_capture;
+    if !for_dns && !st.mandatory {
+        return None;
+    }
+    Some(ProbeError::Missing {
+        feature: feature(st.name)?,
+        kernel: kernel.to_owned(),
+        detail: st.detail.clone(),
+        dns_capture: for_dns,
+    })
 }
 
 /// Checks every feature.
@@ -337,6 +418,7 @@ pub fn check(feat: &Feature) -> Status {
         name: feat.name,
         kind: feat.kind,
         mandatory: feat.mandatory,
+        dns_capture: feat.dns_capture,
         present,
         since: feat.since,
         impact: feat.impact,
@@ -518,6 +600,78 @@ mod tests {
             .iter()
             .filter(|f| matches!(f.check, Check::Load(_)));
         assert_eq!(programs.count(), Hook::ALL.len());
+    }
+
+    /// A report of a kernel whose features are all present except `missing`.
+    fn report_without(kernel: &str, missing: &[&str]) -> Report {
+        let features: Vec<Status> = FEATURES
+            .iter()
+            .map(|f| Status {
+                name: f.name,
+                kind: f.kind,
+                mandatory: f.mandatory,
+                dns_capture: f.dns_capture,
+                present: !missing.contains(&f.name),
+                since: f.since,
+                impact: f.impact,
+                method: "made up",
+                detail: None,
+            })
+            .collect();
+        Report {
+            kernel: kernel.into(),
+            ok: false,
+            missing_mandatory: Vec::new(),
+            missing_optional: Vec::new(),
+            features,
+        }
+    }
+
+    /// Golden text: a kernel without the recvmsg4 hook (and without sk_lookup, listed before
+    /// it): `enroll --dns-capture` names the DNS hook, the running kernel and the version that
+    /// brings it; enroll without the flag names the first mandatory feature missing.
+    #[test]
+    fn dns_capture_refusal_names_the_hook_and_kernel() {
+        let report = report_without("5.1.0-test", &["sk_lookup", "program/rd_recvmsg4"]);
+        assert_eq!(
+            refusal_of(&report, true).unwrap().to_string(),
+            "DNS capture (--dns-capture) needs program program/rd_recvmsg4, which kernel \
+             5.1.0-test lacks (Linux 5.2 or later brings it): the recvmsg4 hook does not load: \
+             captured IPv4 DNS replies come from the proxy's port"
+        );
+        assert_eq!(
+            refusal_of(&report, false).unwrap().to_string(),
+            "kernel 5.1.0-test lacks program type sk_lookup (Linux 5.9 or later brings it): \
+             inbound connections cannot be handed to the proxy's listener"
+        );
+        let only_dns = report_without("5.1.0-test", &["program/rd_getpeername6"]);
+        assert_eq!(
+            refusal_of(&only_dns, true).unwrap().to_string(),
+            "DNS capture (--dns-capture) needs program program/rd_getpeername6, which kernel \
+             5.1.0-test lacks (Linux 5.8 or later brings it): the getpeername6 hook does not \
+             load: a redirected IPv6 socket's peer is the proxy's listener, not its original \
+             destination"
+        );
+        assert!(refusal_of(&report_without("6.1.0", &[]), true).is_none());
+        // An optional feature missing refuses nothing.
+        assert!(refusal_of(&report_without("5.5.0", &["pidfd_getfd"]), true).is_none());
+    }
+
+    /// The hooks issue 13 added are listed with the kernel that brings each.
+    #[test]
+    fn new_hooks_are_listed_with_their_kernel() {
+        for (name, since, dns) in [
+            ("program/rd_getpeername4", "5.8", true),
+            ("program/rd_getpeername6", "5.8", true),
+            ("program/rd_sendmsg4", "4.18", true),
+            ("program/rd_sendmsg6", "4.18", true),
+            ("program/rd_recvmsg4", "5.2", true),
+            ("program/rd_recvmsg6", "5.2", true),
+            ("program/rd_connect4", "5.10", false),
+        ] {
+            let f = feature(name).unwrap_or_else(|| panic!("no feature {name}"));
+            assert_eq!((f.since, f.dns_capture), (since, dns), "{name}");
+        }
     }
 
     #[test]

@@ -913,6 +913,21 @@ fn prometheus_scrapes_the_agent() {
     ] {
         assert!(text.contains(needle), "{needle}: {text}");
     }
+    // Every counter of `stats` is a series, issue 13's included (this pod asked no DNS).
+    for counter in agent.stats(&server.name).keys() {
+        let series = format!(
+            "redirect_{counter}_total{{namespace=\"\",pod=\"{}\"}} ",
+            server.name
+        );
+        assert!(text.contains(&series), "{series}: {text}");
+    }
+    assert!(
+        text.contains(&format!(
+            "redirect_dns_captured_total{{namespace=\"\",pod=\"{}\"}} 0\n",
+            server.name
+        )),
+        "{text}"
+    );
     let mut promtool = Command::new("promtool")
         .args(["check", "metrics"])
         .stdin(Stdio::piped())

@@ -84,6 +84,7 @@ struct Daemon {
     http: SocketAddr,
     config: PathBuf,
     log: PathBuf,
+    extra: Vec<String>,
 }
 
 impl Daemon {
@@ -116,6 +117,7 @@ impl Daemon {
             http: SocketAddr::from(([127, 0, 0, 1], port)),
             config,
             log: dir.join("agent.log"),
+            extra: Vec::new(),
         }
     }
 
@@ -135,6 +137,7 @@ impl Daemon {
                 .arg(self.http.to_string())
                 .arg("--config")
                 .arg(&self.config)
+                .args(&self.extra)
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(log)
@@ -357,4 +360,75 @@ fn wildcard_echo(pod: &Pod, ports: &[u16]) -> PodProcess {
         listen.push(common::sock(Family::V6.unspecified(), *p));
     }
     echo(pod, APP_UID, &listen)
+}
+
+/// `run --cni-bin-dir --cni-conf-dir`: the agent installs the plugin at start and puts it back
+/// whenever the primary CNI rewrites its configuration while the agent runs.
+#[test]
+fn agent_installs_and_keeps_the_plugin_in_the_chain() {
+    require!(Need::Root, datapath());
+    let agent = Agent::new();
+    let mut daemon = Daemon::new(&agent, Path::new("/nonexistent"));
+    let dir = daemon.socket.parent().unwrap().to_owned();
+    let (bin, conf) = (dir.join("bin"), dir.join("net.d"));
+    fs::create_dir_all(&conf).unwrap();
+    let primary = conf.join("10-containerd-net.conflist");
+    let original = fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/golden/cni/bridge/in/10-containerd-net.conflist"),
+    )
+    .unwrap();
+    fs::write(&primary, &original).unwrap();
+    daemon.extra = vec![
+        "--cni-bin-dir".into(),
+        bin.display().to_string(),
+        "--cni-conf-dir".into(),
+        conf.display().to_string(),
+        "--cni-plugin".into(),
+        plugin_bin().display().to_string(),
+        "--cni-failure-policy".into(),
+        "ignore".into(),
+    ];
+    daemon.start(&agent);
+    assert_eq!(
+        fs::read(bin.join("redirect-cni")).unwrap(),
+        fs::read(plugin_bin()).unwrap()
+    );
+    let has_entry = || {
+        let text = fs::read_to_string(&primary).unwrap_or_default();
+        text.contains("\"type\":\"redirect-cni\"")
+            && text.contains(&format!(
+                "\"agentSocket\":{:?}",
+                daemon.socket.display().to_string()
+            ))
+            && text.contains("\"failurePolicy\":\"ignore\"")
+    };
+    assert!(has_entry(), "{}", fs::read_to_string(&primary).unwrap());
+    for _ in 0..3 {
+        // The primary CNI writes its file again, without us.
+        let tmp = conf.join(".rewrite");
+        fs::write(&tmp, &original).unwrap();
+        fs::rename(&tmp, &primary).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !has_entry() {
+            assert!(
+                Instant::now() < deadline,
+                "not re-inserted: {}",
+                daemon.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    daemon.stop();
+    let out = agent
+        .cmd()
+        .args(["uninstall-cni", "--cni-bin-dir"])
+        .arg(&bin)
+        .arg("--cni-conf-dir")
+        .arg(&conf)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(fs::read_to_string(&primary).unwrap(), original);
+    assert!(!bin.join("redirect-cni").exists());
 }

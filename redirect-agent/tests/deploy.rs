@@ -188,3 +188,63 @@ fn mount_bpffs_prepares_the_pin_root() {
     drop(cleanup);
     assert!(!on_bpffs.exists() && !elsewhere.exists());
 }
+
+/// The uninstall DaemonSet's init container command parses and runs: against a node's CNI
+/// directories where the plugin was installed, it leaves them as they were before.
+#[test]
+fn the_uninstall_daemonsets_command_runs() {
+    let docs = manifest("redirect-uninstall.yaml");
+    let ds = find(&docs, "DaemonSet", "redirect-uninstall");
+    let init = container(
+        &ds["spec"]["template"]["spec"],
+        "initContainers",
+        "uninstall",
+    );
+    let dir =
+        std::env::temp_dir().join(format!("redirect-deploy-uninstall-{}", std::process::id()));
+    let (bin, conf) = (dir.join("opt/cni/bin"), dir.join("etc/cni/net.d"));
+    std::fs::create_dir_all(&bin).unwrap();
+    std::fs::create_dir_all(&conf).unwrap();
+    let primary = r#"{"cniVersion":"1.0.0","name":"k8s","plugins":[{"type":"bridge"}]}"#;
+    std::fs::write(conf.join("10-k8s.conflist"), primary).unwrap();
+    let plugin = dir.join("redirect-cni");
+    std::fs::write(&plugin, "#!/bin/sh\n").unwrap();
+    let agent = Command::new(env!("CARGO_BIN_EXE_redirect-agent"))
+        .args(["install-cni", "--cni-bin-dir"])
+        .arg(&bin)
+        .arg("--cni-conf-dir")
+        .arg(&conf)
+        .arg("--cni-plugin")
+        .arg(&plugin)
+        .output()
+        .unwrap();
+    assert!(
+        agent.status.success(),
+        "{}",
+        String::from_utf8_lossy(&agent.stderr)
+    );
+    assert_ne!(
+        std::fs::read_to_string(conf.join("10-k8s.conflist")).unwrap(),
+        primary
+    );
+    let cmd = command_of(init, &dir);
+    let argv: Vec<String> = cmd
+        .get_args()
+        .map(|a| {
+            a.to_string_lossy()
+                .replace("/host/opt/cni/bin", &bin.display().to_string())
+                .replace("/host/etc/cni/net.d", &conf.display().to_string())
+        })
+        .collect();
+    let mut cmd = Command::new(cmd.get_program());
+    cmd.args(argv);
+    let out = cmd.output().unwrap();
+    let text = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "the uninstall command: {text}");
+    assert_eq!(
+        std::fs::read_to_string(conf.join("10-k8s.conflist")).unwrap(),
+        primary
+    );
+    assert!(!bin.join("redirect-cni").exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -4,7 +4,9 @@
 //! server answers `who.test` with an address of its own, so the answer proves which server
 //! replied; `up.test` is forwarded by the proxy's server to the upstream, which proves that the
 //! proxy's own queries are not captured (they would loop back to itself). With capture off
-//! nothing changes. Needs root, `dnsmasq` and `dig`; without them each test says why.
+//! nothing changes. glibc's resolver (`getent ahosts`) the same way. The counters
+//! (`dns_captured`, `dns_tcp_captured`, `dns_replies_rewritten`) say what the datapath did.
+//! Needs root, `dnsmasq`, `dig` and util-linux; without them each test says why.
 
 mod common;
 
@@ -167,9 +169,19 @@ fn dns_capture_sends_queries_to_the_proxy_dns_port() {
         failures.push(format!("capture off: {off:#?}"));
     }
     agent.enroll(&app, &["--dns-capture"]);
+    let before = agent.stats(&app.name);
     let on = answers(&app, &upstream);
     if on != expected("proxy") {
         failures.push(format!("capture on: {on:#?}"));
+    }
+    // dig: 4 TCP queries (2 families, 2 names, one connection each, no retries) and 4 UDP
+    // ones, each read back from the server dig asked.
+    let d = delta(&before, &agent.stats(&app.name));
+    if d.get("dns_tcp_captured") != Some(&4)
+        || d.get("dns_captured").copied().unwrap_or(0) < 4
+        || d.get("dns_replies_rewritten").copied().unwrap_or(0) < 4
+    {
+        failures.push(format!("capture on, counters: {d:?}"));
     }
     agent.enroll(&app, &[]);
     let off_again = answers(&app, &upstream);
@@ -245,4 +257,221 @@ fn dns_replies_of_one_socket_name_their_servers() {
         .map(|(i, s)| (1 + i as u64, s.to_string(), PROXY_WHO.to_string()))
         .collect();
     assert_eq!(replies, want, "replies (id, from, answer)");
+}
+
+/// `getent ahosts name` in `pod` as the application, with glibc's resolver configured to ask
+/// `server` only (`/etc/resolv.conf` and `/etc/nsswitch.conf` replaced by bind mounts in a
+/// private mount namespace of the command alone, so the machine's files are never touched):
+/// the addresses it prints, or why not.
+fn getent(node: &Node, pod: &Pod, server: IpAddr, name: &str) -> Result<Vec<IpAddr>, String> {
+    static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let resolv = node.scratch_file(&format!("resolv-{n}.conf")).unwrap();
+    std::fs::write(
+        &resolv,
+        format!("nameserver {server}\noptions timeout:2 attempts:1\n"),
+    )
+    .unwrap();
+    let nsswitch = node.scratch_file(&format!("nsswitch-{n}.conf")).unwrap();
+    std::fs::write(&nsswitch, "hosts: dns\n").unwrap();
+    let mut cmd = Command::new("unshare");
+    cmd.args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+        .arg(
+            "mount --bind \"$1\" /etc/resolv.conf && mount --bind \"$2\" /etc/nsswitch.conf && \
+             exec setpriv --reuid=\"$3\" --regid=\"$3\" --clear-groups getent ahosts \"$4\"",
+        )
+        .arg("getent")
+        .arg(&resolv)
+        .arg(&nsswitch)
+        .arg(APP_UID.to_string())
+        .arg(name)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    // Root only to make the mounts; the resolver runs as the application's uid.
+    let mut p = pod.spawn(0, cmd).expect("spawn getent");
+    let mut text = String::new();
+    p.child_mut()
+        .stdout
+        .take()
+        .expect("piped")
+        .read_to_string(&mut text)
+        .expect("read getent output");
+    let mut err = String::new();
+    let _ = p
+        .child_mut()
+        .stderr
+        .take()
+        .expect("piped")
+        .read_to_string(&mut err);
+    let status = p.child_mut().wait().expect("wait getent");
+    let mut addrs: Vec<IpAddr> = text
+        .lines()
+        .filter_map(|l| l.split_whitespace().next()?.parse().ok())
+        .collect();
+    addrs.dedup();
+    if addrs.is_empty() {
+        return Err(format!(
+            "getent ahosts {name} via {server}: {status}: {text:?} {err:?}"
+        ));
+    }
+    Ok(addrs)
+}
+
+/// glibc's resolver (`getent ahosts`, which asks A and AAAA over one connected UDP socket and
+/// reads the replies with `recvfrom`, checking that they come from the server it asked) with
+/// the pod's configured upstream as its name server, IPv4 and IPv6: with capture off the
+/// upstream answers, with `--dns-capture` the proxy's server (uid 1337) answers, and off again
+/// the upstream. The answers prove which server replied; the counters say what the datapath did.
+#[test]
+fn glibc_resolver_is_answered_by_the_proxy_dns_server_under_capture() {
+    require!(
+        Need::Root,
+        datapath(),
+        tool("dnsmasq", "--version"),
+        tool("getent", "--version"),
+        tool("unshare", "--version"),
+        tool("setpriv", "--version")
+    );
+    let node = Node::new().unwrap();
+    let app = node.add_pod("app").unwrap();
+    let upstream = node.add_pod("upstream").unwrap();
+    let _up = dnsmasq(&upstream, 0, 53, UPSTREAM_WHO, None);
+    let _proxy_dns = dnsmasq(&app, PROXY_UID, 15053, PROXY_WHO, None);
+    let agent = Agent::new();
+    let who = |expect: Ipv4Addr| -> Vec<String> {
+        Family::BOTH
+            .iter()
+            .map(|f| {
+                let got = getent(&node, &app, f.pod_ip(&upstream), "who.test");
+                let said = match got {
+                    Ok(a) if a == [IpAddr::V4(UPSTREAM_WHO)] => "upstream".to_string(),
+                    Ok(a) if a == [IpAddr::V4(PROXY_WHO)] => "proxy".to_string(),
+                    Ok(a) => format!("{a:?}?"),
+                    Err(e) => e,
+                };
+                let want = if expect == PROXY_WHO {
+                    "proxy"
+                } else {
+                    "upstream"
+                };
+                format!("{}: {said} (want {want})", f.name())
+            })
+            .collect()
+    };
+    let ok = |lines: &[String]| {
+        lines.iter().all(|l| {
+            let (said, want) = l.split_once(" (want ").unwrap();
+            said.ends_with(want.trim_end_matches(')'))
+        })
+    };
+    let dns_counters = ["dns_captured", "dns_tcp_captured", "dns_replies_rewritten"];
+    let mut failures = Failures::default();
+
+    agent.enroll(&app, &[]);
+    let before = agent.stats(&app.name);
+    let off = who(UPSTREAM_WHO);
+    if !ok(&off) {
+        failures.push(format!("capture off: {off:?}"));
+    }
+    let d = delta(&before, &agent.stats(&app.name));
+    if dns_counters.iter().any(|c| d.contains_key(*c)) {
+        failures.push(format!("capture off counted DNS: {d:?}"));
+    }
+
+    agent.enroll(&app, &["--dns-capture"]);
+    let before = agent.stats(&app.name);
+    let on = who(PROXY_WHO);
+    if !ok(&on) {
+        failures.push(format!("capture on: {on:?}"));
+    }
+    let d = delta(&before, &agent.stats(&app.name));
+    // One connected UDP socket per lookup (glibc), one reply at least per lookup read back.
+    if d.get("dns_captured").copied().unwrap_or(0) < 2
+        || d.get("dns_replies_rewritten").copied().unwrap_or(0) < 2
+        || d.contains_key("dns_tcp_captured")
+    {
+        failures.push(format!("capture on, counters: {d:?}"));
+    }
+
+    agent.enroll(&app, &[]);
+    let off_again = who(UPSTREAM_WHO);
+    if !ok(&off_again) {
+        failures.push(format!("capture off again: {off_again:?}"));
+    }
+    failures.assert_none("glibc resolver");
+}
+
+/// DNS capture turned on by the pod's annotations, through the path the CNI plugin and the API
+/// watch take (`annotations::pod_spec`, then the library's enroll), not by the command line:
+/// `redirect.dev/dns-capture: "true"` and Istio's `ISTIO_META_DNS_CAPTURE: "true"` in
+/// `proxy.istio.io/config` each send the application's queries to the proxy's server; without
+/// either, or with redirect's own annotation saying `false`, the upstream answers.
+#[test]
+fn dns_capture_follows_the_pod_annotations() {
+    use redirect_agent::annotations::{self, Annotations, NodeDefaults, PodPlace};
+    require!(
+        Need::Root,
+        datapath(),
+        tool("dnsmasq", "--version"),
+        tool("dig", "-v")
+    );
+    let node = Node::new().unwrap();
+    let app = node.add_pod("app").unwrap();
+    let upstream = node.add_pod("upstream").unwrap();
+    let _up = dnsmasq(&upstream, 0, 53, UPSTREAM_WHO, None);
+    let _proxy_dns = dnsmasq(&app, PROXY_UID, 15053, PROXY_WHO, None);
+    let agent = Agent::new();
+    let mut writer = redirect_agent::commands::Writer::new(&agent.state_dir, &agent.pin_root);
+    let istio = "holdApplicationUntilProxyStarts: true\nproxyMetadata:\n  \
+                 ISTIO_META_DNS_CAPTURE: \"true\"\n";
+    let mut failures = Failures::default();
+    for (case, pairs, want) in [
+        ("no annotation", vec![], UPSTREAM_WHO),
+        (
+            "redirect.dev/dns-capture",
+            vec![(annotations::DNS_CAPTURE, "true")],
+            PROXY_WHO,
+        ),
+        (
+            "ISTIO_META_DNS_CAPTURE in proxy.istio.io/config",
+            vec![(annotations::PROXY_CONFIG, istio)],
+            PROXY_WHO,
+        ),
+        (
+            "Istio's on, redirect.dev/dns-capture false",
+            vec![
+                (annotations::PROXY_CONFIG, istio),
+                (annotations::DNS_CAPTURE, "false"),
+            ],
+            UPSTREAM_WHO,
+        ),
+    ] {
+        let a: Annotations = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let place = PodPlace {
+            name: app.name.clone(),
+            cgroup: app.cgroup.clone(),
+            netns: app.netns_path.clone(),
+            pod_ips: vec![app.ip4.into(), app.ip6.into()],
+            kube: None,
+        };
+        let spec = annotations::pod_spec(&NodeDefaults::default(), place, &a)
+            .unwrap_or_else(|e| panic!("{case}: {e}"));
+        if let Err(e) = writer.enroll(spec) {
+            failures.push(format!(
+                "{case}: enroll: {}",
+                redirect_agent::error_chain(&e)
+            ));
+            continue;
+        }
+        for f in Family::BOTH {
+            let got = dig(&app, f.pod_ip(&upstream), "who.test", false);
+            if got.as_ref() != Ok(&want) {
+                failures.push(format!("{case}, {}: {got:?}, want {want}", f.name()));
+            }
+        }
+    }
+    failures.assert_none("DNS capture by annotation");
 }

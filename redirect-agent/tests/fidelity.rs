@@ -204,7 +204,12 @@ fn captured_socket_reports_pod_address_and_original_destination() {
     let d = delta(&before, &agent.stats(&app.name));
     let want = delta(
         &counters(&[]),
-        &counters(&[("outbound_captured", 3), ("orig_dst_hit", 3)]),
+        // Each application socket asked getpeername() once (the `addrs` tool).
+        &counters(&[
+            ("outbound_captured", 3),
+            ("orig_dst_hit", 3),
+            ("peername_rewritten", 3),
+        ]),
     );
     if d != want {
         failures.push(format!("counters moved {d:?}, expected {want:?}"));
@@ -325,6 +330,7 @@ fn mapped_destinations_follow_ipv4_exclusions() {
             ("outbound_excluded", 2),
             ("outbound_captured", 1),
             ("orig_dst_hit", 1),
+            ("peername_rewritten", 1),
         ]),
     );
     if d != want {
@@ -333,11 +339,79 @@ fn mapped_destinations_follow_ipv4_exclusions() {
     failures.assert_none("mapped destinations and IPv4 exclusions");
 }
 
+/// The proxy's deliveries from a dual-stack socket (`::ffff:127.0.0.1:P`, or `::ffff:POD_IP:P`
+/// from `::ffff:127.0.0.6`) are the IPv4 connections they are: under either policy they end
+/// where the same delivery from an IPv4 socket ends (the application reached or not, at the same
+/// address, from the same source), as iptables' IPv4 rules treat them.
+#[test]
+fn dual_stack_deliveries_end_where_ipv4_ones_do() {
+    require!(Need::Root, datapath());
+    let node = Node::new().unwrap();
+    let server = node.add_pod("server").unwrap();
+    let _apps = matrix_apps(&server);
+    let agent = Agent::new();
+    let mut failures = Failures::default();
+    let loopback = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+    let passthrough = IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 6));
+    // What the application saw of the delivery: the address it accepted on and its peer's
+    // address (the port is the kernel's choice), or nothing.
+    type Seen = Option<(SocketAddr, IpAddr)>;
+    let mut reached: Vec<(String, u16, Seen)> = Vec::new();
+    for policy in ["passthrough", "localhost"] {
+        agent.enroll(&server, &["--inbound-policy", policy]);
+        for port in [POD_IP_PORT, LOOPBACK_PORT, WILDCARD_PORT] {
+            for (to, bind) in [
+                (sock(loopback, port), None),
+                (
+                    sock(IpAddr::V4(server.ip4), port),
+                    Some(sock(passthrough, 0)),
+                ),
+            ] {
+                let view = |mapped: bool| -> Seen {
+                    let mut args = to_args(&[to]);
+                    if let Some(b) = bind {
+                        args.extend(["--bind".into(), b.to_string()]);
+                    }
+                    if mapped {
+                        args.push("--mapped".into());
+                    }
+                    let got = addrs(&server, PROXY_UID, &args);
+                    got[0].server.map(|b| (b.local, b.peer.ip()))
+                };
+                let (v4, dual) = (view(false), view(true));
+                if v4 != dual {
+                    failures.push(format!(
+                        "policy {policy}, proxy dials {to} (bound {bind:?}): IPv4 socket {v4:?}, \
+                         dual-stack socket {dual:?}"
+                    ));
+                }
+                reached.push((policy.to_string(), port, v4));
+            }
+        }
+    }
+    // Not vacuous: each policy reaches its own application and refuses the other's.
+    let seen = |policy: &str, port: u16| {
+        reached
+            .iter()
+            .filter(|(p, q, s)| p == policy && *q == port && s.is_some())
+            .count()
+    };
+    if seen("passthrough", POD_IP_PORT) != 2 || seen("passthrough", LOOPBACK_PORT) != 0 {
+        failures.push(format!("passthrough deliveries: {reached:?}"));
+    }
+    if seen("localhost", LOOPBACK_PORT) != 2 || seen("localhost", POD_IP_PORT) != 0 {
+        failures.push(format!("localhost deliveries: {reached:?}"));
+    }
+    failures.assert_none("dual-stack deliveries");
+}
+
 /// Two `SO_REUSEADDR` sockets bound to the same pod address and port, connected at the same
 /// time to two different servers: distinct four-tuples without redirect and under iptables
-/// (NAT keeps the original destination in the tuple), so both must work when captured. IPv4:
-/// each original destination has its own loopback address (127.128.0.0/12) in front of the
-/// proxy's wildcard listener.
+/// (NAT keeps the original destination in the tuple), so both must work when captured. Each
+/// original destination has its own address in front of the proxy's wildcard listener: IPv4
+/// and dual-stack sockets one of 127.128.0.0/12, IPv6 one of `100::/64` (local on the pod's
+/// `lo`). Before the IPv6 spreading, every IPv6 connection went to `[::1]:15001` and the second
+/// IPv6 socket got `EADDRNOTAVAIL`.
 #[test]
 fn two_reuseaddr_sockets_on_one_port_reach_two_servers() {
     require!(Need::Root, datapath());
@@ -351,9 +425,15 @@ fn two_reuseaddr_sockets_on_one_port_reach_two_servers() {
     let agent = Agent::new();
     agent.enroll(&app, &[]);
     let mut failures = Failures::default();
-    for dual in [false, true] {
-        let targets = [sock(a.ip4, WILDCARD_PORT), sock(b.ip4, WILDCARD_PORT)];
-        let bind = sock(app.ip4, 21000 + u16::from(dual));
+    for (family, dual) in [(Family::V4, false), (Family::V4, true), (Family::V6, false)] {
+        let targets = [
+            sock(family.pod_ip(&a), WILDCARD_PORT),
+            sock(family.pod_ip(&b), WILDCARD_PORT),
+        ];
+        let bind = sock(
+            family.pod_ip(&app),
+            21000 + u16::from(dual) + 2 * u16::from(family == Family::V6),
+        );
         let mut args = to_args(&targets);
         args.extend(["--bind".into(), bind.to_string(), "--reuseaddr".into()]);
         if dual {
@@ -375,47 +455,78 @@ fn two_reuseaddr_sockets_on_one_port_reach_two_servers() {
                     .any(|e| e.peer == bind && e.orig_dst == Some(*to) && e.result == "ok");
             if !ok {
                 failures.push(format!(
-                    "dual-stack {dual}: socket {i} bound to {local} -> {asked}: got {g:?}, \
-                     proxy {new:?}"
+                    "{} dual-stack {dual}: socket {i} bound to {local} -> {asked}: got {g:?}, \
+                     proxy {new:?}",
+                    family.name()
                 ));
             }
         }
     }
+    // The IPv6 prefix is local on the pod's lo while it is enrolled, and only then.
+    let route = |pod: &Pod| {
+        pod.exec("ip", &["-6", "route", "show", "table", "local", "100::/64"])
+            .expect("ip route")
+            .trim()
+            .to_owned()
+    };
+    let enrolled = route(&app);
+    if !enrolled.starts_with("local 100::/64 dev lo") || !enrolled.contains("src ::1") {
+        failures.push(format!("route while enrolled: {enrolled:?}"));
+    }
+    agent.unenroll(&app.name);
+    let after = route(&app);
+    if !after.is_empty() {
+        failures.push(format!("route after unenroll: {after:?}"));
+    }
     failures.assert_none("two sockets on one pod address and port");
 }
 
-/// Captured IPv4 connections to different destinations held open at once, more than one
-/// ephemeral port range holds: under iptables each destination has its own range (the
+/// Captured connections to different destinations held open at once, more than one ephemeral
+/// port range holds, IPv4 and IPv6: under iptables each destination has its own range (the
 /// four-tuple keeps the original destination); with every connection sent to one proxy address
 /// they would all share one. The pod's range is cut to 100 ports (a sysctl of the pod's own
-/// network namespace) so that 150 connections to 3 destinations need three ranges.
+/// network namespace, used by both families) so that 150 connections to 3 destinations need
+/// three ranges. Before the spreading 50 failed (IPv4; IPv6 until `100::/64`).
 #[test]
 fn captured_destinations_have_their_own_port_ranges() {
     require!(Need::Root, datapath());
     let node = Node::new().unwrap();
     let app = node.add_pod("app").unwrap();
     let remote = node.add_pod("remote").unwrap();
-    let targets: Vec<SocketAddr> = (0..3).map(|i| sock(remote.ip4, 31000 + i)).collect();
-    let _echo = echo(&remote, APP_UID, &targets);
+    let mut targets = Vec::new();
+    for f in Family::BOTH {
+        targets.push(
+            (0..3)
+                .map(|i| sock(f.pod_ip(&remote), 31000 + i))
+                .collect::<Vec<_>>(),
+        );
+    }
+    let _echo = echo(&remote, APP_UID, &targets.concat());
     let _proxy = Proxy::start(&node, &app, ProxyDial::PodIp, "proxy.log");
     app.in_netns(|| std::fs::write("/proc/sys/net/ipv4/ip_local_port_range", "40000 40099"))
         .expect("enter netns")
         .expect("set the pod's ip_local_port_range");
     let agent = Agent::new();
     agent.enroll(&app, &[]);
-    let to: Vec<SocketAddr> = (0..150).map(|i| targets[i % 3]).collect();
-    let got = addrs(&app, APP_UID, &to_args(&to));
-    let failed: Vec<&Addrs> = got
-        .iter()
-        .filter(|g| g.error.is_some() || g.server.is_none() || g.peer != Some(g.to))
-        .collect();
-    assert_eq!(got.len(), 150);
-    assert!(
-        failed.is_empty(),
-        "{} of 150 connections failed, first {:?}",
-        failed.len(),
-        failed.first()
-    );
+    let mut failures = Failures::default();
+    for (f, targets) in Family::BOTH.iter().zip(&targets) {
+        let to: Vec<SocketAddr> = (0..150).map(|i| targets[i % 3]).collect();
+        let got = addrs(&app, APP_UID, &to_args(&to));
+        let failed: Vec<&Addrs> = got
+            .iter()
+            .filter(|g| g.error.is_some() || g.server.is_none() || g.peer != Some(g.to))
+            .collect();
+        if got.len() != 150 || !failed.is_empty() {
+            failures.push(format!(
+                "{}: {} reports, {} failed, first {:?}",
+                f.name(),
+                got.len(),
+                failed.len(),
+                failed.first()
+            ));
+        }
+    }
+    failures.assert_none("150 connections held open to 3 destinations, 100 ports");
 }
 
 /// An echo server on many addresses, ready when it says so: it prints one `listening` line per
@@ -441,21 +552,26 @@ fn echo_many(pod: &Pod, listen: &[SocketAddr]) -> PodProcess {
     p
 }
 
-/// Destinations of the many-connections test, and rounds over them.
+/// Destinations of the many-connections tests, and rounds over them in CI.
 const DESTINATIONS: u16 = 1000;
 const ROUNDS: u32 = 5;
+/// The issue's figure: 60 000 connections, 60 rounds over the 1 000 destinations.
+const FULL_ROUNDS: u32 = 60;
 
-/// Many short connections (each closed by the application first, so each leaves a TIME_WAIT
-/// socket) to 1 000 distinct destinations, all captured, none failing. The issue's figure is
-/// 60 000 (all succeeded, in 82 s here, before the port-space change; 20 000 after it); 5 000
-/// keep the test short on a shared two-CPU runner and in the kernel matrix's emulated machines
-/// (20 000 took 500 s under qemu TCG on 5.10, and some got no banner there, cause not yet
-/// known). (The loopback destination lets the kernel reuse
-/// TIME_WAIT ports, `tcp_tw_reuse=2`; the held-open case above is the one that needs a range
-/// per destination.)
-#[test]
-fn many_short_connections_to_many_destinations_succeed() {
-    require!(Need::Root, datapath());
+/// How a many-connections run's pod is captured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Capture {
+    Redirect,
+    /// Istio's iptables rules in the pod's own namespace.
+    Iptables,
+}
+
+/// `rounds` rounds of short connections (each closed by the application first, so each leaves
+/// a TIME_WAIT socket) from a new pod to 1 000 distinct destinations in another, through the
+/// pod's proxy, captured as `capture` says. Asserts that every one succeeded (and, under
+/// redirect, was captured, no map full); returns the load tool's report (its `elapsed_ms` is
+/// for the benchmark, never judged here).
+fn many_connections(capture: Capture, rounds: u32) -> serde_json::Value {
     let node = Node::new().unwrap();
     let app = node.add_pod("app").unwrap();
     let remote = node.add_pod("remote").unwrap();
@@ -464,10 +580,15 @@ fn many_short_connections_to_many_destinations_succeed() {
     let _echo = echo_many(&remote, &listen);
     let _proxy = Proxy::start(&node, &app, ProxyDial::PodIp, "proxy.log");
     let agent = Agent::new();
-    agent.enroll(&app, &[]);
-    let before = agent.stats(&app.name);
+    match capture {
+        Capture::Redirect => {
+            agent.enroll(&app, &[]);
+        }
+        Capture::Iptables => install_istio_rules(&app).expect("Istio's rules in the pod"),
+    }
+    let before = (capture == Capture::Redirect).then(|| agent.stats(&app.name));
     let mut args = to_args(&listen);
-    args.extend(["--repeat".into(), ROUNDS.to_string()]);
+    args.extend(["--repeat".into(), rounds.to_string()]);
     let mut cmd = Command::new(testbed_bin());
     cmd.arg("addrs")
         .args(&args)
@@ -483,13 +604,45 @@ fn many_short_connections_to_many_destinations_succeed() {
         .expect("read addrs output");
     let status = p.child_mut().wait().expect("wait addrs");
     assert!(status.success(), "addrs --repeat: {status}");
-    let report: serde_json::Value = serde_json::from_str(out.trim()).expect("report");
-    eprintln!("many connections: {report}");
-    let total = u64::from(DESTINATIONS) * u64::from(ROUNDS);
+    let mut report: serde_json::Value = serde_json::from_str(out.trim()).expect("report");
+    let total = u64::from(DESTINATIONS) * u64::from(rounds);
+    report["capture"] = format!("{capture:?}").to_lowercase().into();
+    report["connections"] = total.into();
+    report["destinations"] = DESTINATIONS.into();
+    // One line per run, read by `cargo xtask bench connections`.
+    println!("many connections: {report}");
     assert_eq!(report["ok"].as_u64(), Some(total), "{report}");
-    let d = delta(&before, &agent.stats(&app.name));
-    assert_eq!(d.get("outbound_captured").copied(), Some(total), "{d:?}");
-    assert_eq!(d.get("map_full").copied().unwrap_or(0), 0, "{d:?}");
+    if let Some(before) = before {
+        let d = delta(&before, &agent.stats(&app.name));
+        assert_eq!(d.get("outbound_captured").copied(), Some(total), "{d:?}");
+        assert_eq!(d.get("map_full").copied().unwrap_or(0), 0, "{d:?}");
+    }
+    report
+}
+
+/// 5 000 short connections to 1 000 distinct destinations, all captured, none failing: the
+/// issue's 60 000 scaled down to keep CI short on a shared two-CPU runner and in the kernel
+/// matrix's emulated machines (20 000 took 500 s under qemu TCG on 5.10). The full size runs in
+/// `sixty_thousand_connections_succeed_as_under_iptables`. (The captured destination is a
+/// loopback address, so the kernel reuses TIME_WAIT ports, `tcp_tw_reuse=2`; the held-open case
+/// above is the one that needs a range per destination.)
+#[test]
+fn many_short_connections_to_many_destinations_succeed() {
+    require!(Need::Root, datapath());
+    many_connections(Capture::Redirect, ROUNDS);
+}
+
+/// The issue's full size: 60 000 short connections to 1 000 distinct destinations, under Istio's
+/// iptables rules and under redirect, each in a pod of its own; every one succeeds under both
+/// (under redirect all captured). Ignored in `cargo test` for its length (about 80 s per run on
+/// the two-CPU runner); `cargo xtask bench connections` runs it and records the times in
+/// BENCHMARKS.md.
+#[test]
+#[ignore = "full size (2 x 60 000 connections): cargo xtask bench connections"]
+fn sixty_thousand_connections_succeed_as_under_iptables() {
+    require!(Need::Root, datapath(), iptables());
+    many_connections(Capture::Iptables, FULL_ROUNDS);
+    many_connections(Capture::Redirect, FULL_ROUNDS);
 }
 
 /// The proxy's own call to its pod's address goes through its inbound listener (as under
@@ -530,20 +683,39 @@ fn proxy_self_call_reports_the_dialled_address() {
 #[path = "../../redirect-bench/src/istio.rs"]
 mod istio;
 
-/// Installs Istio's sidecar rules (REDIRECT mode, Istio >= 1.10) in `pod`'s own namespace.
+/// Installs Istio's sidecar rules (REDIRECT mode, Istio >= 1.10) in `pod`'s own namespace,
+/// IPv4 (`iptables-restore`).
 fn install_istio_rules(pod: &Pod) -> Result<(), String> {
-    use std::io::Write as _;
     let input = istio::restore_input(
         istio::Generation::Passthrough,
         &istio::Exclusions::default(),
     );
+    restore(pod, "iptables-restore", &input)
+}
+
+/// Istio's IPv6 rules: istio-iptables writes the same chains for ip6tables, with `::6/128` and
+/// `::1/128` where the IPv4 rules have `127.0.0.6/32` and `127.0.0.1/32` (the generator here
+/// writes the IPv4 ones).
+fn install_istio_rules6(pod: &Pod) -> Result<(), String> {
+    let input = istio::restore_input(
+        istio::Generation::Passthrough,
+        &istio::Exclusions::default(),
+    )
+    .replace("127.0.0.6/32", "::6/128")
+    .replace("127.0.0.1/32", "::1/128");
+    assert!(!input.contains("127."), "an IPv4 address left: {input}");
+    restore(pod, "ip6tables-restore", &input)
+}
+
+fn restore(pod: &Pod, tool: &str, input: &str) -> Result<(), String> {
+    use std::io::Write as _;
     pod.in_netns(|| -> Result<(), String> {
-        let mut child = Command::new("iptables-restore")
+        let mut child = Command::new(tool)
             .arg("--noflush")
             .stdin(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .map_err(|e| format!("iptables-restore: {e}"))?;
+            .map_err(|e| format!("{tool}: {e}"))?;
         child
             .stdin
             .take()
@@ -555,7 +727,7 @@ fn install_istio_rules(pod: &Pod) -> Result<(), String> {
             Ok(())
         } else {
             Err(format!(
-                "iptables-restore: {}: {}",
+                "{tool}: {}: {}",
                 out.status,
                 String::from_utf8_lossy(&out.stderr)
             ))
@@ -565,18 +737,22 @@ fn install_istio_rules(pod: &Pod) -> Result<(), String> {
 }
 
 fn iptables() -> Need {
-    let found = Command::new("iptables-restore")
-        .arg("--version")
-        .output()
-        .map_err(|e| format!("iptables-restore: {e}"))
-        .and_then(|o| {
-            o.status
-                .success()
-                .then_some(())
-                .ok_or_else(|| format!("iptables-restore --version: {}", o.status))
+    let found = ["iptables-restore", "ip6tables-restore"]
+        .iter()
+        .try_for_each(|tool| {
+            Command::new(tool)
+                .arg("--version")
+                .output()
+                .map_err(|e| format!("{tool}: {e}"))
+                .and_then(|o| {
+                    o.status
+                        .success()
+                        .then_some(())
+                        .ok_or_else(|| format!("{tool} --version: {}", o.status))
+                })
         });
     Need::machine(
-        "iptables-restore (Istio's rules in a test pod's namespace)",
+        "iptables-restore, ip6tables-restore (Istio's rules in a test pod's namespace)",
         found,
     )
 }
@@ -640,10 +816,10 @@ fn app_view(pod: &Pod, got: &[Addrs], proxy_new: &[ProxyLogEntry]) -> Vec<String
 }
 
 /// The same application in two pods, one under Istio's iptables rules and one enrolled, each
-/// with its proxy: IPv4 and a dual-stack socket's `::ffff:a.b.c.d`, one socket each and a
+/// with its proxy: IPv4, IPv6 and a dual-stack socket's `::ffff:a.b.c.d`, one socket each and a
 /// `SO_REUSEADDR` pair on one port to two servers. What the application sees (its socket's
 /// address, its peer, the server it reached, the server's view of it) and the original
-/// destination the proxy gets are the same. (Istio's generator writes IPv4 rules only.)
+/// destination the proxy gets are the same (IPv6 under the same rules for ip6tables).
 #[test]
 fn application_sees_what_it_sees_under_istio_iptables() {
     require!(Need::Root, datapath(), iptables());
@@ -657,17 +833,23 @@ fn application_sees_what_it_sees_under_istio_iptables() {
     let nat_proxy = Proxy::start(&node, &nat, ProxyDial::PodIp, "nat-proxy.log");
     let ebpf_proxy = Proxy::start(&node, &ebpf, ProxyDial::PodIp, "ebpf-proxy.log");
     install_istio_rules(&nat).expect("Istio's rules in the nat pod");
+    install_istio_rules6(&nat).expect("Istio's IPv6 rules in the nat pod");
     let agent = Agent::new();
     agent.enroll(&ebpf, &[]);
 
     let mut failures = Failures::default();
-    let targets = [sock(a.ip4, WILDCARD_PORT), sock(b.ip4, WILDCARD_PORT)];
-    for (case, dual, pair) in [
-        ("v4", false, false),
-        ("mapped", true, false),
-        ("v4 REUSEADDR pair", false, true),
-        ("mapped REUSEADDR pair", true, true),
+    for (case, family, dual, pair) in [
+        ("v4", Family::V4, false, false),
+        ("v6", Family::V6, false, false),
+        ("mapped", Family::V4, true, false),
+        ("v4 REUSEADDR pair", Family::V4, false, true),
+        ("v6 REUSEADDR pair", Family::V6, false, true),
+        ("mapped REUSEADDR pair", Family::V4, true, true),
     ] {
+        let targets = [
+            sock(family.pod_ip(&a), WILDCARD_PORT),
+            sock(family.pod_ip(&b), WILDCARD_PORT),
+        ];
         let views: Vec<(Vec<String>, Vec<String>)> = [(&nat, &nat_proxy), (&ebpf, &ebpf_proxy)]
             .iter()
             .map(|(pod, proxy)| {
@@ -677,7 +859,7 @@ fn application_sees_what_it_sees_under_istio_iptables() {
                     to_args(&targets[..1])
                 };
                 if pair {
-                    let bind = sock(pod.ip4, 22000 + u16::from(dual));
+                    let bind = sock(family.pod_ip(pod), 22000 + u16::from(dual));
                     args.extend(["--bind".into(), bind.to_string(), "--reuseaddr".into()]);
                 }
                 if dual {

@@ -49,6 +49,7 @@ fn pin_map(path: &Path, map_type: u32, key: u32, value: u32, max: u32, flags: u3
 }
 
 const ARRAY: u32 = 2;
+const PERCPU_ARRAY: u32 = 6;
 /// The foreign PODS map's value size; this agent's is another.
 const FOREIGN_VALUE_SIZE: u32 = 64;
 const HASH: u32 = 1;
@@ -147,6 +148,37 @@ fn incompatible_pins_are_refused_and_left_untouched() {
                 "info abi version: pinned 99, expected {}",
                 datapath::DATAPATH_ABI
             )],
+        },
+        Variant {
+            // The datapath before the DNS counters: 14 counters per pod, ABI 1. Its pins are
+            // refused (the pods must be unenrolled by that agent), never reinterpreted: a row
+            // of 14 read as one of 24 would give every pod another pod's counts.
+            what: "the previous datapath's COUNTERS (14 per pod) and ABI 1",
+            make: Box::new(|root| {
+                let data = pin_map(&root.join("info"), ARRAY, 4, 16, 1, 0);
+                let mut a: Array<MapData, [u64; 2]> =
+                    Array::try_from(Map::from_map_data(data).unwrap()).unwrap();
+                a.set(0, [1, 7], 0).unwrap();
+                drop(pin_map(
+                    &maps_dir(root).join("COUNTERS"),
+                    PERCPU_ARRAY,
+                    4,
+                    8,
+                    redirect_common::MAX_PODS * 14,
+                    0,
+                ));
+            }),
+            says: vec![
+                format!(
+                    "COUNTERS max entries: pinned {}, expected {}",
+                    redirect_common::MAX_PODS * 14,
+                    redirect_common::MAX_PODS * redirect_common::COUNTERS_PER_POD
+                ),
+                format!(
+                    "info abi version: pinned 1, expected {}",
+                    datapath::DATAPATH_ABI
+                ),
+            ],
         },
     ];
 

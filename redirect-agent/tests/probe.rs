@@ -128,6 +128,7 @@ fn json_schema() {
         assert!(f["name"].is_string(), "{f}");
         assert!(kinds.contains(&f["kind"].as_str().unwrap_or("")), "{f}");
         assert!(f["mandatory"].is_boolean(), "{f}");
+        assert!(f["dns_capture"].is_boolean(), "{f}");
         assert!(f["present"].is_boolean(), "{f}");
         assert!(f["since"].is_string(), "{f}");
         assert!(f["impact"].is_string(), "{f}");

@@ -559,20 +559,30 @@ fn report(r: &serde_json::Value) -> String {
 
 /// The node agent's section of a BENCHMARKS.md, markers included, if it has one.
 pub fn section_of(md: &str) -> Option<&str> {
-    let b = md.find(BEGIN)?;
-    let e = md[b..].find(END)? + b + END.len();
+    marked_section(md, BEGIN, END)
+}
+
+/// The section between `begin` and `end` of a BENCHMARKS.md, markers included, if it has one.
+pub fn marked_section<'a>(md: &'a str, begin: &str, end: &str) -> Option<&'a str> {
+    let b = md.find(begin)?;
+    let e = md[b..].find(end)? + b + end.len();
     Some(&md[b..e])
 }
 
 /// Replaces the section between the markers in BENCHMARKS.md, or appends it.
 fn write_section(path: &Path, section: &str) -> Result<()> {
+    write_marked_section(path, BEGIN, END, section)
+}
+
+/// Replaces the section between `begin` and `end` in the file at `path`, or appends it.
+pub fn write_marked_section(path: &Path, begin: &str, end: &str, section: &str) -> Result<()> {
     let text = fs::read_to_string(path).unwrap_or_default();
-    let new = match (text.find(BEGIN), text.find(END)) {
+    let new = match (text.find(begin), text.find(end)) {
         (Some(b), Some(e)) if b < e => {
             format!(
                 "{}{section}{}",
                 &text[..b],
-                &text[e + END.len()..].trim_start_matches('\n')
+                &text[e + end.len()..].trim_start_matches('\n')
             )
         }
         _ => format!("{}\n{section}", text.trim_end()),

@@ -1,9 +1,11 @@
-//! `cargo xtask bench [datapath|detect|agent|report]` (xtask runs this binary with its
+//! `cargo xtask bench [datapath|detect|agent|connections|report]` (xtask runs this binary with its
 //! arguments).
 //!
 //! With no sub-command, or with `datapath`, runs the data-path benchmark against Istio's
 //! iptables redirection (see datapath.rs); `detect` runs the detection benchmark (detect.rs);
-//! `agent` the node agent against the CLI path (agent.rs); `report` rewrites BENCHMARKS.md
+//! `agent` the node agent against the CLI path (agent.rs); `connections` 60 000 short
+//! connections to 1 000 destinations under iptables and under redirect (connections.rs);
+//! `report` rewrites BENCHMARKS.md
 //! from an earlier run's results.
 //!
 //! Modules: `datapath` the runner (what is measured in which order, the results file),
@@ -15,6 +17,7 @@
 mod agent;
 mod bed;
 mod charts;
+mod connections;
 mod crowd;
 mod datapath;
 mod detect;
@@ -51,6 +54,9 @@ enum Command {
     /// Node agent benchmark: enroll/unenroll through the agent and the CLI, RSS, idle CPU,
     /// /metrics, restart to ready (see redirect-bench/src/agent.rs).
     Agent(agent::Opts),
+    /// 60 000 short connections to 1 000 destinations, under Istio's iptables rules and under
+    /// redirect (issue 13's port-space figure; see redirect-bench/src/connections.rs).
+    Connections,
     /// Rewrite BENCHMARKS.md and the charts from a results JSON of an earlier run.
     Report {
         /// The results file.
@@ -63,6 +69,7 @@ fn run(args: Args) -> Result<()> {
     match args.command {
         Some(Command::Detect) => detect::run(),
         Some(Command::Agent(opts)) => agent::run(opts),
+        Some(Command::Connections) => connections::run(),
         Some(Command::Datapath(opts)) => datapath::run(opts),
         Some(Command::Report { from }) => report::rewrite(&from),
         None => datapath::run(args.datapath),

@@ -351,6 +351,14 @@ pub fn write(results: &Value, out_dir: &Path, md_path: &Path) -> Result<()> {
         Some(section) => format!("{}\n\n{section}", md.trim_end()),
         None => md,
     };
+    // So is the many-connections section, written by `bench connections`.
+    let connections = fs::read_to_string(md_path)
+        .ok()
+        .and_then(|old| crate::connections::section_of(&old).map(str::to_owned));
+    let md = match connections {
+        Some(section) => format!("{}\n\n{section}", md.trim_end()),
+        None => md,
+    };
     fs::write(md_path, md).with_context(|| format!("writing {}", md_path.display()))?;
     Ok(())
 }

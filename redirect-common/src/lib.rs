@@ -34,6 +34,14 @@ pub const INBOUND_PASSTHROUGH_SRC4: [u8; 4] = [127, 0, 0, 6];
 /// IPv6 twin of [`INBOUND_PASSTHROUGH_SRC4`], `::6`.
 pub const INBOUND_PASSTHROUGH_SRC6: [u8; 16] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 6];
 
+/// Where captured IPv6 connections go: `100::/64` (RFC 6666, the discard-only prefix, never a
+/// real destination), which the agent makes local on the pod's `lo` (`ip -6 route add local
+/// 100::/64 dev lo`): each original destination gets an address of it of its own, hence its own
+/// four-tuple space, as 127.128.0.0/12 gives IPv4 (docs/PER-CONNECTION.md, "Port space").
+pub const SPREAD6_PREFIX: [u8; 16] = [1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+/// Length of [`SPREAD6_PREFIX`]: the datapath fills the other 64 bits.
+pub const SPREAD6_PREFIX_LEN: u8 = 64;
+
 /// Ports of the proxy and its agent (Envoy admin, listeners, HBONE, health, telemetry, DNS).
 /// Connections to them are never captured or rewritten, whoever makes them.
 pub const PROXY_PORTS: [u16; 14] = [
@@ -313,14 +321,30 @@ pub enum Counter {
     MapFull,
     /// The proxy started listening on its inbound port and was registered for capture.
     ListenerRegistered,
+    /// An application's UDP DNS query went to the proxy's DNS port: one per datagram sent with
+    /// an address (`sendmsg`), one per UDP socket connected to a DNS server.
+    DnsCaptured,
+    /// An application's TCP connection to port 53 went to the proxy's DNS port.
+    DnsTcpCaptured,
+    /// A datagram from the proxy's DNS port was reported to the application as coming from the
+    /// server it asked (`recvmsg`).
+    DnsRepliesRewritten,
+    /// A redirected socket's `getpeername()` was answered with its original destination.
+    PeernameRewritten,
 }
 
-/// Number of counters per pod.
-pub const COUNTERS_PER_POD: u32 = 14;
+/// Width of a pod's row in `COUNTERS`: room for counters added later. A counter added at an
+/// index below it keeps `COUNTERS`' layout (older programs never write that index, so it reads
+/// zero until they are replaced): compatible by design. Changing this value changes the map's
+/// size, which the agent's layout check refuses as an incompatible datapath.
+pub const COUNTERS_PER_POD: u32 = 24;
+
+/// Number of counters a pod has now ([`Counter::ALL`]), at most [`COUNTERS_PER_POD`].
+pub const COUNTERS_USED: usize = 18;
 
 impl Counter {
     /// Every counter, in index order.
-    pub const ALL: [Counter; COUNTERS_PER_POD as usize] = [
+    pub const ALL: [Counter; COUNTERS_USED] = [
         Counter::InboundCaptured,
         Counter::InboundExcluded,
         Counter::InboundNoListener,
@@ -335,6 +359,10 @@ impl Counter {
         Counter::OrigDstMiss,
         Counter::MapFull,
         Counter::ListenerRegistered,
+        Counter::DnsCaptured,
+        Counter::DnsTcpCaptured,
+        Counter::DnsRepliesRewritten,
+        Counter::PeernameRewritten,
     ];
 
     /// The name used in `stats` output.
@@ -354,6 +382,10 @@ impl Counter {
             Counter::OrigDstMiss => "orig_dst_miss",
             Counter::MapFull => "map_full",
             Counter::ListenerRegistered => "listener_registered",
+            Counter::DnsCaptured => "dns_captured",
+            Counter::DnsTcpCaptured => "dns_tcp_captured",
+            Counter::DnsRepliesRewritten => "dns_replies_rewritten",
+            Counter::PeernameRewritten => "peername_rewritten",
         }
     }
 
@@ -414,5 +446,11 @@ const _: () = {
     assert!(core::mem::size_of::<ListenerKey>() == 8);
     assert!(core::mem::size_of::<OrigDst>() == 28);
     assert!(core::mem::size_of::<SockTuple>() == 40);
-    assert!(Counter::ALL.len() == COUNTERS_PER_POD as usize);
+    assert!(Counter::ALL.len() <= COUNTERS_PER_POD as usize);
+    // ALL is in index order: `stats` and the metrics read index i as ALL[i].
+    let mut i = 0;
+    while i < Counter::ALL.len() {
+        assert!(Counter::ALL[i] as usize == i);
+        i += 1;
+    }
 };

@@ -1,6 +1,6 @@
 //! Addresses as the kernel gives them to programs: four network-order words.
 
-use redirect_common::{AF_INET, AF_INET6};
+use redirect_common::{AF_INET, AF_INET6, SPREAD6_PREFIX};
 
 /// An address of either family. IPv4 lives in word 0.
 #[derive(Clone, Copy)]
@@ -42,6 +42,19 @@ impl Addr {
             return true;
         }
         a == 0 && b == 0 && c == MAPPED_PREFIX && is_loopback4(d)
+    }
+
+    /// Loopback or an address of the IPv6 spread prefix (local in every enrolled pod with an
+    /// IPv6 address): this namespace's own, never an off-pod destination.
+    #[inline(always)]
+    pub fn is_local(&self) -> bool {
+        self.is_loopback() || self.is_spread6()
+    }
+
+    /// An address of `100::/64`, where captured IPv6 connections go ([`spread6`]).
+    #[inline(always)]
+    pub fn is_spread6(&self) -> bool {
+        self.family == AF_INET6 && self.words[0] == SPREAD6_W0 && self.words[1] == SPREAD6_W1
     }
 
     /// 127.0.0.6 or ::6, the source of the proxy's inbound delivery.
@@ -119,6 +132,46 @@ pub fn spread4(ip_be: u32, port: u16) -> Addr {
     let key = u32::from_be(ip_be) ^ (u32::from(port) << 16 | u32::from(port));
     let h = key.wrapping_mul(0x9e37_79b1) >> (32 - SPREAD4_BITS);
     Addr::v4((SPREAD4_BASE | h).to_be())
+}
+
+/// The first two words of the spread prefix (`redirect_common::SPREAD6_PREFIX`, a /64), in
+/// the kernel's network-order words.
+const SPREAD6_W0: u32 = u32::from_ne_bytes([
+    SPREAD6_PREFIX[0],
+    SPREAD6_PREFIX[1],
+    SPREAD6_PREFIX[2],
+    SPREAD6_PREFIX[3],
+]);
+const SPREAD6_W1: u32 = u32::from_ne_bytes([
+    SPREAD6_PREFIX[4],
+    SPREAD6_PREFIX[5],
+    SPREAD6_PREFIX[6],
+    SPREAD6_PREFIX[7],
+]);
+
+/// The address a captured IPv6 connection to `words:port` is sent to: one of the 2^64 addresses
+/// of `100::/64`, which the agent makes local on the pod's `lo`, chosen by a hash of the
+/// original destination; the IPv6 twin of [`spread4`] (each destination its own four-tuple
+/// space in front of the proxy's wildcard listener `[::]:15001`). Two destinations share an
+/// address only if their 64-bit hashes collide.
+#[inline(always)]
+pub fn spread6(words: [u32; 4], port: u16) -> Addr {
+    // Two independent multiplicative hashes of the four words and the port, one per host
+    // word; xor-shifts between rounds carry high bits down. Straight-line code for the verifier.
+    let mix = |seed: u32, k: u32| -> u32 {
+        let mut h = seed ^ u32::from(port);
+        h = (h ^ u32::from_be(words[0])).wrapping_mul(k);
+        h ^= h >> 15;
+        h = (h ^ u32::from_be(words[1])).wrapping_mul(k);
+        h ^= h >> 13;
+        h = (h ^ u32::from_be(words[2])).wrapping_mul(k);
+        h ^= h >> 16;
+        h = (h ^ u32::from_be(words[3])).wrapping_mul(k);
+        h ^ (h >> 15)
+    };
+    let hi = mix(0x243f_6a88, 0x9e37_79b1);
+    let lo = mix(0x85a3_08d3, 0x85eb_ca6b);
+    Addr::v6([SPREAD6_W0, SPREAD6_W1, hi.to_be(), lo.to_be()])
 }
 
 /// `struct sockaddr_in`, as bpf_bind and SO_ORIGINAL_DST callers expect it.

@@ -28,7 +28,7 @@ use redirect_common::{
 };
 
 use crate::{
-    addr::{loopback, spread4, Addr, SockaddrIn, SockaddrIn6},
+    addr::{loopback, spread4, spread6, Addr, SockaddrIn, SockaddrIn6},
     dns,
     maps::{CIDR4, CIDR6, CONN_ORIG},
     orig_dst,
@@ -84,8 +84,9 @@ fn on_connect(ctx: &SockAddrContext, family: u16) {
 /// `sf` is the socket's family; `dst.family` the connection's (IPv4 for a mapped address).
 #[inline(always)]
 fn app_connect(ctx: &SockAddrContext, slot: u32, cfg: &PodConfig, dst: Addr, port: u16, sf: u16) {
-    // Loopback and the pod's own address are the application talking to itself.
-    if dst.is_loopback() || dst.is_unspecified() || pod_of_addr(&dst) == Some(slot) {
+    // Loopback (and the spread prefix) and the pod's own address are the application talking
+    // to itself.
+    if dst.is_local() || dst.is_unspecified() || pod_of_addr(&dst) == Some(slot) {
         return;
     }
     if cfg.dns_capture != 0 && dns::is_dns(&dst, port) {
@@ -97,6 +98,7 @@ fn app_connect(ctx: &SockAddrContext, slot: u32, cfg: &PodConfig, dst: Addr, por
         if remember_quiet(ctx, slot, dst, port, ConnKind::Dns) {
             bind_pod_src(ctx, cfg, dst.family, sf);
             write_dst(ctx.sock_addr, to, cfg.dns_port(), sf);
+            count(slot, Counter::DnsTcpCaptured);
         } else {
             count(slot, Counter::MapFull);
         }
@@ -110,7 +112,7 @@ fn app_connect(ctx: &SockAddrContext, slot: u32, cfg: &PodConfig, dst: Addr, por
         bind_pod_src(ctx, cfg, dst.family, sf);
         write_dst(
             ctx.sock_addr,
-            outbound_target(&dst, port),
+            outbound_target(cfg, &dst, port),
             cfg.proxy_outbound_port,
             sf,
         );
@@ -138,17 +140,24 @@ fn udp_connect(ctx: &SockAddrContext, sf: u16) {
         && dns::remember(sa, &to, &dst, cfg.dns_port())
     {
         write_dst(sa, to, cfg.dns_port(), sf);
+        count(slot, Counter::DnsCaptured);
+    } else {
+        count(slot, Counter::MapFull);
     }
 }
 
-/// Where a captured connection to `dst:port` goes (at the proxy's outbound port): for IPv4 a
-/// loopback address of its own per original destination (`addr::spread4`), so the port space
-/// is iptables' (one ephemeral range per destination), not one range for every destination of
-/// the pod; for IPv6 `::1`, the only loopback address a namespace has.
+/// Where a captured connection to `dst:port` goes (at the proxy's outbound port): an address
+/// of its own per original destination, so the port space is iptables' (one ephemeral range per
+/// destination), not one range for every destination of the pod. IPv4: one of 127.128.0.0/12
+/// (`addr::spread4`). IPv6: one of `100::/64` (`addr::spread6`), which the agent makes local on
+/// the `lo` of every pod with an IPv6 address before its rows exist; a pod without one (whose
+/// namespace may not even have IPv6) keeps `::1`, the only loopback address a namespace has.
 #[inline(always)]
-fn outbound_target(dst: &Addr, port: u16) -> Addr {
+fn outbound_target(cfg: &PodConfig, dst: &Addr, port: u16) -> Addr {
     if dst.family == AF_INET {
         spread4(dst.words[0], port)
+    } else if pod_addr(cfg, AF_INET6).is_some() {
+        spread6(dst.words, port)
     } else {
         loopback(AF_INET6)
     }

@@ -27,13 +27,13 @@ use aya_ebpf::{
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
-use redirect_common::{DnsKey, DnsOrig, PodConfig, AF_INET, AF_INET6};
+use redirect_common::{Counter, DnsKey, DnsOrig, PodConfig, AF_INET, AF_INET6};
 
 use crate::{
     addr::{loopback, spread4, Addr},
     connect::{read_dst, write_dst},
     maps::DNS_REPLIES,
-    pod::current_pod,
+    pod::{count, current_pod},
 };
 
 const ALLOW: i32 = 1;
@@ -77,7 +77,7 @@ pub fn dns_pod() -> Option<(u32, &'static PodConfig)> {
 /// Whether a destination is an off-host DNS server the pod's capture takes.
 #[inline(always)]
 pub fn is_dns(dst: &Addr, port: u16) -> bool {
-    port == DNS_PORT && !dst.is_loopback() && !dst.is_unspecified()
+    port == DNS_PORT && !dst.is_local() && !dst.is_unspecified()
 }
 
 /// Where a query to `dst` goes: a loopback address of the server's own (IPv4), `::1` (IPv6).
@@ -117,7 +117,7 @@ fn key(sa: *mut bpf_sock_addr, to: &Addr) -> DnsKey {
 
 #[inline(always)]
 fn on_sendmsg(ctx: &SockAddrContext, sf: u16) {
-    let Some((_, cfg)) = dns_pod() else {
+    let Some((slot, cfg)) = dns_pod() else {
         return;
     };
     let sa = ctx.sock_addr;
@@ -130,6 +130,9 @@ fn on_sendmsg(ctx: &SockAddrContext, sf: u16) {
     let to = target(&dst);
     if remember(sa, &to, &dst, cfg.dns_port()) {
         write_dst(sa, to, cfg.dns_port(), sf);
+        count(slot, Counter::DnsCaptured);
+    } else {
+        count(slot, Counter::MapFull);
     }
 }
 
@@ -154,4 +157,8 @@ fn on_recvmsg(ctx: &SockAddrContext, sf: u16) {
         family: orig.family as u16,
     };
     write_dst(sa, server, orig.port, sf);
+    // The receiving task is the application that asked (its socket's entry matched).
+    if let Some((slot, _)) = current_pod() {
+        count(slot, Counter::DnsRepliesRewritten);
+    }
 }

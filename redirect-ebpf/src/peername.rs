@@ -19,9 +19,13 @@
 //! sock_addr programs is 5.3 (`storage`).
 
 use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
-use redirect_common::{ConnKind, AF_INET, AF_INET6};
+use redirect_common::{ConnKind, Counter, AF_INET, AF_INET6};
 
-use crate::{addr::Addr, maps::CONN_ORIG, pod::config};
+use crate::{
+    addr::Addr,
+    maps::CONN_ORIG,
+    pod::{config, count},
+};
 
 const ALLOW: i32 = 1;
 
@@ -57,7 +61,7 @@ fn on_getpeername(ctx: &SockAddrContext, family: u16) {
     let peer = crate::connect::read_dst(sa, family);
     // SAFETY: `sa` is the context; user_port is readable in getpeername hooks.
     let peer_port = u16::from_be(unsafe { (*sa).user_port } as u16);
-    if !peer.is_loopback() || peer_port != listener {
+    if !peer.is_local() || peer_port != listener {
         return;
     }
     crate::connect::write_dst(
@@ -69,4 +73,5 @@ fn on_getpeername(ctx: &SockAddrContext, family: u16) {
         orig.port,
         family,
     );
+    count(orig.slot, Counter::PeernameRewritten);
 }

@@ -53,7 +53,7 @@ fn on_lookup(ctx: &SkLookupContext) -> u32 {
     };
     // Connections made inside the pod (the application to its own address, the proxy's
     // delivery from 127.0.0.6) are never captured; the connect hooks already decided them.
-    if remote.is_loopback() || remote.is_passthrough_src() || pod_of_addr(&remote) == Some(slot) {
+    if remote.is_local() || remote.is_passthrough_src() || pod_of_addr(&remote) == Some(slot) {
         return SK_PASS;
     }
     let port = port as u16;

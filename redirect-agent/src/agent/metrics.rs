@@ -249,6 +249,18 @@ fn counter_help(c: PodCounter) -> &'static str {
         PodCounter::ListenerRegistered => {
             "Proxy inbound listeners registered for capture at listen()"
         }
+        PodCounter::DnsCaptured => {
+            "Application UDP DNS queries (datagrams, connected sockets) sent to the proxy's DNS port"
+        }
+        PodCounter::DnsTcpCaptured => {
+            "Application TCP connections to port 53 sent to the proxy's DNS port"
+        }
+        PodCounter::DnsRepliesRewritten => {
+            "DNS replies from the proxy's DNS port reported as coming from the server asked"
+        }
+        PodCounter::PeernameRewritten => {
+            "getpeername() of a redirected socket answered with its original destination"
+        }
     }
 }
 

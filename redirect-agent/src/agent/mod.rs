@@ -161,6 +161,10 @@ impl Shared {
     pub(crate) fn state_dir(&self) -> &Path {
         &self.cfg.state_dir
     }
+
+    pub(crate) fn pods_config(&self) -> &crate::kubepods::KubeConfig {
+        &self.cfg.pods
+    }
 }
 
 /// Runs the agent until SIGTERM or SIGINT; returns once requests in flight finished (or
@@ -592,9 +596,18 @@ async fn cni(shared: &Arc<Shared>, req: crate::kubepods::CniRequest) -> Response
         C::Add { pod } => {
             let log_name = format!("namespace={:?} pod={:?}", pod.namespace, pod.name);
             let start = Instant::now();
-            let r = {
-                let _turn = shared.writer.lock().await;
-                blocking(move || kp::enroll_pod(&kube, &sd, &pr, &pod)).await
+            // The spec first, outside the writer queue: it may wait for kubelet's cgroup.
+            let prepared = {
+                let pod = pod.clone();
+                blocking(move || kp::pod_spec(&kube, &pod)).await
+            };
+            let r = match prepared {
+                Ok(Ok(spec)) => {
+                    let _turn = shared.writer.lock().await;
+                    blocking(move || kp::enroll_spec(&sd, &pr, &pod, spec)).await
+                }
+                Ok(Err(reason)) => Ok(kp::CniResponse::Skipped { reason }),
+                Err(e) => Err(e),
             };
             shared.pods_changed.notify_one();
             match &r {

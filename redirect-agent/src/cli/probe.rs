@@ -42,7 +42,13 @@ fn print_report(report: &Report) {
             vec![
                 s.name.to_string(),
                 s.kind.as_str().to_string(),
-                if s.mandatory { "mandatory" } else { "optional" }.to_string(),
+                match (s.mandatory, s.dns_capture) {
+                    (true, true) => "mandatory, dns-capture",
+                    (true, false) => "mandatory",
+                    (false, true) => "dns-capture",
+                    (false, false) => "optional",
+                }
+                .to_string(),
                 if s.present { "present" } else { "MISSING" }.to_string(),
                 s.since.to_string(),
                 match (&s.detail, s.present) {

@@ -140,7 +140,7 @@ pub fn render_stats(r: &StatsReport, output: Format) -> Printed {
             );
         }
         Format::Table => {
-            // One column per pod, one row per counter: 14 counters fit a terminal's height
+            // One column per pod, one row per counter: 18 counters fit a terminal's height
             // better than its width.
             let mut header = vec!["COUNTER"];
             header.extend(r.pods.iter().map(|(n, _)| n.as_str()));

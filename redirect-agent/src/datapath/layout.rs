@@ -31,7 +31,10 @@ use super::{DatapathError, OBJECT};
 /// keeps a map's sizes but changes what its bytes mean (a field reordered, a flag bit given
 /// another meaning, a counter index moved): pins of another ABI version are refused, never
 /// reinterpreted. Size changes are caught by the layout check whatever this says.
-pub const DATAPATH_ABI: u64 = 1;
+///
+/// 2: a pod's `COUNTERS` row is `COUNTERS_PER_POD` (24) wide, with room for later counters;
+/// ABI 1's rows were 14 wide (the map is also larger, which the layout check names).
+pub const DATAPATH_ABI: u64 = 2;
 
 /// Name of the info pin under the pin root.
 pub const INFO_PIN: &str = "info";

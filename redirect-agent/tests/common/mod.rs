@@ -352,16 +352,21 @@ pub fn matrix_apps(pod: &Pod) -> PodProcess {
     echo(pod, APP_UID, &addrs)
 }
 
-/// Whether the proxy accepted a captured outbound connection at `local`: port 15001 at
-/// `[::1]`, or for IPv4 at the destination's own loopback address in 127.128.0.0/12 (where the
-/// datapath spreads captured IPv4 connections, one address per original destination, so that
-/// they do not share one four-tuple space).
+/// Whether the proxy accepted a captured outbound connection at `local`: port 15001 at the
+/// destination's own address in 127.128.0.0/12 (IPv4) or `100::/64` (IPv6, a pod with an IPv6
+/// address), or `[::1]` (IPv6, a pod without one). The datapath spreads captured connections,
+/// one address per original destination, so that they do not share one four-tuple space.
 pub fn is_outbound_listener(local: SocketAddr) -> bool {
     local.port() == 15001
         && match local.ip() {
             IpAddr::V4(v4) => u32::from(v4) & 0xfff0_0000 == 0x7f80_0000,
-            IpAddr::V6(v6) => v6 == Ipv6Addr::LOCALHOST,
+            IpAddr::V6(v6) => v6 == Ipv6Addr::LOCALHOST || is_spread6(v6),
         }
+}
+
+/// An address of `100::/64`, where captured IPv6 connections of a pod with an IPv6 address go.
+pub fn is_spread6(ip: Ipv6Addr) -> bool {
+    ip.segments()[..4] == [0x100, 0, 0, 0]
 }
 
 /// The Envoy stand-in running as uid 1337 in a pod, with its connection log.
@@ -610,6 +615,10 @@ pub fn counters(nonzero: &[(&str, u64)]) -> BTreeMap<String, u64> {
         "orig_dst_miss",
         "map_full",
         "listener_registered",
+        "dns_captured",
+        "dns_tcp_captured",
+        "dns_replies_rewritten",
+        "peername_rewritten",
     ]
     .iter()
     .map(|k| (k.to_string(), 0))
