@@ -11,6 +11,7 @@ pub mod cgroup;
 pub mod cni_install;
 pub mod commands;
 pub mod conntrack;
+pub mod cri;
 pub mod datapath;
 pub mod detect;
 pub mod enroll;

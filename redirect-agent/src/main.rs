@@ -185,7 +185,7 @@ struct RunArgs {
     #[arg(long, env = "REDIRECT_HTTP_ADDRESS")]
     http_address: Option<std::net::SocketAddr>,
     /// A YAML file with any of `nodeName`, `socket`, `httpAddress`, `pinRoot`, `stateDir`,
-    /// `kubeconfig`;
+    /// `kubeconfig`, `criSocket`;
     /// flags and environment variables given explicitly take precedence.
     #[arg(long)]
     config: Option<PathBuf>,
@@ -193,6 +193,10 @@ struct RunArgs {
     /// KUBERNETES_SERVICE_HOST is set, else no watch].
     #[arg(long, env = "KUBECONFIG")]
     kubeconfig: Option<PathBuf>,
+    /// The container runtime's CRI socket (containerd: /run/containerd/containerd.sock): the
+    /// pod sandboxes it has are discovered at start and the selected ones enrolled.
+    #[arg(long, env = "REDIRECT_CRI_SOCKET")]
+    cri_socket: Option<PathBuf>,
     /// Read the configuration (file, flags, environment), print what the agent would run
     /// with, and exit without starting it.
     #[arg(long)]
@@ -214,6 +218,7 @@ struct ConfigFile {
     /// Where kubelet's `kubepods` / `kubepods.slice` cgroups are (default: the cgroup2 mount).
     kubelet_cgroup_roots: Option<Vec<PathBuf>>,
     kubeconfig: Option<PathBuf>,
+    cri_socket: Option<PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -569,6 +574,7 @@ fn run_agent(cli: &Cli, matches: &clap::ArgMatches, args: &RunArgs) -> anyhow::R
         pin_root: pick("pin_root", &cli.pin_root, file.pin_root),
         state_dir: pick("state_dir", &cli.state_dir, file.state_dir),
         kubeconfig: args.kubeconfig.clone().or(file.kubeconfig),
+        cri_socket: args.cri_socket.clone().or(file.cri_socket),
     };
     if args.check_config {
         println!("{cfg:#?}");

@@ -27,8 +27,11 @@
 //! ```
 
 mod cgroup;
+pub mod containerd;
+pub mod cri;
 pub mod echo;
 pub mod fakeapi;
+pub mod images;
 pub mod needs;
 mod netns;
 mod node;
@@ -41,6 +44,7 @@ mod sweep;
 use std::path::PathBuf;
 
 pub use cgroup::cgroup2_mount;
+pub use containerd::{Containerd, CriPod};
 pub use needs::Need;
 pub use node::{cni_plugin_dir, Node, Pod, PodProcess};
 pub use probe::{probe, probe_from, Banner, Outcome};

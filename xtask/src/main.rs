@@ -6,6 +6,7 @@
 //! `redirect-kernels`) that xtask only starts, with their arguments unchanged.
 
 mod demo;
+mod image;
 mod setup;
 mod test;
 mod util;
@@ -31,6 +32,8 @@ enum Command {
     Setup,
     /// Everything CI checks: setup, build, fmt, clippy (host and eBPF), every test, bench --quick, the kernel matrix.
     Test(test::Args),
+    /// The node agent's OCI image (static binaries, no base image): prints its digest.
+    Image(image::Args),
     /// setup, build the workspace binaries, then run `redirect-testbed demo`.
     Demo(demo::Args),
     /// Benchmarks: the data path against iptables (default), or `detect`.
@@ -55,6 +58,7 @@ fn main() {
         Command::Setup => setup::run(),
         Command::Test(args) => test::run(args),
         Command::Demo(args) => demo::run(args),
+        Command::Image(args) => image::run(args),
         Command::Bench(p) => util::exec_tool("redirect-bench", &p.args),
         Command::Kernels(p) => util::exec_tool("redirect-kernels", &p.args),
     };

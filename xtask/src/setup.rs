@@ -42,9 +42,20 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
     "bind9-dnsutils",
     // tests/agent.rs: a real Prometheus scrapes the node agent; promtool checks /metrics
     "prometheus",
+    // The runtime test bed (redirect-testbed containerd/cri, tests/runtime.rs): Debian's
+    // containerd and runc; protoc builds the CRI API bindings (k8s-cri) of the agent and the bed.
+    "containerd",
+    "runc",
+    "protobuf-compiler",
+    // static (musl) builds of the agent for its image: the C parts of its dependencies (ring,
+    // under kube's rustls) need a musl C compiler (musl-gcc)
+    "musl-tools",
     // deploy/: a venv holds the pinned PyPI validator (kubectl: see `kubectl()` below)
     "python3-venv",
 ];
+
+/// Static binaries for container images (`cargo xtask image`, the runtime test bed).
+const MUSL_TARGET: &str = redirect_devtools::STATIC_TARGET;
 
 /// Pinned PyPI tools (each in its own venv, see redirect_devtools::PypiTool).
 pub const PYPI_TOOLS: &[redirect_devtools::PypiTool] = &[redirect_devtools::KUBERNETES_VALIDATE];
@@ -58,6 +69,7 @@ pub fn run() -> Result<()> {
         tool.install()?;
     }
     nightly_rust_src()?;
+    musl_target()?;
     bpf_linker()?;
     println!("setup done in {:.1}s", start.elapsed().as_secs_f64());
     Ok(())
@@ -120,6 +132,19 @@ fn nightly_rust_src() -> Result<()> {
             ]))?;
             installed(ITEM);
         }
+    }
+    Ok(())
+}
+
+fn musl_target() -> Result<()> {
+    let item = format!("rustup target {MUSL_TARGET}");
+    let targets = output_if_success(Command::new("rustup").args(["target", "list", "--installed"]))
+        .unwrap_or_default();
+    if targets.lines().any(|l| l.trim() == MUSL_TARGET) {
+        present(&item);
+    } else {
+        util::run(Command::new("rustup").args(["target", "add", MUSL_TARGET]))?;
+        installed(&item);
     }
     Ok(())
 }

@@ -68,6 +68,9 @@ pub struct Config {
     /// The Kubernetes API watch's kubeconfig; without one it runs in-cluster when
     /// `KUBERNETES_SERVICE_HOST` is set, and is off otherwise (see [`crate::kube`]).
     pub kubeconfig: Option<PathBuf>,
+    /// The container runtime's CRI socket: its pod sandboxes are discovered at start
+    /// ([`crate::cri`]); none without it.
+    pub cri_socket: Option<PathBuf>,
 }
 
 /// Why the agent could not start or stopped.
@@ -263,6 +266,11 @@ async fn serve(cfg: Config) -> Result<(), AgentError> {
         shared.cfg.socket.display()
     );
     let watcher = tokio::spawn(watch::run(shared.clone(), stop_rx.clone()));
+    let discovery = shared
+        .cfg
+        .cri_socket
+        .clone()
+        .map(|socket| tokio::spawn(discover(shared.clone(), socket, stop_rx.clone())));
     let kube_watch = tokio::spawn(crate::kube::run(
         shared.clone(),
         api_source,
@@ -290,6 +298,9 @@ async fn serve(cfg: Config) -> Result<(), AgentError> {
     let stopped = stop(stop_tx, http, conns).await;
     let _ = tokio::time::timeout(Duration::from_millis(100), watcher).await;
     let _ = tokio::time::timeout(Duration::from_millis(100), kube_watch).await;
+    if let Some(d) = discovery {
+        let _ = tokio::time::timeout(Duration::from_millis(100), d).await;
+    }
     stopped
 }
 
@@ -660,5 +671,82 @@ async fn cni(shared: &Arc<Shared>, req: crate::kubepods::CniRequest) -> Response
         Err(e) => Response::Error {
             message: crate::error_chain(&e),
         },
+    }
+}
+
+/// Start-up discovery through the runtime's CRI socket (`--cri-socket`): the ready pod
+/// sandboxes the runtime has are enrolled as a CNI ADD would have (those selected and not
+/// enrolled for their sandbox yet), records of sandboxes that are gone are collected. Retried
+/// (1 s, doubling to 30 s) until the runtime answers once; then done.
+async fn discover(shared: Arc<Shared>, socket: PathBuf, mut stop: tokio_watch::Receiver<bool>) {
+    let mut delay = Duration::from_secs(1);
+    loop {
+        let sd = shared.cfg.state_dir.clone();
+        let before = blocking(move || crate::state::list_records(&sd).map(|r| r.pods)).await;
+        let before = match before {
+            Ok(b) => b,
+            Err(e) => {
+                log::warn!(
+                    "CRI discovery: reading the records: {}",
+                    crate::error_chain(&e)
+                );
+                Vec::new()
+            }
+        };
+        match crate::cri::list_pods(&socket).await {
+            Ok(pods) => {
+                let (kube, sd, pr) = (
+                    shared.cfg.pods.clone(),
+                    shared.cfg.state_dir.clone(),
+                    shared.cfg.pin_root.clone(),
+                );
+                let listed = pods.len();
+                let d = {
+                    let _turn = shared.writer.lock().await;
+                    blocking(move || {
+                        crate::cri::sync(
+                            &kube,
+                            &sd,
+                            &pr,
+                            &crate::cri::DEFAULT_EXCLUDED_NAMESPACES.map(String::from),
+                            &before,
+                            &pods,
+                        )
+                    })
+                    .await
+                };
+                shared.pods_changed.notify_one();
+                for name in &d.enrolled {
+                    log::info!("pod {name:?}: enrolled from CRI discovery");
+                }
+                for name in &d.collected {
+                    log::info!("pod {name:?}: collected by CRI discovery (sandbox gone)");
+                }
+                for f in &d.failed {
+                    log::warn!("CRI discovery: {f}");
+                }
+                log::info!(
+                    "CRI discovery on {}: {listed} ready sandbox(es) discovered, {} enrolled, {} already enrolled, {} not selected, {} failed, {} collected",
+                    socket.display(),
+                    d.enrolled.len(),
+                    d.already,
+                    d.skipped,
+                    d.failed.len(),
+                    d.collected.len()
+                );
+                return;
+            }
+            Err(e) => {
+                log::warn!(
+                    "CRI discovery: {} (retrying in {delay:?})",
+                    crate::error_chain(&e)
+                );
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = stop.changed() => return,
+        }
+        delay = (delay * 2).min(Duration::from_secs(30));
     }
 }

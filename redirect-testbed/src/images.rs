@@ -1,0 +1,36 @@
+//! The runtime test bed's images, built from the project's static binaries and written once per
+//! test process: `redirect.test/pause:1` (the sandbox image), `redirect.test/echo:1` and
+//! `redirect.test/proxy:1` (the application and the sidecar proxy, `redirect-testbed`), all in
+//! one archive for [`crate::Containerd::import`]. Definitions: [`redirect_image::images`].
+
+use std::{path::PathBuf, sync::OnceLock};
+
+use anyhow::{Context as _, Result};
+
+/// The directory of the static (musl) binaries of `packages`, built now if needed (cargo is
+/// fast when they are fresh).
+pub fn static_bins(packages: &[&str]) -> Result<PathBuf> {
+    redirect_devtools::build_static(packages).context("building static binaries")
+}
+
+/// The test images' archive, `<target>/image/redirect-testbed.tar`, built at the first call of
+/// the process.
+pub fn test_images() -> Result<PathBuf> {
+    static ARCHIVE: OnceLock<PathBuf> = OnceLock::new();
+    if let Some(p) = ARCHIVE.get() {
+        return Ok(p.clone());
+    }
+    let dir = static_bins(&["redirect-testbed"])?;
+    let images = [
+        redirect_image::images::pause(&dir)?,
+        redirect_image::images::echo(&dir)?,
+        redirect_image::images::proxy(&dir)?,
+    ];
+    let out_dir = redirect_devtools::target_dir()?.join("image");
+    std::fs::create_dir_all(&out_dir)?;
+    // Two test processes may write it at once: the write is a rename of a complete file, and
+    // the archive is reproducible, so either one's is the same.
+    let out = out_dir.join("redirect-testbed.tar");
+    redirect_image::write_archive(&images, &out)?;
+    Ok(ARCHIVE.get_or_init(|| out).clone())
+}
