@@ -299,3 +299,145 @@ pub fn gc_locked(store: &mut StateStore, handles: &mut Handles) -> Result<GcRepo
         orphan_slots: done.orphan_slots,
     })
 }
+
+/// Something else redirect installed on the node, that `uninstall` removes: the CNI plugin's
+/// entry in the runtime's CNI configuration and its binary (issue 11) are the first. Removed
+/// before the pods, so that nothing enrolls a new pod meanwhile.
+pub trait Installed {
+    /// What it is, as the report names it.
+    fn what(&self) -> String;
+    /// Removes it; `Ok(false)` when it was not there (uninstall runs again harmlessly).
+    fn remove(&self) -> Result<bool, String>;
+}
+
+/// What `uninstall` removed.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct UninstallReport {
+    /// [`Installed`] things removed.
+    pub removed: Vec<String>,
+    /// Pods unenrolled (their links, rows and `::6` removed).
+    pub unenrolled: Vec<String>,
+    /// What the final `gc` cleared (unusable records, orphaned links and slots).
+    pub collected: GcReport,
+    /// The pin root, if there was one to remove (its bpffs mount with it, when redirect
+    /// mounted bpffs on the pin root itself).
+    pub pin_root: Option<PathBuf>,
+    /// The state directory, if there was one.
+    pub state_dir: Option<PathBuf>,
+    /// A stale socket file of a killed agent, removed.
+    pub socket: Option<PathBuf>,
+}
+
+/// Why `uninstall` did not finish.
+#[derive(Debug, thiserror::Error)]
+pub enum UninstallError {
+    /// A running agent would take over again what is removed (and the DaemonSet restarts
+    /// it): it must be stopped first.
+    #[error("a node agent is running on {}; stop it first (SIGTERM; on Kubernetes delete the agent's DaemonSet), then run uninstall again", .0.display())]
+    AgentRunning(PathBuf),
+    #[error("removing {what}: {why}")]
+    Installed { what: String, why: String },
+    #[error(transparent)]
+    Command(Box<CommandError>),
+    #[error("removing {path}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl From<CommandError> for UninstallError {
+    fn from(e: CommandError) -> Self {
+        UninstallError::Command(Box::new(e))
+    }
+}
+
+impl From<StateError> for UninstallError {
+    fn from(e: StateError) -> Self {
+        CommandError::from(e).into()
+    }
+}
+
+/// Removes everything redirect put on the node: `extra` (the CNI plugin's entry), every pod
+/// (links, rows, `::6`; established connections are left as they are), everything `gc`
+/// finds, the shared pins and the pin root (and bpffs, where redirect mounted it on the pin
+/// root itself), the state directory, a stale socket. Refuses while an agent answers on
+/// `socket`: it would re-create what is removed. Running it again finds nothing to remove.
+///
+/// The kernel's bpffs mount point `/sys/fs/bpf` stays mounted: redirect mounts it only where
+/// nothing was, as systemd usually has, and cannot tell afterwards who did; other programs
+/// pin there too.
+pub fn uninstall(
+    state_dir: &Path,
+    pin_root: &Path,
+    socket: &Path,
+    extra: &[&dyn Installed],
+) -> Result<UninstallReport, UninstallError> {
+    enroll::require_root().map_err(CommandError::from)?;
+    let mut report = UninstallReport::default();
+    match std::os::unix::net::UnixStream::connect(socket) {
+        Ok(_) => return Err(UninstallError::AgentRunning(socket.to_owned())),
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+            // The file of a killed agent.
+            std::fs::remove_file(socket).map_err(|source| UninstallError::Io {
+                path: socket.to_owned(),
+                source,
+            })?;
+            report.socket = Some(socket.to_owned());
+        }
+        Err(_) => {}
+    }
+    for x in extra {
+        match x.remove() {
+            Ok(true) => report.removed.push(x.what()),
+            Ok(false) => {}
+            Err(why) => {
+                return Err(UninstallError::Installed {
+                    what: x.what(),
+                    why,
+                })
+            }
+        }
+    }
+    let had_pins = std::fs::symlink_metadata(pin_root).is_ok();
+    let had_state = std::fs::symlink_metadata(state_dir).is_ok();
+    if had_state || had_pins {
+        let mut w = Writer::new(state_dir, pin_root);
+        let (unenrolled, collected) = w.locked(|store, h| {
+            enroll::recover(store, h)?;
+            let names: Vec<String> = store.pods().map(|r| r.name().to_owned()).collect();
+            for n in &names {
+                enroll::unenroll(store, h, n)?;
+            }
+            // Unusable records, links and rows no record owns, and the shared pins.
+            let collected = gc_locked(store, h)?;
+            Ok::<_, CommandError>((names, collected))
+        })?;
+        report.unenrolled = unenrolled;
+        report.collected = collected;
+        // gc removed the shared pins with the last pod; an empty pin root goes too.
+        Datapath::remove_shared_pins(pin_root).map_err(CommandError::Datapath)?;
+        remove_state_dir(state_dir)?;
+    }
+    report.pin_root = had_pins.then(|| pin_root.to_owned());
+    report.state_dir = had_state.then(|| state_dir.to_owned());
+    Ok(report)
+}
+
+/// Removes the state directory: the (empty) records directory, the lock, the directory.
+fn remove_state_dir(dir: &Path) -> Result<(), UninstallError> {
+    let io = |path: &Path| {
+        let path = path.to_owned();
+        move |source| UninstallError::Io { path, source }
+    };
+    let gone = |r: std::io::Result<()>| match r {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        r => r,
+    };
+    let pods = dir.join("pods");
+    gone(std::fs::remove_dir(&pods)).map_err(io(&pods))?;
+    let lock = dir.join("lock");
+    gone(std::fs::remove_file(&lock)).map_err(io(&lock))?;
+    gone(std::fs::remove_dir(dir)).map_err(io(dir))
+}

@@ -104,6 +104,16 @@ enum Command {
     /// DaemonSet's privileged init container so that the mount is the host's, not the agent
     /// container's (pins must outlive the container). Does nothing when all is in place.
     MountBpffs,
+    /// Remove everything redirect put on this node: every pod (links, rows; established
+    /// connections are left as they are), every pin and the pin root (with its bpffs mount when
+    /// redirect mounted bpffs there), the state directory. Refuses while a node agent runs on
+    /// --socket: stop it first. Running it again finds nothing to remove.
+    Uninstall {
+        /// The agent's configuration file (`socket`, `pinRoot`, `stateDir` are used); flags
+        /// and environment variables given explicitly take precedence.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
     /// Check the kernel features the datapath needs.
     Probe(cli::probe::ProbeArgs),
     /// Find listeners that the pod-IP delivery change affects.
@@ -333,6 +343,24 @@ fn run(cli: &Cli, matches: &clap::ArgMatches) -> anyhow::Result<ExitCode> {
             })
         }
         Command::Run(args) => run_agent(cli, matches, args),
+        Command::Uninstall { config } => {
+            let file = config_file(config.as_deref())?;
+            let socket = pick(matches, "socket", &cli.socket, file.socket);
+            let pin_root = pick(matches, "pin_root", &cli.pin_root, file.pin_root);
+            let state_dir = pick(matches, "state_dir", &cli.state_dir, file.state_dir);
+            // Issue 11 adds the CNI plugin's configuration entry and binary here.
+            let extra: Vec<&dyn commands::Installed> = Vec::new();
+            match commands::uninstall(&state_dir, &pin_root, &socket, &extra) {
+                Ok(r) => {
+                    render::render_uninstall(&r).emit();
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => {
+                    eprintln!("error: {}", redirect_agent::error_chain(&e));
+                    Ok(ExitCode::FAILURE)
+                }
+            }
+        }
         Command::InstallCni {
             dirs,
             settings,
@@ -477,8 +505,9 @@ fn install_cni(
     Ok(ExitCode::SUCCESS)
 }
 
-fn run_agent(cli: &Cli, matches: &clap::ArgMatches, args: &RunArgs) -> anyhow::Result<ExitCode> {
-    let file = match &args.config {
+/// The agent's configuration file, if one is given.
+fn config_file(path: Option<&std::path::Path>) -> anyhow::Result<ConfigFile> {
+    Ok(match path {
         Some(path) => {
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("reading {}", path.display()))?;
@@ -486,22 +515,33 @@ fn run_agent(cli: &Cli, matches: &clap::ArgMatches, args: &RunArgs) -> anyhow::R
                 .with_context(|| format!("parsing {}", path.display()))?
         }
         None => ConfigFile::default(),
-    };
-    // A value given on the command line or in the environment wins over the file, the file
-    // over the defaults.
-    let given = |id: &str| {
-        use clap::parser::ValueSource;
-        matches!(
-            matches.value_source(id),
-            Some(ValueSource::CommandLine | ValueSource::EnvVariable)
-        )
-    };
+    })
+}
+
+/// A value given on the command line or in the environment wins over the file, the file
+/// over the defaults.
+fn pick(
+    matches: &clap::ArgMatches,
+    id: &str,
+    explicit: &std::path::Path,
+    from_file: Option<PathBuf>,
+) -> PathBuf {
+    use clap::parser::ValueSource;
+    let given = matches!(
+        matches.value_source(id),
+        Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+    );
+    if given {
+        explicit.to_owned()
+    } else {
+        from_file.unwrap_or_else(|| explicit.to_owned())
+    }
+}
+
+fn run_agent(cli: &Cli, matches: &clap::ArgMatches, args: &RunArgs) -> anyhow::Result<ExitCode> {
+    let file = config_file(args.config.as_deref())?;
     let pick = |id: &str, explicit: &PathBuf, from_file: Option<PathBuf>| {
-        if given(id) {
-            explicit.clone()
-        } else {
-            from_file.unwrap_or_else(|| explicit.clone())
-        }
+        pick(matches, id, explicit, from_file)
     };
     let node_name = args
         .node_name

@@ -1129,3 +1129,91 @@ fn a_new_agent_upgrades_an_older_builds_pins_in_place() {
         .metrics()
         .contains("redirect_agent_restarts_adopted_pods 1\n"));
 }
+
+/// Unmounts a test's bpffs mount (if still there) when dropped, so a failing test leaves none.
+struct Unmount(PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+fn mounted(path: &Path) -> bool {
+    fs::read_to_string("/proc/self/mounts")
+        .unwrap()
+        .lines()
+        .any(|l| l.split(' ').nth(1) == Some(&*path.to_string_lossy()))
+}
+
+/// `uninstall` is refused while an agent runs (nothing removed). Once the agent is stopped it
+/// removes everything: every pod's links (detached from the kernel), the pins, the pin root
+/// and the bpffs mount redirect made on it, the state directory; run again, it finds nothing
+/// to remove and succeeds.
+#[test]
+fn uninstall_removes_everything_and_refuses_while_an_agent_runs() {
+    require!(Need::Root, datapath());
+    let node = Node::new().unwrap();
+    let a = node.add_pod("a").unwrap();
+    let b = node.add_pod("b").unwrap();
+    let mut agent = Agent::new();
+    // Off bpffs: redirect mounts bpffs on the pin root itself, and uninstall must unmount it.
+    agent.pin_root = PathBuf::from(format!("{}-pins", agent.state_dir.display()));
+    let _unmount = Unmount(agent.pin_root.clone());
+    let mut daemon = Daemon::start(&agent);
+    for p in [&a, &b] {
+        let out = daemon.cli(&agent, &args_of(&Agent::enroll_args(p, &p.name)));
+        assert!(out.status.success(), "{out:?}");
+    }
+    assert!(mounted(&agent.pin_root), "bpffs is mounted on the pin root");
+    let links: Vec<u32> = [&a, &b]
+        .iter()
+        .flat_map(|p| link_ids(&agent.pin_root, &p.name))
+        .map(|(link, _)| link)
+        .collect();
+    assert_eq!(links.len(), 2 * redirect_agent::datapath::Hook::ALL.len());
+
+    let out = daemon.cli(&agent, &["uninstall"]);
+    assert!(
+        !out.status.success(),
+        "uninstall with an agent running: {out:?}"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("a node agent is running"), "{err}");
+    assert_eq!(agent.listed_names().len(), 2, "nothing removed");
+
+    daemon.signal(nix::sys::signal::Signal::SIGTERM);
+    let mut child = daemon.child.take().unwrap();
+    let status = wait_for("the agent to exit", || child.try_wait().unwrap());
+    assert_eq!(status.code(), Some(0));
+
+    let out = daemon.cli(&agent, &["uninstall"]);
+    assert!(out.status.success(), "{out:?}");
+    let said = String::from_utf8_lossy(&out.stdout);
+    for line in [
+        format!("unenrolled {}", a.name),
+        format!("unenrolled {}", b.name),
+        format!("removed the pins under {}", agent.pin_root.display()),
+        format!("removed the state directory {}", agent.state_dir.display()),
+    ] {
+        assert!(said.contains(&line), "{line:?} not in {said}");
+    }
+    assert!(!agent.pin_root.exists(), "pin root left");
+    assert!(!mounted(&agent.pin_root), "bpffs mount left");
+    assert!(!agent.state_dir.exists(), "state directory left");
+    assert!(!daemon.socket.exists(), "socket left");
+    let live: BTreeSet<u32> = aya::programs::loaded_links()
+        .filter_map(Result::ok)
+        .map(|l| l.id())
+        .collect();
+    let left: Vec<&u32> = links.iter().filter(|l| live.contains(l)).collect();
+    assert!(left.is_empty(), "links still in the kernel: {left:?}");
+
+    let out = daemon.cli(&agent, &["uninstall"]);
+    assert!(out.status.success(), "a second uninstall: {out:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "nothing of redirect is installed\n"
+    );
+    assert!(!agent.pin_root.exists() && !agent.state_dir.exists());
+}

@@ -5,7 +5,9 @@
 //! uid 1337, and is enrolled with the real `redirect-agent` CLI. The client connects to the
 //! server's pod IP on each application's port under both inbound policies and with the proxy
 //! dialling either the old way (127.0.0.1:P) or the new way (POD_IP:P from 127.0.0.6). Every
-//! agent command is printed as it runs, so the output doubles as a CLI tutorial.
+//! agent command is printed as it runs, so the output doubles as a CLI tutorial. The node agent
+//! (`redirect-agent run`) runs throughout: the commands go through its socket, and the demo
+//! ends with a few lines of its `/metrics`, as `curl` shows them.
 //!
 //! The agent gets its own pin root and state directory (`REDIRECT_PIN_ROOT`,
 //! `REDIRECT_STATE_DIR`), so the demo never touches a real node's enrollments, and everything
@@ -214,6 +216,8 @@ fn demo() -> Result<bool> {
         agent.pin_root.display(),
         agent.state_dir.display()
     );
+    let mut daemon = Some(Daemon::start(&agent)?);
+    check_interrupted()?;
 
     let mut results: Vec<Vec<(String, bool)>> = vec![Vec::new(); AppBind::ALL.len() * 2];
     let mut counters: Vec<serde_json::Map<String, serde_json::Value>> = Vec::new();
@@ -233,6 +237,7 @@ fn demo() -> Result<bool> {
             args.extend(["--pod-ip".into(), ip.to_string()]);
         }
         args.extend(["--inbound-policy".into(), policy.name().into()]);
+        args.extend(["--namespace".into(), "demo".into()]);
         if pi == 0 {
             println!("# enroll the server pod; its proxy runs as uid {PROXY_UID} (the default)");
         } else {
@@ -285,6 +290,10 @@ fn demo() -> Result<bool> {
 
     print_matrix(&results, &pod_ips);
     print_counters(&counters);
+    if let Some(d) = daemon.take() {
+        d.show_metrics();
+        d.stop();
+    }
 
     let wrong = results.iter().flatten().filter(|(_, ok)| !ok).count();
     let total = results.iter().map(Vec::len).sum::<usize>();
@@ -351,6 +360,8 @@ struct Agent {
     bin: PathBuf,
     pin_root: PathBuf,
     state_dir: PathBuf,
+    /// The demo agent's socket: every command goes through the agent while it runs.
+    socket: PathBuf,
 }
 
 impl Agent {
@@ -360,6 +371,7 @@ impl Agent {
             bin,
             pin_root: PathBuf::from(format!("/sys/fs/bpf/redirect-demo-{pid}")),
             state_dir: PathBuf::from(format!("/tmp/redirect-demo-{pid}")),
+            socket: PathBuf::from(format!("/tmp/redirect-demo-{pid}.sock")),
         }
     }
 
@@ -368,6 +380,7 @@ impl Agent {
         cmd.args(args)
             .env("REDIRECT_PIN_ROOT", &self.pin_root)
             .env("REDIRECT_STATE_DIR", &self.state_dir)
+            .env("REDIRECT_SOCKET", &self.socket)
             .stdin(Stdio::null())
             // A Ctrl-C must not kill an enroll halfway; the demo unenrolls once it returns.
             .process_group(0);
@@ -417,6 +430,134 @@ impl Agent {
             .cloned()
             .context("stats --output json has no counters for the pod")
     }
+}
+
+/// `redirect-agent run` on the demo's directories, its own socket and a free loopback port;
+/// stopped with SIGTERM (the pod stays enrolled, as it would for the next agent).
+struct Daemon {
+    child: std::process::Child,
+    socket: PathBuf,
+    http: SocketAddr,
+}
+
+impl Daemon {
+    fn start(agent: &Agent) -> Result<Daemon> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let http = SocketAddr::from(([127, 0, 0, 1], port));
+        let args: Vec<String> = vec![
+            "run".into(),
+            "--node-name".into(),
+            "demo".into(),
+            "--socket".into(),
+            agent.socket.display().to_string(),
+            "--http-address".into(),
+            http.to_string(),
+        ];
+        println!("# the node agent: serves the commands below over its socket, metrics over HTTP");
+        println!("$ redirect-agent {} &", args.join(" "));
+        let child = agent
+            .command(&args)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .context("starting redirect-agent run")?;
+        let mut d = Daemon {
+            child,
+            socket: agent.socket.clone(),
+            http,
+        };
+        let started = Instant::now();
+        loop {
+            check_interrupted()?;
+            if let Some(status) = d.child.try_wait()? {
+                bail!("redirect-agent run exited ({status})");
+            }
+            if matches!(http_get(http, "/readyz"), Ok((200, _))) {
+                break;
+            }
+            if started.elapsed() > Duration::from_secs(30) {
+                bail!("the agent is not ready after 30 s");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        println!("$ curl -s http://{http}/readyz");
+        print_indented("ready\n");
+        println!();
+        Ok(d)
+    }
+
+    /// What Prometheus would scrape: the pod's non-zero counters and a few of the agent's own.
+    fn show_metrics(&self) {
+        println!();
+        println!(
+            "$ curl -s http://{}/metrics | grep -E 'pod=\"{POD_NAME}\"|pods_enrolled|enroll_duration_seconds_count' | grep -v ' 0$'",
+            self.http
+        );
+        match http_get(self.http, "/metrics") {
+            Ok((200, body)) => {
+                let lines: String = body
+                    .lines()
+                    .filter(|l| !l.starts_with('#') && !l.ends_with(" 0"))
+                    .filter(|l| {
+                        l.contains(&format!("pod=\"{POD_NAME}\""))
+                            || l.starts_with("redirect_pods_enrolled")
+                            || l.starts_with("redirect_enroll_duration_seconds_count")
+                    })
+                    .map(|l| format!("{l}\n"))
+                    .collect();
+                print_indented(&lines);
+            }
+            Ok((status, body)) => eprintln!("demo: /metrics answered {status}: {body}"),
+            Err(e) => eprintln!("demo: /metrics: {e}"),
+        }
+    }
+
+    /// SIGTERM, then waits for the agent to exit.
+    fn stop(mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            Signal::SIGTERM,
+        );
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(5) {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        let _ = fs::remove_file(&self.socket);
+    }
+}
+
+/// A plain HTTP/1.1 GET on loopback: (status, body).
+fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut raw = String::new();
+    s.read_to_string(&mut raw)?;
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .context("not an HTTP response")?;
+    Ok((status, body.to_owned()))
 }
 
 /// Unenrolls the server pod and removes the agent's private state, however the demo ends.

@@ -471,12 +471,10 @@ impl Shared {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
-        let ns = published
-            .as_ref()
-            .and_then(|s| s.get(name))
-            .and_then(|r| r.spec.namespace.clone())
-            .unwrap_or_default();
-        format!("namespace={ns:?} pod={name:?}")
+        match published.as_ref().and_then(|s| s.get(name)) {
+            Some(r) => pod_log_name(&r.spec),
+            None => format!("namespace=\"\" pod={name:?}"),
+        }
     }
 }
 

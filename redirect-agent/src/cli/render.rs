@@ -3,7 +3,9 @@
 
 use std::fmt::Write as _;
 
-use redirect_agent::commands::{EnrollReport, GcReport, ListReport, StatsReport, UnenrollReport};
+use redirect_agent::commands::{
+    EnrollReport, GcReport, ListReport, StatsReport, UnenrollReport, UninstallReport,
+};
 
 use super::table::{table, Format};
 
@@ -156,6 +158,30 @@ pub fn render_stats(r: &StatsReport, output: Format) -> Printed {
                 .collect();
             p.stdout.push_str(&table(&header, &rows));
         }
+    }
+    p
+}
+
+pub fn render_uninstall(r: &UninstallReport) -> Printed {
+    let mut p = Printed::default();
+    for x in &r.removed {
+        let _ = writeln!(p.stdout, "removed {x}");
+    }
+    for n in &r.unenrolled {
+        let _ = writeln!(p.stdout, "unenrolled {n}");
+    }
+    p.stdout.push_str(&render_gc(&r.collected).stdout);
+    if let Some(d) = &r.pin_root {
+        let _ = writeln!(p.stdout, "removed the pins under {}", d.display());
+    }
+    if let Some(d) = &r.state_dir {
+        let _ = writeln!(p.stdout, "removed the state directory {}", d.display());
+    }
+    if let Some(s) = &r.socket {
+        let _ = writeln!(p.stdout, "removed the stale socket {}", s.display());
+    }
+    if p.stdout.is_empty() {
+        let _ = writeln!(p.stdout, "nothing of redirect is installed");
     }
     p
 }
