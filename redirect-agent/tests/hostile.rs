@@ -102,12 +102,14 @@ fn finish_hostile(mut p: PodProcess) -> Value {
 fn outbound_listen(f: Family) -> SocketAddr {
     match f {
         Family::V4 => sock(f.unspecified(), 15001),
-        Family::V6 => sock(f.loopback(), 15001),
+        // Captured IPv6 connections go to addresses of 100::/64 (port spreading), which only
+        // a wildcard listener accepts; IPV6_V6ONLY keeps it beside the IPv4 one.
+        Family::V6 => sock(f.unspecified(), 15001),
     }
 }
 
 fn silent_listener(pod: &Pod, addr: SocketAddr) -> TcpListener {
-    pod.in_netns(|| TcpListener::bind(addr))
+    pod.in_netns(|| redirect_testbed::echo::listen(addr, true))
         .expect("enter netns")
         .unwrap_or_else(|e| panic!("listen on {addr} in {}: {e}", pod.name))
 }

@@ -91,14 +91,24 @@ pub fn run(args: Args) -> Result<()> {
         let t0 = same_family(&args.target, pod_ip).unwrap_or(t0);
         let t1 = other_target(&args.target, t0).unwrap_or(t1);
 
-        // Two sockets on one pod address and port, two destinations. IPv6: the datapath sends
-        // both to [::1]:15001, so the second four-tuple is the first's (EADDRNOTAVAIL before
-        // its SYN). IPv4: each destination has its own loopback address, both connect (unless
-        // the two hash to the same one).
+        // Two sockets on one pod address and port. The second connects to the first's
+        // destination: the same four-tuple, EADDRNOTAVAIL after the connect hooks ran (a failing
+        // connect that must leave no per-connection state). A third connects to another
+        // destination: with port spreading (each destination its own local address, IPv4 and
+        // IPv6) it connects as under iptables, unless the two destinations hash alike.
         let port = 20000 + (round % 20000) as u16;
-        if let (Ok(a), Ok(b)) = (reuse_bound(pod_ip, port), reuse_bound(pod_ip, port)) {
+        if let (Ok(a), Ok(b), Ok(c)) = (
+            reuse_bound(pod_ip, port),
+            reuse_bound(pod_ip, port),
+            reuse_bound(pod_ip, port),
+        ) {
             let _ = start_connect(&a, t0, &mut report);
-            match b.connect(&SockAddr::from(t1)) {
+            if let Err(e) = b.connect(&SockAddr::from(t0)) {
+                if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) {
+                    report.reuseaddr_addrnotavail += 1
+                }
+            }
+            match c.connect(&SockAddr::from(t1)) {
                 Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => {
                     report.reuseaddr_addrnotavail += 1
                 }
