@@ -45,6 +45,8 @@ fn prev_result(v: &str) -> String {
     )
 }
 
+/// The plugin's configuration. `failurePolicy` comes before `agentSocket`: a decoding error's
+/// column must not depend on the length of the test's socket path.
 fn conf(v: &str, socket: &Path, policy: &str, annotations: &str, prev: bool) -> String {
     let prev = if prev {
         format!(r#","prevResult":{}"#, prev_result(v))
@@ -52,7 +54,7 @@ fn conf(v: &str, socket: &Path, policy: &str, annotations: &str, prev: bool) -> 
         String::new()
     };
     format!(
-        r#"{{"cniVersion":"{v}","name":"k8s-pod-network","type":"redirect-cni","agentSocket":"{}","failurePolicy":"{policy}","logLevel":"off","capabilities":{{"io.kubernetes.cri.pod-annotations":true}},"runtimeConfig":{{"io.kubernetes.cri.pod-annotations":{annotations}}}{prev}}}"#,
+        r#"{{"cniVersion":"{v}","name":"k8s-pod-network","type":"redirect-cni","failurePolicy":"{policy}","agentSocket":"{}","logLevel":"off","capabilities":{{"io.kubernetes.cri.pod-annotations":true}},"runtimeConfig":{{"io.kubernetes.cri.pod-annotations":{annotations}}}{prev}}}"#,
         socket.display()
     )
 }
