@@ -170,52 +170,53 @@ fn items(s: &str) -> Result<Vec<&str>, String> {
         .collect()
 }
 
-/// A comma-separated port list (Istio's `parsePorts`).
-pub fn parse_ports(s: &str) -> Result<Vec<u16>, String> {
+/// A comma-separated list of items, each read by `parse`; `*` is refused (only the wildcard
+/// forms below accept it, alone).
+fn parse_list<T>(s: &str, parse: impl Fn(&str) -> Result<T, String>) -> Result<Vec<T>, String> {
     items(s)?
         .into_iter()
         .map(|i| {
             if i == "*" {
                 Err("\"*\" is not allowed here".to_owned())
             } else {
-                spec::parse_port(i)
+                parse(i)
             }
         })
         .collect()
+}
+
+/// `*` alone, or a list of `what` read by `list`.
+fn parse_wildcard<T>(
+    s: &str,
+    what: &str,
+    list: impl Fn(&str) -> Result<Vec<T>, String>,
+) -> Result<Wildcard<T>, String> {
+    if s.trim() == "*" {
+        return Ok(Wildcard::All);
+    }
+    list(s)
+        .map_err(|e| format!("{e} (give \"*\" alone or a list of {what})"))
+        .map(Wildcard::List)
+}
+
+/// A comma-separated port list (Istio's `parsePorts`).
+pub fn parse_ports(s: &str) -> Result<Vec<u16>, String> {
+    parse_list(s, spec::parse_port)
 }
 
 /// `*` or a port list.
 pub fn parse_ports_wildcard(s: &str) -> Result<Wildcard<u16>, String> {
-    if s.trim() == "*" {
-        return Ok(Wildcard::All);
-    }
-    parse_ports(s)
-        .map_err(|e| format!("{e} (give \"*\" alone or a list of ports)"))
-        .map(Wildcard::List)
+    parse_wildcard(s, "ports", parse_ports)
 }
 
 /// A comma-separated CIDR list.
 pub fn parse_cidrs(s: &str) -> Result<Vec<Cidr>, String> {
-    items(s)?
-        .into_iter()
-        .map(|i| {
-            if i == "*" {
-                Err("\"*\" is not allowed here".to_owned())
-            } else {
-                Cidr::from_str(i)
-            }
-        })
-        .collect()
+    parse_list(s, Cidr::from_str)
 }
 
 /// `*` or a CIDR list.
 pub fn parse_cidrs_wildcard(s: &str) -> Result<Wildcard<Cidr>, String> {
-    if s.trim() == "*" {
-        return Ok(Wildcard::All);
-    }
-    parse_cidrs(s)
-        .map_err(|e| format!("{e} (give \"*\" alone or a list of CIDRs)"))
-        .map(Wildcard::List)
+    parse_wildcard(s, "CIDRs", parse_cidrs)
 }
 
 /// An inbound policy, case-insensitive (`LOCALHOST` as Istio's mesh config writes it).
