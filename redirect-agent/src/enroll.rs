@@ -250,14 +250,18 @@ pub fn enroll(
             record.pending = None;
             store.put_done(&record)?;
             if let Some(old) = &existing {
-                if old.added_lo6 && old.netns_inode != record.netns_inode {
+                // A namespace recreated at the same path: the path now names the new one, whose
+                // ::6, route and addresses were just made; the old one's went with it.
+                let moved =
+                    old.netns_inode != record.netns_inode && old.spec.netns != record.spec.netns;
+                if old.added_lo6 && moved {
                     // The pod moved: the old namespace's ::6 was ours. Best effort: the old
                     // sandbox is usually gone already, and its lo with it.
                     if let Err(e) = remove_passthrough_src6(&old.spec.netns) {
                         log::warn!("removing ::6 from {}: {e}", old.spec.netns.display());
                     }
                 }
-                if old.spec.ip6().is_some() && old.netns_inode != record.netns_inode {
+                if old.spec.ip6().is_some() && moved {
                     if let Err(e) = remove_spread_route6(&old.spec.netns) {
                         log::warn!("removing 100::/64 from {}: {e}", old.spec.netns.display());
                     }
@@ -304,6 +308,11 @@ fn apply(
         // after rows and links (rolled back with the rest).
         let _ = add_spread_route6(&rec.spec.netns);
     }
+    if crate::rows::dns_pool6(&rec.spec) {
+        // The IPv6 DNS reply addresses, before the row that sends queries to them
+        // (`pod_flags::DNS_POOL6`).
+        add_dns_pool6(&rec.spec.netns)?;
+    }
     let rows = PodRows::new(&rec.spec, rec.slot, rec.cgroup_id);
     let old_rows = old.map(|o| PodRows::new(&o.spec, o.slot, o.cgroup_id));
     if old.is_none() {
@@ -314,6 +323,17 @@ fn apply(
         crate::conntrack::sweep_slot_if_used(&mut orig_dst, &mut used, rec.slot)?;
     }
     write_rows(dp, rec.name(), old_rows.as_ref(), &rows)?;
+    if rec.spec.ip6().is_some() && !crate::rows::dns_pool6(&rec.spec) {
+        // DNS capture turned off (or never on: nothing to remove): the row no longer sends
+        // queries to the reply addresses. Best effort: left over, they are harmless, and
+        // unenroll removes them.
+        if let Err(e) = remove_dns_pool6(&rec.spec.netns) {
+            log::warn!(
+                "removing the DNS reply addresses from {}: {e}",
+                rec.spec.netns.display()
+            );
+        }
+    }
     attach_links(dp, old, rec)?;
     if rec.added_lo6 && old.is_none_or(|o| !o.added_lo6 || o.netns_inode != rec.netns_inode) {
         add_passthrough_src6(&rec.spec.netns)?;
@@ -643,7 +663,7 @@ fn teardown(dp: &mut Datapath, rec: &PodRecord) -> Vec<String> {
     if rec.spec.ip6().is_some() {
         if let Err(e) = remove_spread_route6(&rec.spec.netns) {
             failures.push(format!(
-                "removing the local route of 100::/64 in {}: {e}",
+                "removing the local route of 100::/64 (and the DNS reply addresses) in {}: {e}",
                 rec.spec.netns.display()
             ));
         }
@@ -804,6 +824,8 @@ fn add_spread_route6(netns_path: &Path) -> Result<(), EnrollError> {
         })
 }
 
+/// Removes the spread prefix's local route and the DNS reply addresses inside it (both the
+/// datapath's own) from the pod's `lo`.
 fn remove_spread_route6(netns_path: &Path) -> Result<(), netns::NetnsError> {
     let ns = match netns::NetnsHandle::open(netns_path) {
         Ok(ns) => ns,
@@ -813,7 +835,29 @@ fn remove_spread_route6(netns_path: &Path) -> Result<(), netns::NetnsError> {
         }
         Err(e) => return Err(e),
     };
-    netns::remove_spread_route6(&ns).map(drop)
+    let pool = netns::remove_dns_pool6(&ns).map(drop);
+    netns::remove_spread_route6(&ns).map(drop).and(pool)
+}
+
+/// Assigns the IPv6 DNS reply addresses to the pod's `lo` (`netns::add_dns_pool6`).
+fn add_dns_pool6(netns_path: &Path) -> Result<(), EnrollError> {
+    let ns = netns::NetnsHandle::open(netns_path)?;
+    netns::add_dns_pool6(&ns).map_err(|e| EnrollError::Prepare {
+        netns: netns_path.to_owned(),
+        detail: crate::error_chain(&e),
+    })
+}
+
+/// Removes the IPv6 DNS reply addresses from the pod's `lo`; a namespace gone has none.
+fn remove_dns_pool6(netns_path: &Path) -> Result<(), netns::NetnsError> {
+    let ns = match netns::NetnsHandle::open(netns_path) {
+        Ok(ns) => ns,
+        Err(netns::NetnsError::Open { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
+            return Ok(())
+        }
+        Err(e) => return Err(e),
+    };
+    netns::remove_dns_pool6(&ns).map(drop)
 }
 
 fn remove_passthrough_src6(netns_path: &Path) -> Result<(), netns::NetnsError> {

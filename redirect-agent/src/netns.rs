@@ -408,6 +408,65 @@ pub fn remove_spread_route6(ns: &NetnsHandle) -> Result<Removed, NetnsError> {
     removed.map_err(|source| netlink_err(ns, op, source))
 }
 
+/// The IPv6 addresses DNS capture sends an application's UDP queries to, one per server a
+/// socket asks (`100::53:0` to `100::53:7`, `redirect_common::DNS_POOL6_BASE`): assigned to
+/// `lo` (not only routed there), because a wildcard-bound DNS server answers from the address a
+/// query reached (`IPV6_PKTINFO`) and the kernel accepts only an assigned address as that
+/// source.
+pub fn dns_pool6() -> impl Iterator<Item = Ipv6Addr> {
+    let base = u128::from_be_bytes(redirect_common::DNS_POOL6_BASE);
+    (0..redirect_common::DNS_POOL6_LEN).map(move |i| Ipv6Addr::from(base + u128::from(i)))
+}
+
+/// Assigns every [`dns_pool6`] address to `lo` in `ns` (as [`add_lo_addr6`], in one visit of
+/// the namespace); those already there (`EEXIST`) are left as they are. The addresses are in
+/// the datapath's own prefix, so they are the datapath's whoever added them.
+pub fn add_dns_pool6(ns: &NetnsHandle) -> Result<(), NetnsError> {
+    let op = "adding the DNS reply addresses 100::53:0-7 to lo".to_string();
+    let done = ns.run(|| -> io::Result<()> {
+        let nl = Netlink::open()?;
+        let index = lo_index()?;
+        for addr in dns_pool6() {
+            let msg = lo_addr6_message(index, addr, true);
+            match nl.request(
+                RouteNetlinkMessage::NewAddress(msg),
+                NLM_F_CREATE | NLM_F_EXCL,
+            ) {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let mut link = LinkMessage::default();
+        link.header.index = index;
+        link.header.flags = LinkFlags::Up;
+        link.header.change_mask = LinkFlags::Up;
+        nl.request(RouteNetlinkMessage::SetLink(link), 0)
+    })?;
+    done.map_err(|source| netlink_err(ns, op, source))
+}
+
+/// Removes every [`dns_pool6`] address from `lo` in `ns`; absent ones (`EADDRNOTAVAIL`) are
+/// fine, so that it converges when re-run. [`Removed::Now`] if any was there.
+pub fn remove_dns_pool6(ns: &NetnsHandle) -> Result<Removed, NetnsError> {
+    let op = "removing the DNS reply addresses 100::53:0-7 from lo".to_string();
+    let removed = ns.run(|| -> io::Result<Removed> {
+        let nl = Netlink::open()?;
+        let index = lo_index()?;
+        let mut removed = Removed::WasAbsent;
+        for addr in dns_pool6() {
+            let msg = lo_addr6_message(index, addr, false);
+            match nl.request(RouteNetlinkMessage::DelAddress(msg), 0) {
+                Ok(()) => removed = Removed::Now,
+                Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(removed)
+    })?;
+    removed.map_err(|source| netlink_err(ns, op, source))
+}
+
 /// The `local` route of the spread prefix on `lo`, in the local table, preferred source `::1`:
 /// a socket that reaches it without a bound address (one bound to `[::]:port`, which the
 /// datapath cannot bind to the pod's address any more) gets `::1` as its source, as it did when

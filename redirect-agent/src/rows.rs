@@ -132,6 +132,9 @@ pub fn pod_config(spec: &PodSpec) -> PodConfig {
     if spec.include_outbound_cidrs.is_some() {
         enrolled |= pod_flags::OUTBOUND_INCLUDE_ONLY;
     }
+    if dns_pool6(spec) {
+        enrolled |= pod_flags::DNS_POOL6;
+    }
     PodConfig {
         enrolled,
         proxy_uid: spec.proxy_uid,
@@ -147,6 +150,13 @@ pub fn pod_config(spec: &PodSpec) -> PodConfig {
             [0; 2]
         },
     }
+}
+
+/// Whether the pod's `lo` holds the IPv6 DNS reply addresses (`netns::dns_pool6`) while it is
+/// enrolled with this spec: it captures DNS and has an IPv6 address. Enroll assigns them before
+/// the row says so ([`pod_flags::DNS_POOL6`]) and removes them after it no longer does.
+pub fn dns_pool6(spec: &PodSpec) -> bool {
+    spec.dns_capture && spec.ip6().is_some()
 }
 
 /// A free `PODS` row.
@@ -267,6 +277,11 @@ impl fmt::Display for PodRows {
         if c.enrolled & pod_flags::OUTBOUND_INCLUDE_ONLY != 0 {
             includes.push_str(" outbound=include-only");
         }
+        let dns = if c.enrolled & pod_flags::DNS_POOL6 != 0 {
+            format!("{dns} dns_pool6")
+        } else {
+            dns
+        };
         writeln!(
             f,
             "PODS[{}] = enrolled{includes} proxy_uid={} ip4={ip4} ip6={ip6} inbound_port={} outbound_port={} policy={}{dns}",

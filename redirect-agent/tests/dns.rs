@@ -12,7 +12,7 @@ mod common;
 
 use std::{
     io::Read as _,
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     process::{Command, Stdio},
 };
 
@@ -59,6 +59,33 @@ fn dnsmasq(pod: &Pod, uid: u32, port: u16, who: Ipv4Addr, forward: Option<IpAddr
         Some(up) => cmd.arg(format!("--server=/up.test/{up}")),
         None => cmd.arg(format!("--address=/up.test/{UPSTREAM_UP}")),
     };
+    let mut p = pod.spawn(uid, cmd).expect("spawn dnsmasq");
+    for f in Family::BOTH {
+        p.wait_for_listen(sock(f.unspecified(), port), LISTEN_WAIT)
+            .expect("dnsmasq listens");
+    }
+    p
+}
+
+/// `dnsmasq` in `pod` as `uid` on `port` with the given extra arguments (no other names known).
+fn dnsmasq_with(pod: &Pod, uid: u32, port: u16, extra: &[String]) -> PodProcess {
+    let mut cmd = Command::new("dnsmasq");
+    cmd.args([
+        "--keep-in-foreground",
+        "--conf-file=/dev/null",
+        "--no-resolv",
+        "--no-hosts",
+        "--pid-file=",
+        "--log-facility=-",
+        "--log-queries",
+    ])
+    .arg(format!("--port={port}"))
+    .args(extra)
+    .stdout(Stdio::null())
+    .stderr(Stdio::null());
+    if uid == 0 {
+        cmd.arg("--user=root");
+    }
     let mut p = pod.spawn(uid, cmd).expect("spawn dnsmasq");
     for f in Family::BOTH {
         p.wait_for_listen(sock(f.unspecified(), port), LISTEN_WAIT)
@@ -191,30 +218,22 @@ fn dns_capture_sends_queries_to_the_proxy_dns_port() {
     failures.assert_none("DNS capture");
 }
 
-/// One unconnected UDP socket asks two upstream servers (IPv4): under capture both queries go
-/// to the proxy's server (each to the loopback address of its own server), and each reply is
-/// reported as coming from the server its query went to: the reverse mapping is keyed by
-/// socket and address, not by socket alone.
-#[test]
-fn dns_replies_of_one_socket_name_their_servers() {
-    require!(
-        Need::Root,
-        datapath(),
-        tool("dnsmasq", "--version"),
-        tool("dig", "-v")
-    );
-    let node = Node::new().unwrap();
-    let app = node.add_pod("app").unwrap();
-    let one = node.add_pod("one").unwrap();
-    let two = node.add_pod("two").unwrap();
-    let _one = dnsmasq(&one, 0, 53, UPSTREAM_WHO, None);
-    let _two = dnsmasq(&two, 0, 53, UPSTREAM_WHO, None);
-    let _proxy_dns = dnsmasq(&app, PROXY_UID, 15053, PROXY_WHO, None);
-    let agent = Agent::new();
-    agent.enroll(&app, &["--dns-capture"]);
-    let servers = [sock(one.ip4, 53), sock(two.ip4, 53)];
+/// What servers `one` and `two` answer for `one.test` and `two.test`: each name is known to its
+/// own server only, so an answer proves which server it came from.
+const ONE_ANSWER: Ipv4Addr = Ipv4Addr::new(198, 19, 202, 1);
+const TWO_ANSWER: Ipv4Addr = Ipv4Addr::new(198, 19, 202, 2);
+
+/// `redirect-testbed dns-query` in `pod` as the application: one unconnected UDP socket sends
+/// `names[i]` to `servers[i]`, in order, then reads every reply; each reply as (query id, the
+/// address `recvfrom` said it came from, first A record), sorted by id.
+fn dns_query(
+    pod: &Pod,
+    servers: &[SocketAddr],
+    names: &[&str],
+) -> Result<Vec<(u64, String, String)>, String> {
     let mut cmd = Command::new(testbed_bin());
-    cmd.args(["dns-query", "--name", "who.test"])
+    cmd.arg("dns-query")
+        .args(names.iter().flat_map(|n| ["--name", n]))
         .args(
             servers
                 .iter()
@@ -222,7 +241,7 @@ fn dns_replies_of_one_socket_name_their_servers() {
         )
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    let mut p = app.spawn(APP_UID, cmd).expect("spawn dns-query");
+    let mut p = pod.spawn(APP_UID, cmd).expect("spawn dns-query");
     let mut out = String::new();
     p.child_mut()
         .stdout
@@ -238,7 +257,9 @@ fn dns_replies_of_one_socket_name_their_servers() {
         .expect("piped")
         .read_to_string(&mut err);
     let status = p.child_mut().wait().expect("wait dns-query");
-    assert!(status.success(), "dns-query: {status}: {out} {err}");
+    if !status.success() {
+        return Err(format!("dns-query: {status}: {out:?} {}", err.trim()));
+    }
     let mut replies: Vec<(u64, String, String)> = out
         .lines()
         .map(|l| {
@@ -251,12 +272,102 @@ fn dns_replies_of_one_socket_name_their_servers() {
         })
         .collect();
     replies.sort();
-    let want: Vec<(u64, String, String)> = servers
-        .iter()
-        .enumerate()
-        .map(|(i, s)| (1 + i as u64, s.to_string(), PROXY_WHO.to_string()))
-        .collect();
-    assert_eq!(replies, want, "replies (id, from, answer)");
+    Ok(replies)
+}
+
+/// One unconnected UDP socket asks two servers (`sendmsg` to server one, then to server two,
+/// then reads both replies), IPv4 and IPv6: it asks server one for `one.test` and server two
+/// for `two.test`, names only that server knows. Under capture both queries go to the proxy's
+/// `dnsmasq` (uid 1337), which forwards each name to the server that knows it (its own queries
+/// are not captured), and each reply must be reported as coming from the server its query was
+/// sent to: the answer inside proves which server produced it, `recvfrom` says which one the
+/// application thinks replied. The reverse mapping is keyed by socket and address: keyed by
+/// socket alone, both replies would name the last server. Without capture the servers answer
+/// directly, and the application sees exactly the same; the counters say which path was taken.
+/// IPv6 needs the reply addresses on the pod's `lo` (`100::53:0-7`): there while the pod
+/// captures DNS, gone without.
+#[test]
+fn dns_replies_of_one_socket_name_their_servers() {
+    require!(
+        Need::Root,
+        datapath(),
+        tool("dnsmasq", "--version"),
+        tool("dig", "-v")
+    );
+    let node = Node::new().unwrap();
+    let app = node.add_pod("app").unwrap();
+    let one = node.add_pod("one").unwrap();
+    let two = node.add_pod("two").unwrap();
+    let server = |pod: &Pod, name: &str, answer: Ipv4Addr| {
+        dnsmasq_with(pod, 0, 53, &[format!("--address=/{name}/{answer}")])
+    };
+    let _one = server(&one, "one.test", ONE_ANSWER);
+    let _two = server(&two, "two.test", TWO_ANSWER);
+    let _proxy_dns = dnsmasq_with(
+        &app,
+        PROXY_UID,
+        15053,
+        &[
+            format!("--server=/one.test/{}", one.ip4),
+            format!("--server=/two.test/{}", two.ip4),
+            format!("--address=/who.test/{PROXY_WHO}"),
+        ],
+    );
+    let agent = Agent::new();
+    let pool = |pod: &Pod| {
+        let lo = lo_addresses(pod);
+        (0..8)
+            .filter(|i| lo.contains(&format!("inet6 100::53:{i}/128")))
+            .count()
+    };
+    let mut failures = Failures::default();
+    for (case, flags, captured) in [
+        ("capture off", &[][..], false),
+        ("capture on", &["--dns-capture"][..], true),
+        ("capture off again", &[][..], false),
+    ] {
+        agent.enroll(&app, flags);
+        let addresses = pool(&app);
+        if addresses != if captured { 8 } else { 0 } {
+            failures.push(format!(
+                "{case}: {addresses} of the 8 DNS reply addresses on lo: {}",
+                lo_addresses(&app)
+            ));
+        }
+        for f in Family::BOTH {
+            let servers = [sock(f.pod_ip(&one), 53), sock(f.pod_ip(&two), 53)];
+            let before = agent.stats(&app.name);
+            let got = dns_query(&app, &servers, &["one.test", "two.test"]);
+            let d = delta(&before, &agent.stats(&app.name));
+            let want: Vec<(u64, String, String)> = vec![
+                (1, servers[0].to_string(), ONE_ANSWER.to_string()),
+                (2, servers[1].to_string(), TWO_ANSWER.to_string()),
+            ];
+            if got.as_ref() != Ok(&want) {
+                failures.push(format!(
+                    "{case}, {}: replies (id, from, answer) {got:?}, want {want:?}",
+                    f.name()
+                ));
+            }
+            let counted = (
+                d.get("dns_captured").copied().unwrap_or(0),
+                d.get("dns_replies_rewritten").copied().unwrap_or(0),
+            );
+            let want_counted = if captured { (2, 2) } else { (0, 0) };
+            if counted != want_counted {
+                failures.push(format!(
+                    "{case}, {}: (dns_captured, dns_replies_rewritten) {counted:?}, want \
+                     {want_counted:?}: {d:?}",
+                    f.name()
+                ));
+            }
+        }
+    }
+    agent.unenroll(&app.name);
+    if pool(&app) != 0 {
+        failures.push(format!("unenrolled: {}", lo_addresses(&app)));
+    }
+    failures.assert_none("one socket, two servers");
 }
 
 /// `getent ahosts name` in `pod` as the application, with glibc's resolver configured to ask

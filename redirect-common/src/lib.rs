@@ -42,6 +42,22 @@ pub const SPREAD6_PREFIX: [u8; 16] = [1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 
 /// Length of [`SPREAD6_PREFIX`]: the datapath fills the other 64 bits.
 pub const SPREAD6_PREFIX_LEN: u8 = 64;
 
+/// Where the application's IPv6 DNS queries go under capture, so that their replies can name
+/// the server asked: `100::53:0` to `100::53:7`, inside [`SPREAD6_PREFIX`], *assigned* to the
+/// pod's `lo` by the agent while the pod captures DNS and has an IPv6 address
+/// ([`pod_flags::DNS_POOL6`]). A local route is not enough: a DNS server bound to the wildcard
+/// answers from the address a query reached with `IPV6_PKTINFO`, and the kernel refuses
+/// (`EINVAL`) a source that is not an assigned address (`ip6_datagram_send_ctl`), unlike IPv4,
+/// where any 127/8 address may be the source. Each of a socket's servers gets one of these
+/// addresses of its own (`DNS_REPLIES`), so one socket can ask this many servers at once.
+pub const DNS_POOL6_BASE: [u8; 16] = [1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x53, 0, 0];
+/// How many addresses [`DNS_POOL6_BASE`] starts (the last byte counts them).
+pub const DNS_POOL6_LEN: u32 = 8;
+/// How many addresses a socket's query tries before it takes one another server of the same
+/// socket holds (IPv4: consecutive addresses of 127.128.0.0/12 from the server's own; IPv6: the
+/// whole pool).
+pub const DNS_PROBES: u32 = 8;
+
 /// Ports of the proxy and its agent (Envoy admin, listeners, HBONE, health, telemetry, DNS).
 /// Connections to them are never captured or rewritten, whoever makes them.
 pub const PROXY_PORTS: [u16; 14] = [
@@ -212,6 +228,12 @@ pub mod pod_flags {
     /// `includeOutboundIPRanges` is a list, not `*`: only destinations in an included CIDR
     /// ([`super::cidr_rule::INCLUDE`]), or to an included port, are captured outbound.
     pub const OUTBOUND_INCLUDE_ONLY: u32 = 1 << 2;
+    /// The pod captures DNS and its `lo` holds the IPv6 reply addresses
+    /// ([`super::DNS_POOL6_BASE`]): unconnected and connected IPv6 UDP queries go to one of
+    /// them per server. Without it (a row of an agent that did not assign them, or a pod
+    /// without IPv6) they go to `::1`, and a socket's replies are named after the last server
+    /// it asked.
+    pub const DNS_POOL6: u32 = 1 << 3;
 }
 
 /// Values of the `CIDR4`/`CIDR6` tries. The longest prefix decides; the agent leaves out an

@@ -135,14 +135,16 @@ fn udp_connect(ctx: &SockAddrContext, sf: u16) {
     if !dns::is_dns(&dst, port) {
         return;
     }
-    let to = dns::target(&dst);
-    if remember_quiet(ctx, slot, dst, port, ConnKind::Dns)
-        && dns::remember(sa, &to, &dst, cfg.dns_port())
-    {
-        write_dst(sa, to, cfg.dns_port(), sf);
-        count(slot, Counter::DnsCaptured);
-    } else {
+    if !remember_quiet(ctx, slot, dst, port, ConnKind::Dns) {
         count(slot, Counter::MapFull);
+        return;
+    }
+    match dns::claim(sa, cfg, &dst) {
+        Some(to) => {
+            write_dst(sa, to, cfg.dns_port(), sf);
+            count(slot, Counter::DnsCaptured);
+        }
+        None => count(slot, Counter::MapFull),
     }
 }
 

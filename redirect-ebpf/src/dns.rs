@@ -3,34 +3,45 @@
 //! back from the server it asked.
 //!
 //! - cgroup/sendmsg4/6: an unconnected UDP datagram to port 53 is sent to the proxy's DNS port
-//!   instead, at a loopback address chosen by the server asked (IPv4: `addr::spread4`, one of
-//!   127.128.0.0/12; IPv6: `::1`). `DNS_REPLIES` remembers, by socket and that address, which
-//!   server it was.
+//!   instead, at a local address of its server's own on that socket ([`claim`]): IPv4, one of
+//!   127.128.0.0/12 (from `addr::spread4` of the server on); IPv6, one of the eight reply
+//!   addresses the agent assigns to the pod's `lo` (`redirect_common::DNS_POOL6_BASE`,
+//!   `100::53:0/125`). `DNS_REPLIES` remembers, by socket and that address, which server it was.
 //! - connect4/6 (in `connect`): a UDP socket connected to port 53 is connected to the same
-//!   place, and a TCP connection to port 53 too (its `CONN_ORIG` kind is `Dns`).
+//!   place, and a TCP connection to port 53 goes to the proxy's DNS port at `127.0.0.1`/`::1`
+//!   (its `CONN_ORIG` kind is `Dns`).
 //! - cgroup/recvmsg4/6: a datagram from the proxy's DNS port at such an address is reported as
 //!   coming from the server the socket sent to there, so one socket asking two servers gets each
-//!   answer from the right one (keyed by socket *and* address). IPv6 has one loopback address:
-//!   there the last server asked on that socket names the replies.
+//!   answer from the right one (keyed by socket *and* address, and no two servers of one socket
+//!   share an address while it asks at most `DNS_PROBES` of them).
 //! - getpeername (in `peername`): a connected socket's peer is the server it asked.
+//!
+//! Why IPv6 needs assigned addresses: a DNS server bound to the wildcard (dnsmasq, Envoy's
+//! DNS filter, CoreDNS) answers from the address the query reached, set with `IPV6_PKTINFO`,
+//! and the kernel refuses that source with `EINVAL` unless it is assigned to an interface (or
+//! the socket may bind non-local addresses); an address that is local only through the
+//! `100::/64` route is not. IPv4 has no such check: any 127/8 address is a valid source.
 //!
 //! The proxy's own queries (its uid) are never captured, nor queries to loopback. No conntrack
 //! is involved.
 //!
 //! # Minimum kernel version
 //! 5.2 for the recvmsg hooks (4.18 for sendmsg); `bpf_get_socket_cookie` in sock_addr programs
-//! is 5.0, LRU hash maps 4.10.
+//! is 5.0, LRU hash maps 4.10, bounded loops (the probe over candidates) 5.3.
 
 use aya_ebpf::{
-    bindings::bpf_sock_addr,
+    bindings::{bpf_sock_addr, BPF_NOEXIST},
     helpers::{bpf_get_current_uid_gid, generated::bpf_get_socket_cookie},
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
-use redirect_common::{Counter, DnsKey, DnsOrig, PodConfig, AF_INET, AF_INET6};
+use redirect_common::{
+    pod_flags, Counter, DnsKey, DnsOrig, PodConfig, AF_INET, AF_INET6, DNS_POOL6_BASE,
+    DNS_POOL6_LEN, DNS_PROBES,
+};
 
 use crate::{
-    addr::{loopback, spread4, Addr},
+    addr::{loopback, spread4, spread6, Addr},
     connect::{read_dst, write_dst},
     maps::DNS_REPLIES,
     pod::{count, current_pod},
@@ -80,39 +91,119 @@ pub fn is_dns(dst: &Addr, port: u16) -> bool {
     port == DNS_PORT && !dst.is_local() && !dst.is_unspecified()
 }
 
-/// Where a query to `dst` goes: a loopback address of the server's own (IPv4), `::1` (IPv6).
+/// Where this socket's query to `dst` goes (the proxy's DNS port at the address returned), with
+/// `DNS_REPLIES` saying, under this socket and that address, that replies from there are
+/// `dst`'s. Candidates are tried in order: one that already names `dst` for this socket is
+/// used again, a free one is taken (`NOEXIST`: two threads of one socket racing for it cannot
+/// both win); so up to [`DNS_PROBES`] servers of one socket each get an address of their own.
+/// A socket asking more at once takes `dst`'s first candidate from whichever server held it
+/// (the last server asked names those replies). IPv6 without the reply addresses
+/// (no [`pod_flags::DNS_POOL6`]) has `::1` only. `None`: the map refused.
 #[inline(always)]
-pub fn target(dst: &Addr) -> Addr {
-    if dst.family == AF_INET {
-        spread4(dst.words[0], DNS_PORT)
-    } else {
-        loopback(AF_INET6)
-    }
-}
-
-/// Remembers that this socket's datagrams to `to` are for `dst`; `false` if the map refused.
-#[inline(always)]
-pub fn remember(sa: *mut bpf_sock_addr, to: &Addr, dst: &Addr, dns_port: u16) -> bool {
-    let key = key(sa, to);
+pub fn claim(sa: *mut bpf_sock_addr, cfg: &PodConfig, dst: &Addr) -> Option<Addr> {
+    // SAFETY: `sa` is the running sock_addr program's context, which the helper takes.
+    let cookie = unsafe { bpf_get_socket_cookie(sa.cast()) };
     let value = DnsOrig {
         addr: dst.words,
         family: dst.family as u32,
         port: DNS_PORT,
-        dns_port,
+        dns_port: cfg.dns_port(),
     };
-    DNS_REPLIES.insert(key, value, 0).is_ok()
+    if dst.family != AF_INET && cfg.enrolled & pod_flags::DNS_POOL6 == 0 {
+        let to = loopback(AF_INET6);
+        return DNS_REPLIES
+            .insert(key(cookie, &to), value, 0)
+            .is_ok()
+            .then_some(to);
+    }
+    let mut i = 0;
+    while i < DNS_PROBES {
+        let to = candidate(dst, i);
+        let k = key(cookie, &to);
+        // SAFETY: a hash map value, compared at once.
+        match unsafe { DNS_REPLIES.get(k) } {
+            Some(held) if *held == value => return Some(to),
+            Some(_) => {}
+            None => {
+                if DNS_REPLIES.insert(k, value, BPF_NOEXIST.into()).is_ok() {
+                    return Some(to);
+                }
+                // Another thread's query on this socket took it just now: for this server?
+                // SAFETY: as above.
+                if unsafe { DNS_REPLIES.get(k) }.is_some_and(|held| *held == value) {
+                    return Some(to);
+                }
+            }
+        }
+        i += 1;
+    }
+    let to = candidate(dst, 0);
+    DNS_REPLIES
+        .insert(key(cookie, &to), value, 0)
+        .is_ok()
+        .then_some(to)
 }
 
+/// Candidate `i` for a query to `dst`. IPv4: the `i`-th address of 127.128.0.0/12 after the
+/// server's own (`spread4`). IPv6: the pool's address `(h + i) mod 8`, `h` a hash of the
+/// server, so different servers of different sockets rarely start on the same one.
 #[inline(always)]
-fn key(sa: *mut bpf_sock_addr, to: &Addr) -> DnsKey {
-    // SAFETY: `sa` is the running sock_addr program's context, which the helper takes.
-    let cookie = unsafe { bpf_get_socket_cookie(sa.cast()) };
+fn candidate(dst: &Addr, i: u32) -> Addr {
+    if dst.family == AF_INET {
+        let own = u32::from_be(spread4(dst.words[0], DNS_PORT).words[0]);
+        let host = own.wrapping_add(i) & SPREAD4_HOST_MASK;
+        Addr::v4(((own & !SPREAD4_HOST_MASK) | host).to_be())
+    } else {
+        let h = u32::from_be(spread6(dst.words, DNS_PORT).words[3]);
+        let n = (h.wrapping_add(i)) % DNS_POOL6_LEN;
+        Addr::v6([POOL6_W0, POOL6_W1, POOL6_W2, (POOL6_W3_HOST + n).to_be()])
+    }
+}
+
+/// Host bits of 127.128.0.0/12 (`addr::spread4`).
+const SPREAD4_HOST_MASK: u32 = 0x000f_ffff;
+/// [`DNS_POOL6_BASE`] as the kernel's network-order words (the last in host order, to add to).
+const POOL6_W0: u32 = u32::from_ne_bytes([
+    DNS_POOL6_BASE[0],
+    DNS_POOL6_BASE[1],
+    DNS_POOL6_BASE[2],
+    DNS_POOL6_BASE[3],
+]);
+const POOL6_W1: u32 = u32::from_ne_bytes([
+    DNS_POOL6_BASE[4],
+    DNS_POOL6_BASE[5],
+    DNS_POOL6_BASE[6],
+    DNS_POOL6_BASE[7],
+]);
+const POOL6_W2: u32 = u32::from_ne_bytes([
+    DNS_POOL6_BASE[8],
+    DNS_POOL6_BASE[9],
+    DNS_POOL6_BASE[10],
+    DNS_POOL6_BASE[11],
+]);
+const POOL6_W3_HOST: u32 = u32::from_be_bytes([
+    DNS_POOL6_BASE[12],
+    DNS_POOL6_BASE[13],
+    DNS_POOL6_BASE[14],
+    DNS_POOL6_BASE[15],
+]);
+
+#[inline(always)]
+fn key(cookie: u64, to: &Addr) -> DnsKey {
     DnsKey {
         cookie,
         addr: to.words,
         family: to.family as u32,
         _pad: 0,
     }
+}
+
+/// The `DNS_REPLIES` key of this socket and `to`.
+#[inline(always)]
+fn socket_key(sa: *mut bpf_sock_addr, to: &Addr) -> DnsKey {
+    // SAFETY: `sa` is the running sock_addr program's context, which the helper takes.
+    let cookie = unsafe { bpf_get_socket_cookie(sa.cast()) };
+    key(cookie, to)
 }
 
 #[inline(always)]
@@ -127,8 +218,7 @@ fn on_sendmsg(ctx: &SockAddrContext, sf: u16) {
     if !is_dns(&dst, port) {
         return;
     }
-    let to = target(&dst);
-    if remember(sa, &to, &dst, cfg.dns_port()) {
+    if let Some(to) = claim(sa, cfg, &dst) {
         write_dst(sa, to, cfg.dns_port(), sf);
         count(slot, Counter::DnsCaptured);
     } else {
@@ -140,13 +230,14 @@ fn on_sendmsg(ctx: &SockAddrContext, sf: u16) {
 fn on_recvmsg(ctx: &SockAddrContext, sf: u16) {
     let sa = ctx.sock_addr;
     let src = read_dst(sa, sf).unmapped();
-    if !src.is_loopback() {
+    // Loopback (IPv4 and `::1`) or the IPv6 reply addresses (in the spread prefix).
+    if !src.is_local() {
         return;
     }
     // SAFETY: `sa` is the context; user_port is readable in recvmsg hooks.
     let port = u16::from_be(unsafe { (*sa).user_port } as u16);
     // SAFETY: a hash map value, copied at once.
-    let Some(orig) = (unsafe { DNS_REPLIES.get(key(sa, &src)) }).copied() else {
+    let Some(orig) = (unsafe { DNS_REPLIES.get(socket_key(sa, &src)) }).copied() else {
         return;
     };
     if orig.dns_port != port {

@@ -30,6 +30,11 @@ const DEFAULT_PROGRAMS: &[&str] = &[
     "xtables-legacy-multi",
     "nft",
     "bpftool",
+    // The DNS capture tests (`redirect-agent:dns`): real servers and clients.
+    "dnsmasq",
+    "dig",
+    "getent",
+    "unshare",
     "/usr/lib/cni/bridge",
     "/usr/lib/cni/host-local",
     "/usr/lib/cni/loopback",
@@ -255,8 +260,14 @@ mount -t cgroup2 cgroup2 /sys/fs/cgroup
 mount -t bpf bpf /sys/fs/bpf
 mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null
 echo "root:x:0:0:root:/root:/bin/sh" > /etc/passwd
+echo "nobody:x:65534:65534:nobody:/nonexistent:/bin/false" >> /etc/passwd
 echo "root:x:0:" > /etc/group
+echo "nogroup:x:65534:" >> /etc/group
+echo "dip:x:30:" >> /etc/group
 echo "127.0.0.1 localhost" > /etc/hosts
+# Mount points for the glibc resolver test, which binds its own files over them.
+: > /etc/resolv.conf
+: > /etc/nsswitch.conf
 echo 1 > /proc/sys/net/ipv4/ip_forward 2>/dev/null
 ip link set lo up
 for m in $(cat /modules/order); do

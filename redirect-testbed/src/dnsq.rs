@@ -1,7 +1,7 @@
 //! `redirect-testbed dns-query`: one unconnected UDP socket asking several DNS servers.
 //!
-//! Sends one `A` query for `--name` to each `--server` in order (query id = 1 + its index)
-//! from the same socket, then reads as many replies and prints one JSON line per reply
+//! Sends one `A` query to each `--server` in order (query id = 1 + its index) from the same
+//! socket, for the `--name` of the same index (or the only one given), then reads as many replies and prints one JSON line per reply
 //! ([`DnsReply`]): the query id, the address `recvfrom` says it came from, and the first `A`
 //! record. What DNS capture must show: each reply comes from the server its query went to.
 
@@ -18,8 +18,9 @@ pub struct Args {
     /// DNS servers (repeatable), all of one family.
     #[arg(long, required = true)]
     server: Vec<SocketAddr>,
-    #[arg(long)]
-    name: String,
+    /// The name to ask each server (repeatable: one per server, in order), or one for all.
+    #[arg(long, required = true)]
+    name: Vec<String>,
     #[arg(long, default_value_t = 2000)]
     timeout_ms: u64,
 }
@@ -39,10 +40,14 @@ pub fn run(args: Args) -> Result<()> {
     };
     let socket = UdpSocket::bind(bind).context("bind")?;
     socket.set_read_timeout(Some(Duration::from_millis(args.timeout_ms)))?;
+    if args.name.len() != 1 && args.name.len() != args.server.len() {
+        anyhow::bail!("give one --name, or one per --server");
+    }
     for (i, server) in args.server.iter().enumerate() {
         let id = 1 + i as u16;
+        let name = &args.name[i.min(args.name.len() - 1)];
         socket
-            .send_to(&query(id, &args.name), server)
+            .send_to(&query(id, name), server)
             .with_context(|| format!("send to {server}"))?;
     }
     let mut buf = [0u8; 1500];
