@@ -586,3 +586,145 @@ fn dns_capture_follows_the_pod_annotations() {
     }
     failures.assert_none("DNS capture by annotation");
 }
+
+/// Istio's DNS capture rules as `istio-iptables --redirect-dns --capture-all-dns` writes them
+/// (nat table; proxy uid and gid 1337): TCP port 53 from `ISTIO_OUTPUT`, UDP port 53 from
+/// `OUTPUT`, the proxy's own queries returned first. Left out: the raw table's conntrack zones,
+/// which only keep the application's and the proxy's flows apart when their tuples would meet
+/// (never here), and the TCP capture table, which no flow of the test uses.
+const ISTIO_DNS_RULES: &str = "*nat
+:ISTIO_OUTPUT - [0:0]
+-A OUTPUT -p tcp -j ISTIO_OUTPUT
+-A ISTIO_OUTPUT -p tcp --dport 53 -m owner --uid-owner 1337 -j RETURN
+-A ISTIO_OUTPUT -p tcp --dport 53 -m owner --gid-owner 1337 -j RETURN
+-A ISTIO_OUTPUT -p tcp --dport 53 -j REDIRECT --to-ports 15053
+-A OUTPUT -p udp --dport 53 -m owner --uid-owner 1337 -j RETURN
+-A OUTPUT -p udp --dport 53 -m owner --gid-owner 1337 -j RETURN
+-A OUTPUT -p udp --dport 53 -j REDIRECT --to-ports 15053
+COMMIT
+";
+
+/// `iptables-restore` (or `ip6tables-restore`) of `input` in `pod`'s own namespace.
+fn restore(pod: &Pod, tool: &str, input: &str) -> Result<(), String> {
+    use std::io::Write as _;
+    pod.in_netns(|| -> Result<(), String> {
+        let mut child = Command::new(tool)
+            .arg("--noflush")
+            .stdin(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("{tool}: {e}"))?;
+        child
+            .stdin
+            .take()
+            .expect("piped")
+            .write_all(input.as_bytes())
+            .map_err(|e| e.to_string())?;
+        let out = child.wait_with_output().map_err(|e| e.to_string())?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "{tool}: {}: {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            ))
+        }
+    })
+    .map_err(|e| e.to_string())?
+}
+
+/// The same application in two pods, one under Istio's DNS capture rules (iptables and
+/// ip6tables, conntrack un-NATs the replies) and one enrolled with `--dns-capture`, each with
+/// the proxy's `dnsmasq` on 15053 as uid 1337: what the application sees is the same. `dig`
+/// over UDP and TCP, IPv4 and IPv6 (the answer, from the address dig asked, which dig checks),
+/// and one unconnected socket asking two servers (each reply's answer and the server
+/// `recvfrom` names).
+#[test]
+fn dns_capture_looks_as_under_istio_iptables_dns_rules() {
+    require!(
+        Need::Root,
+        datapath(),
+        tool("dnsmasq", "--version"),
+        tool("dig", "-v"),
+        tool("iptables-restore", "--version"),
+        tool("ip6tables-restore", "--version")
+    );
+    let node = Node::new().unwrap();
+    let under_iptables = node.add_pod("ipt").unwrap();
+    let under_redirect = node.add_pod("rd").unwrap();
+    let one = node.add_pod("one").unwrap();
+    let two = node.add_pod("two").unwrap();
+    let _one = dnsmasq_with(&one, 0, 53, &[format!("--address=/one.test/{ONE_ANSWER}")]);
+    let _two = dnsmasq_with(&two, 0, 53, &[format!("--address=/two.test/{TWO_ANSWER}")]);
+    let proxy_dns = |pod: &Pod| {
+        dnsmasq_with(
+            pod,
+            PROXY_UID,
+            15053,
+            &[
+                format!("--server=/one.test/{}", one.ip4),
+                format!("--server=/two.test/{}", two.ip4),
+                format!("--address=/who.test/{PROXY_WHO}"),
+            ],
+        )
+    };
+    let _dns_ipt = proxy_dns(&under_iptables);
+    let _dns_rd = proxy_dns(&under_redirect);
+    restore(&under_iptables, "iptables-restore", ISTIO_DNS_RULES).expect("Istio's DNS rules");
+    restore(&under_iptables, "ip6tables-restore", ISTIO_DNS_RULES).expect("Istio's DNS rules");
+    let agent = Agent::new();
+    agent.enroll(&under_redirect, &["--dns-capture"]);
+    let view = |app: &Pod| -> Vec<String> {
+        let mut out = Vec::new();
+        for f in Family::BOTH {
+            for tcp in [false, true] {
+                let got = dig(app, f.pod_ip(&one), "who.test", tcp);
+                out.push(format!(
+                    "{} {} dig @one who.test: {}",
+                    f.name(),
+                    if tcp { "tcp" } else { "udp" },
+                    match got {
+                        Ok(a) if a == PROXY_WHO => "the proxy's server".to_string(),
+                        Ok(a) => format!("{a}?"),
+                        Err(e) => e,
+                    }
+                ));
+            }
+            let servers = [sock(f.pod_ip(&one), 53), sock(f.pod_ip(&two), 53)];
+            out.push(format!(
+                "{} one socket, two servers: {:?}",
+                f.name(),
+                dns_query(app, &servers, &["one.test", "two.test"])
+            ));
+        }
+        out
+    };
+    let ipt = view(&under_iptables);
+    let rd = view(&under_redirect);
+    let mut want = Vec::new();
+    for f in Family::BOTH {
+        for proto in ["udp", "tcp"] {
+            want.push(format!(
+                "{} {proto} dig @one who.test: the proxy's server",
+                f.name()
+            ));
+        }
+        let servers = [sock(f.pod_ip(&one), 53), sock(f.pod_ip(&two), 53)];
+        let replies: Result<Vec<(u64, String, String)>, String> = Ok(vec![
+            (1, servers[0].to_string(), ONE_ANSWER.to_string()),
+            (2, servers[1].to_string(), TWO_ANSWER.to_string()),
+        ]);
+        want.push(format!("{} one socket, two servers: {replies:?}", f.name()));
+    }
+    let mut failures = Failures::default();
+    if ipt != want {
+        failures.push(format!("under Istio's iptables DNS rules: {ipt:#?}"));
+    }
+    if rd != ipt {
+        failures.push(format!(
+            "under redirect, differs from iptables: {rd:#?} vs {ipt:#?}"
+        ));
+    }
+    failures.assert_none("DNS capture against Istio's iptables rules");
+}

@@ -635,10 +635,11 @@ fn many_short_connections_to_many_destinations_succeed() {
 /// The issue's full size: 60 000 short connections to 1 000 distinct destinations, under Istio's
 /// iptables rules and under redirect, each in a pod of its own; every one succeeds under both
 /// (under redirect all captured). Ignored in `cargo test` for its length (about 80 s per run on
-/// the two-CPU runner); `cargo xtask bench connections` runs it and records the times in
+/// the two-CPU runner); CI runs it as a step of its own (`cargo xtask test`, "60 000
+/// connections"), and `cargo xtask bench connections` runs it and records the times in
 /// BENCHMARKS.md.
 #[test]
-#[ignore = "full size (2 x 60 000 connections): cargo xtask bench connections"]
+#[ignore = "full size (2 x 60 000 connections): a step of cargo xtask test, and cargo xtask bench connections"]
 fn sixty_thousand_connections_succeed_as_under_iptables() {
     require!(Need::Root, datapath(), iptables());
     many_connections(Capture::Iptables, FULL_ROUNDS);
