@@ -224,13 +224,16 @@ const ONE_ANSWER: Ipv4Addr = Ipv4Addr::new(198, 19, 202, 1);
 const TWO_ANSWER: Ipv4Addr = Ipv4Addr::new(198, 19, 202, 2);
 
 /// `redirect-testbed dns-query` in `pod` as the application: one unconnected UDP socket sends
-/// `names[i]` to `servers[i]`, in order, then reads every reply; each reply as (query id, the
-/// address `recvfrom` said it came from, first A record), sorted by id.
+/// `names[i]` to `servers[i]`, in order, then reads every reply (or, with `connect` `udp` or
+/// `tcp`, one socket per server connected to it); each reply as `ID from ADDR: ANSWER` (the
+/// address `recvfrom` said it came from, the first A record), plus `, peer ADDR` for a
+/// connected socket (its `getpeername()`), sorted by id.
 fn dns_query(
     pod: &Pod,
     servers: &[SocketAddr],
     names: &[&str],
-) -> Result<Vec<(u64, String, String)>, String> {
+    connect: Option<&str>,
+) -> Result<Vec<String>, String> {
     let mut cmd = Command::new(testbed_bin());
     cmd.arg("dns-query")
         .args(names.iter().flat_map(|n| ["--name", n]))
@@ -239,6 +242,8 @@ fn dns_query(
                 .iter()
                 .flat_map(|s| ["--server".to_string(), s.to_string()]),
         )
+        .args(connect.iter().flat_map(|c| ["--connect", c]))
+        .env("RUST_BACKTRACE", "0")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let mut p = pod.spawn(APP_UID, cmd).expect("spawn dns-query");
@@ -260,24 +265,46 @@ fn dns_query(
     if !status.success() {
         return Err(format!("dns-query: {status}: {out:?} {}", err.trim()));
     }
-    let mut replies: Vec<(u64, String, String)> = out
+    let mut replies: Vec<(u64, String)> = out
         .lines()
         .map(|l| {
             let v: serde_json::Value = serde_json::from_str(l).expect("reply line");
-            (
-                v["id"].as_u64().unwrap(),
-                v["from"].as_str().unwrap().to_string(),
-                v["answer"].as_str().unwrap_or("-").to_string(),
-            )
+            let id = v["id"].as_u64().unwrap();
+            let mut line = format!(
+                "{id} from {}: {}",
+                v["from"].as_str().unwrap(),
+                v["answer"].as_str().unwrap_or("-")
+            );
+            if let Some(peer) = v["peer"].as_str() {
+                line.push_str(&format!(", peer {peer}"));
+            }
+            (id, line)
         })
         .collect();
     replies.sort();
-    Ok(replies)
+    Ok(replies.into_iter().map(|(_, l)| l).collect())
+}
+
+/// What `dns_query` must return when servers one and two each answered their own name.
+fn from_each_server(servers: &[SocketAddr; 2], connected: bool) -> Vec<String> {
+    [(servers[0], ONE_ANSWER), (servers[1], TWO_ANSWER)]
+        .iter()
+        .enumerate()
+        .map(|(i, (s, a))| {
+            let peer = if connected {
+                format!(", peer {s}")
+            } else {
+                String::new()
+            };
+            format!("{} from {s}: {a}{peer}", i + 1)
+        })
+        .collect()
 }
 
 /// One unconnected UDP socket asks two servers (`sendmsg` to server one, then to server two,
 /// then reads both replies), IPv4 and IPv6: it asks server one for `one.test` and server two
-/// for `two.test`, names only that server knows. Under capture both queries go to the proxy's
+/// for `two.test`, names only that server knows. The same with one connected UDP socket and
+/// one TCP connection per server, whose `getpeername()` must be the server too. Under capture both queries go to the proxy's
 /// `dnsmasq` (uid 1337), which forwards each name to the server that knows it (its own queries
 /// are not captured), and each reply must be reported as coming from the server its query was
 /// sent to: the answer inside proves which server produced it, `recvfrom` says which one the
@@ -313,6 +340,8 @@ fn dns_replies_of_one_socket_name_their_servers() {
             format!("--address=/who.test/{PROXY_WHO}"),
         ],
     );
+    // The proxy's TCP side: without DNS capture, TCP to port 53 is ordinary outbound traffic.
+    let _proxy = Proxy::start(&node, &app, ProxyDial::PodIp, "proxy.log");
     let agent = Agent::new();
     let pool = |pod: &Pod| {
         let lo = lo_addresses(pod);
@@ -336,30 +365,38 @@ fn dns_replies_of_one_socket_name_their_servers() {
         }
         for f in Family::BOTH {
             let servers = [sock(f.pod_ip(&one), 53), sock(f.pod_ip(&two), 53)];
-            let before = agent.stats(&app.name);
-            let got = dns_query(&app, &servers, &["one.test", "two.test"]);
-            let d = delta(&before, &agent.stats(&app.name));
-            let want: Vec<(u64, String, String)> = vec![
-                (1, servers[0].to_string(), ONE_ANSWER.to_string()),
-                (2, servers[1].to_string(), TWO_ANSWER.to_string()),
-            ];
-            if got.as_ref() != Ok(&want) {
-                failures.push(format!(
-                    "{case}, {}: replies (id, from, answer) {got:?}, want {want:?}",
-                    f.name()
-                ));
-            }
-            let counted = (
-                d.get("dns_captured").copied().unwrap_or(0),
-                d.get("dns_replies_rewritten").copied().unwrap_or(0),
-            );
-            let want_counted = if captured { (2, 2) } else { (0, 0) };
-            if counted != want_counted {
-                failures.push(format!(
-                    "{case}, {}: (dns_captured, dns_replies_rewritten) {counted:?}, want \
-                     {want_counted:?}: {d:?}",
-                    f.name()
-                ));
+            // (mode, connected, what is counted with capture on and off: dns_captured,
+            // dns_replies_rewritten, dns_tcp_captured, peername_rewritten; off, TCP to port 53
+            // is outbound traffic through the proxy, whose peer is rewritten too).
+            for (mode, connect, on, off) in [
+                ("one unconnected socket", None, [2, 2, 0, 0], [0; 4]),
+                ("connected UDP sockets", Some("udp"), [2, 2, 0, 2], [0; 4]),
+                ("TCP connections", Some("tcp"), [0, 0, 2, 2], [0, 0, 0, 2]),
+            ] {
+                let before = agent.stats(&app.name);
+                let got = dns_query(&app, &servers, &["one.test", "two.test"], connect);
+                let d = delta(&before, &agent.stats(&app.name));
+                let want = from_each_server(&servers, connect.is_some());
+                if got.as_ref() != Ok(&want) {
+                    failures.push(format!(
+                        "{case}, {}, {mode}: replies {got:?}, want {want:?}",
+                        f.name()
+                    ));
+                }
+                let names = [
+                    "dns_captured",
+                    "dns_replies_rewritten",
+                    "dns_tcp_captured",
+                    "peername_rewritten",
+                ];
+                let counted = names.map(|n| d.get(n).copied().unwrap_or(0));
+                let want_counted = if captured { on } else { off };
+                if counted != want_counted {
+                    failures.push(format!(
+                        "{case}, {}, {mode}: {names:?} {counted:?}, want {want_counted:?}: {d:?}",
+                        f.name()
+                    ));
+                }
             }
         }
     }
@@ -389,13 +426,16 @@ fn getent(node: &Node, pod: &Pod, server: IpAddr, name: &str) -> Result<Vec<IpAd
     cmd.args(["--mount", "--propagation", "private", "--", "sh", "-c"])
         .arg(
             "mount --bind \"$1\" /etc/resolv.conf && mount --bind \"$2\" /etc/nsswitch.conf && \
-             exec setpriv --reuid=\"$3\" --regid=\"$3\" --clear-groups getent ahosts \"$4\"",
+             exec \"$5\" --reuid=\"$3\" --regid=\"$3\" --clear-groups getent ahosts \"$4\"",
         )
         .arg("getent")
         .arg(&resolv)
         .arg(&nsswitch)
         .arg(APP_UID.to_string())
         .arg(name)
+        // util-linux's, by its path: a busybox `sh` (the kernel matrix's guests) would run its
+        // own `setpriv` applet, which has no --reuid.
+        .arg(on_path("setpriv"))
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     // Root only to make the mounts; the resolver runs as the application's uid.
@@ -426,6 +466,16 @@ fn getent(node: &Node, pod: &Pod, server: IpAddr, name: &str) -> Result<Vec<IpAd
         ));
     }
     Ok(addrs)
+}
+
+/// The first `name` on `PATH` (the name itself if none: the spawn then says why).
+fn on_path(name: &str) -> std::path::PathBuf {
+    std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| name.into())
 }
 
 /// glibc's resolver (`getent ahosts`, which asks A and AAAA over one connected UDP socket and
@@ -695,7 +745,7 @@ fn dns_capture_looks_as_under_istio_iptables_dns_rules() {
             out.push(format!(
                 "{} one socket, two servers: {:?}",
                 f.name(),
-                dns_query(app, &servers, &["one.test", "two.test"])
+                dns_query(app, &servers, &["one.test", "two.test"], None)
             ));
         }
         out
@@ -711,10 +761,7 @@ fn dns_capture_looks_as_under_istio_iptables_dns_rules() {
             ));
         }
         let servers = [sock(f.pod_ip(&one), 53), sock(f.pod_ip(&two), 53)];
-        let replies: Result<Vec<(u64, String, String)>, String> = Ok(vec![
-            (1, servers[0].to_string(), ONE_ANSWER.to_string()),
-            (2, servers[1].to_string(), TWO_ANSWER.to_string()),
-        ]);
+        let replies: Result<Vec<String>, String> = Ok(from_each_server(&servers, false));
         want.push(format!("{} one socket, two servers: {replies:?}", f.name()));
     }
     let mut failures = Failures::default();

@@ -1,12 +1,18 @@
 //! `redirect-testbed dns-query`: one unconnected UDP socket asking several DNS servers.
 //!
 //! Sends one `A` query to each `--server` in order (query id = 1 + its index) from the same
-//! socket, for the `--name` of the same index (or the only one given), then reads as many replies and prints one JSON line per reply
-//! ([`DnsReply`]): the query id, the address `recvfrom` says it came from, and the first `A`
-//! record. What DNS capture must show: each reply comes from the server its query went to.
+//! socket, for the `--name` of the same index (or the only one given), then reads as many
+//! replies and prints one JSON line per reply ([`DnsReply`]): the query id, the address
+//! `recvfrom` says it came from, and the first `A` record. What DNS capture must show: each
+//! reply comes from the server its query went to.
+//!
+//! `--connect udp` / `--connect tcp`: one socket per server instead, connected to it
+//! (`connect`, then `send`/`recv`; TCP with DNS's two-byte length prefix), each reply's line
+//! also giving `peer`, what `getpeername()` says the socket is connected to.
 
 use std::{
-    net::{Ipv4Addr, SocketAddr, UdpSocket},
+    io::{Read as _, Write as _},
+    net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket},
     time::Duration,
 };
 
@@ -23,6 +29,15 @@ pub struct Args {
     name: Vec<String>,
     #[arg(long, default_value_t = 2000)]
     timeout_ms: u64,
+    /// One socket per server, connected to it: `udp` or `tcp`.
+    #[arg(long)]
+    connect: Option<Connect>,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum Connect {
+    Udp,
+    Tcp,
 }
 
 #[derive(Debug, Serialize)]
@@ -30,9 +45,18 @@ pub struct DnsReply {
     pub id: u16,
     pub from: SocketAddr,
     pub answer: Option<Ipv4Addr>,
+    /// `getpeername()` of a connected socket.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peer: Option<SocketAddr>,
 }
 
 pub fn run(args: Args) -> Result<()> {
+    if args.name.len() != 1 && args.name.len() != args.server.len() {
+        anyhow::bail!("give one --name, or one per --server");
+    }
+    if let Some(how) = args.connect {
+        return connected(&args, how);
+    }
     let bind: SocketAddr = if args.server[0].is_ipv4() {
         "0.0.0.0:0".parse()?
     } else {
@@ -40,9 +64,6 @@ pub fn run(args: Args) -> Result<()> {
     };
     let socket = UdpSocket::bind(bind).context("bind")?;
     socket.set_read_timeout(Some(Duration::from_millis(args.timeout_ms)))?;
-    if args.name.len() != 1 && args.name.len() != args.server.len() {
-        anyhow::bail!("give one --name, or one per --server");
-    }
     for (i, server) in args.server.iter().enumerate() {
         let id = 1 + i as u16;
         let name = &args.name[i.min(args.name.len() - 1)];
@@ -59,6 +80,59 @@ pub fn run(args: Args) -> Result<()> {
             id,
             from,
             answer: first_a(reply),
+            peer: None,
+        };
+        println!("{}", serde_json::to_string(&out)?);
+    }
+    Ok(())
+}
+
+/// One connected socket per server, in order: `getpeername()`, the query, the reply.
+fn connected(args: &Args, how: Connect) -> Result<()> {
+    let timeout = Some(Duration::from_millis(args.timeout_ms));
+    let mut buf = [0u8; 1500];
+    for (i, server) in args.server.iter().enumerate() {
+        let id = 1 + i as u16;
+        let q = query(id, &args.name[i.min(args.name.len() - 1)]);
+        let (peer, from, reply) = match how {
+            Connect::Udp => {
+                let bind: SocketAddr = if server.is_ipv4() {
+                    "0.0.0.0:0".parse()?
+                } else {
+                    "[::]:0".parse()?
+                };
+                let socket = UdpSocket::bind(bind).context("bind")?;
+                socket.set_read_timeout(timeout)?;
+                socket
+                    .connect(server)
+                    .with_context(|| format!("connect {server}"))?;
+                let peer = socket.peer_addr().context("getpeername")?;
+                socket
+                    .send(&q)
+                    .with_context(|| format!("send to {server}"))?;
+                let (n, from) = socket.recv_from(&mut buf).context("recvfrom")?;
+                (peer, from, buf[..n].to_vec())
+            }
+            Connect::Tcp => {
+                let mut s = TcpStream::connect_timeout(server, timeout.expect("set"))
+                    .with_context(|| format!("connect {server}"))?;
+                s.set_read_timeout(timeout)?;
+                let peer = s.peer_addr().context("getpeername")?;
+                let mut framed = (q.len() as u16).to_be_bytes().to_vec();
+                framed.extend_from_slice(&q);
+                s.write_all(&framed).context("send")?;
+                let mut len = [0u8; 2];
+                s.read_exact(&mut len).context("read the reply's length")?;
+                let mut reply = vec![0u8; usize::from(u16::from_be_bytes(len))];
+                s.read_exact(&mut reply).context("read the reply")?;
+                (peer, peer, reply)
+            }
+        };
+        let out = DnsReply {
+            id: u16::from_be_bytes([reply[0], reply[1]]),
+            from,
+            answer: first_a(&reply),
+            peer: Some(peer),
         };
         println!("{}", serde_json::to_string(&out)?);
     }
