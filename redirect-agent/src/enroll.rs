@@ -711,6 +711,11 @@ fn roll_back(
         Pending::Update { previous } => {
             let rows = PodRows::new(&rec.spec, rec.slot, rec.cgroup_id);
             let old = PodRows::new(&previous.spec, previous.slot, previous.cgroup_id);
+            if crate::rows::dns_pool6(&previous.spec) {
+                // The update may have removed them (capture turned off) before it failed: the
+                // previous row sends IPv6 queries to them again.
+                add_dns_pool6(&previous.spec.netns)?;
+            }
             write_rows(dp, rec.name(), Some(&rows), &old)?;
             if previous.netns_inode != rec.netns_inode {
                 // Back to the previous namespace if it still exists; else the pod has no

@@ -89,7 +89,8 @@ pub fn run(args: Args) -> Result<()> {
 
 /// One connected socket per server, in order: `getpeername()`, the query, the reply.
 fn connected(args: &Args, how: Connect) -> Result<()> {
-    let timeout = Some(Duration::from_millis(args.timeout_ms));
+    let wait = Duration::from_millis(args.timeout_ms);
+    let timeout = Some(wait);
     let mut buf = [0u8; 1500];
     for (i, server) in args.server.iter().enumerate() {
         let id = 1 + i as u16;
@@ -114,7 +115,7 @@ fn connected(args: &Args, how: Connect) -> Result<()> {
                 (peer, from, buf[..n].to_vec())
             }
             Connect::Tcp => {
-                let mut s = TcpStream::connect_timeout(server, timeout.expect("set"))
+                let mut s = TcpStream::connect_timeout(server, wait)
                     .with_context(|| format!("connect {server}"))?;
                 s.set_read_timeout(timeout)?;
                 let peer = s.peer_addr().context("getpeername")?;

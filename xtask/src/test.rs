@@ -11,7 +11,7 @@ use crate::util::{self, header};
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Skip the kernel matrix (`cargo xtask kernels`, about 11 minutes under qemu), for quick
+    /// Skip the kernel matrix (`cargo xtask kernels`, about 15 minutes under qemu), for quick
     /// local iterations. CI runs it.
     #[arg(long)]
     pub no_kernels: bool,
