@@ -67,8 +67,15 @@ fn dnsmasq(pod: &Pod, uid: u32, port: u16, who: Ipv4Addr, forward: Option<IpAddr
     p
 }
 
-/// `dnsmasq` in `pod` as `uid` on `port` with the given extra arguments (no other names known).
+/// `dnsmasq` in `pod` as `uid` on `port` with the given extra arguments (no other names known),
+/// listening on the wildcard.
 fn dnsmasq_with(pod: &Pod, uid: u32, port: u16, extra: &[String]) -> PodProcess {
+    let any = [Family::V4.unspecified(), Family::V6.unspecified()];
+    dnsmasq_at(pod, uid, port, extra, &any)
+}
+
+/// The same, ready once it listens on each of `listen` at `port`.
+fn dnsmasq_at(pod: &Pod, uid: u32, port: u16, extra: &[String], listen: &[IpAddr]) -> PodProcess {
     let mut cmd = Command::new("dnsmasq");
     cmd.args([
         "--keep-in-foreground",
@@ -87,8 +94,8 @@ fn dnsmasq_with(pod: &Pod, uid: u32, port: u16, extra: &[String]) -> PodProcess 
         cmd.arg("--user=root");
     }
     let mut p = pod.spawn(uid, cmd).expect("spawn dnsmasq");
-    for f in Family::BOTH {
-        p.wait_for_listen(sock(f.unspecified(), port), LISTEN_WAIT)
+    for a in listen {
+        p.wait_for_listen(sock(*a, port), LISTEN_WAIT)
             .expect("dnsmasq listens");
     }
     p
@@ -774,4 +781,70 @@ fn dns_capture_looks_as_under_istio_iptables_dns_rules() {
         ));
     }
     failures.assert_none("DNS capture against Istio's iptables rules");
+}
+
+/// The proxy's DNS server bound to loopback only (`127.0.0.1:15053` and `[::1]:15053`, as
+/// istio-agent's `localhost:15053` is), not to the wildcard. No socket takes datagrams at the
+/// per-server addresses then, so the datapath sends UDP queries to `127.0.0.1`/`::1` (it asks
+/// the kernel, `bpf_sk_lookup_udp`), where the server answers: `dig` over UDP and TCP, IPv4 and
+/// IPv6, gets the proxy's answer from the server it asked, connected UDP sockets and TCP
+/// connections to two servers each name their own. What a loopback-bound server cannot give:
+/// one unconnected socket asking two servers gets both answers, but both named after the last
+/// server asked (every reply comes from the one loopback address).
+#[test]
+fn dns_capture_reaches_a_loopback_bound_dns_server() {
+    require!(
+        Need::Root,
+        datapath(),
+        tool("dnsmasq", "--version"),
+        tool("dig", "-v")
+    );
+    let node = Node::new().unwrap();
+    let app = node.add_pod("app").unwrap();
+    let one = node.add_pod("one").unwrap();
+    let two = node.add_pod("two").unwrap();
+    let _one = dnsmasq_with(&one, 0, 53, &[format!("--address=/one.test/{ONE_ANSWER}")]);
+    let _two = dnsmasq_with(&two, 0, 53, &[format!("--address=/two.test/{TWO_ANSWER}")]);
+    let loopback = [Family::V4.loopback(), Family::V6.loopback()];
+    let _proxy_dns = dnsmasq_at(
+        &app,
+        PROXY_UID,
+        15053,
+        &[
+            "--bind-interfaces".to_string(),
+            "--listen-address=127.0.0.1,::1".to_string(),
+            format!("--server=/one.test/{}", one.ip4),
+            format!("--server=/two.test/{}", two.ip4),
+            format!("--address=/who.test/{PROXY_WHO}"),
+        ],
+        &loopback,
+    );
+    let agent = Agent::new();
+    agent.enroll(&app, &["--dns-capture"]);
+    let mut failures = Failures::default();
+    for f in Family::BOTH {
+        for tcp in [false, true] {
+            let got = dig(&app, f.pod_ip(&one), "who.test", tcp);
+            if got != Ok(PROXY_WHO) {
+                failures.push(format!("{} dig (tcp {tcp}): {got:?}", f.name()));
+            }
+        }
+        let servers = [sock(f.pod_ip(&one), 53), sock(f.pod_ip(&two), 53)];
+        for connect in [Some("udp"), Some("tcp")] {
+            let got = dns_query(&app, &servers, &["one.test", "two.test"], connect);
+            let want = from_each_server(&servers, true);
+            if got.as_ref() != Ok(&want) {
+                failures.push(format!("{} {connect:?}: {got:?}, want {want:?}", f.name()));
+            }
+        }
+        let got = dns_query(&app, &servers, &["one.test", "two.test"], None);
+        let want = vec![
+            format!("1 from {}: {ONE_ANSWER}", servers[1]),
+            format!("2 from {}: {TWO_ANSWER}", servers[1]),
+        ];
+        if got.as_ref() != Ok(&want) {
+            failures.push(format!("{} one socket: {got:?}, want {want:?}", f.name()));
+        }
+    }
+    failures.assert_none("a loopback-bound DNS server");
 }

@@ -65,6 +65,7 @@ feature_tests! {
     helper_ancestor_cgroup_id_sock_addr => "bpf_get_current_ancestor_cgroup_id/cgroup_sock_addr",
     helper_socket_cookie_sock_addr => "bpf_get_socket_cookie/cgroup_sock_addr",
     helper_socket_cookie_sock_ops => "bpf_get_socket_cookie/sock_ops",
+    helper_sk_lookup_udp_sock_addr => "bpf_sk_lookup_udp/cgroup_sock_addr",
     helper_sock_hash_update_sock_ops => "bpf_sock_hash_update/sock_ops",
     helper_cb_flags_set_sock_ops => "bpf_sock_ops_cb_flags_set/sock_ops",
     helper_sk_assign_sk_lookup => "bpf_sk_assign/sk_lookup",

@@ -25,13 +25,25 @@
 //! The proxy's own queries (its uid) are never captured, nor queries to loopback. No conntrack
 //! is involved.
 //!
+//! A DNS server that does not take datagrams at those addresses (bound to `127.0.0.1`/`::1`
+//! only, as istio-agent's `localhost:15053` is) gets them at loopback instead ([`claim`] asks
+//! the kernel with `bpf_sk_lookup_udp` first); its replies then all come from loopback, and the
+//! last server a socket asked names them.
+//!
 //! # Minimum kernel version
-//! 5.2 for the recvmsg hooks (4.18 for sendmsg); `bpf_get_socket_cookie` in sock_addr programs
-//! is 5.0, LRU hash maps 4.10, bounded loops (the probe over candidates) 5.3.
+//! 5.2 for the recvmsg hooks (4.18 for sendmsg); `bpf_get_socket_cookie` and `bpf_sk_lookup_udp`
+//! in sock_addr programs are 5.0, LRU hash maps 4.10, bounded loops (the probe over candidates)
+//! 5.3.
 
 use aya_ebpf::{
-    bindings::{bpf_sock_addr, BPF_NOEXIST},
-    helpers::{bpf_get_current_uid_gid, generated::bpf_get_socket_cookie},
+    bindings::{
+        bpf_sock_addr, bpf_sock_tuple, bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1 as Tuple4,
+        bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2 as Tuple6, BPF_F_CURRENT_NETNS, BPF_NOEXIST,
+    },
+    helpers::{
+        bpf_get_current_uid_gid,
+        generated::{bpf_get_socket_cookie, bpf_sk_lookup_udp, bpf_sk_release},
+    },
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
@@ -109,8 +121,14 @@ pub fn claim(sa: *mut bpf_sock_addr, cfg: &PodConfig, dst: &Addr) -> Option<Addr
         port: DNS_PORT,
         dns_port: cfg.dns_port(),
     };
-    if dst.family != AF_INET && cfg.enrolled & pod_flags::DNS_POOL6 == 0 {
-        let to = loopback(AF_INET6);
+    // One address only: IPv6 without the reply addresses, or a DNS server that does not take
+    // datagrams at the spread addresses (bound to 127.0.0.1 / ::1, as istio-agent's
+    // `localhost:15053` is, not to the wildcard). Its replies come from loopback, so the last
+    // server asked on the socket names them.
+    if (dst.family != AF_INET && cfg.enrolled & pod_flags::DNS_POOL6 == 0)
+        || !udp_listener_at(sa, &candidate(dst, 0), cfg.dns_port())
+    {
+        let to = loopback(dst.family);
         return DNS_REPLIES
             .insert(key(cookie, &to), value, 0)
             .is_ok()
@@ -142,6 +160,57 @@ pub fn claim(sa: *mut bpf_sock_addr, cfg: &PodConfig, dst: &Addr) -> Option<Addr
         .insert(key(cookie, &to), value, 0)
         .is_ok()
         .then_some(to)
+}
+
+/// Whether a UDP socket of this namespace takes datagrams sent to `to` at `port` (the proxy's
+/// DNS server bound to the wildcard, or to `to` itself): the kernel's own lookup
+/// (`bpf_sk_lookup_udp`, sock_addr programs since 5.0), from loopback port 53.
+#[inline(always)]
+fn udp_listener_at(sa: *mut bpf_sock_addr, to: &Addr, port: u16) -> bool {
+    // SAFETY: an all-zero tuple is a valid value of the plain-integer union.
+    let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
+    let netns = BPF_F_CURRENT_NETNS as u64;
+    let sk = if to.family == AF_INET {
+        tuple.__bindgen_anon_1.ipv4 = Tuple4 {
+            saddr: loopback(AF_INET).words[0],
+            daddr: to.words[0],
+            sport: DNS_PORT.to_be(),
+            dport: port.to_be(),
+        };
+        // SAFETY: `sa` is the context, `tuple` an initialised stack tuple of the size given.
+        unsafe {
+            bpf_sk_lookup_udp(
+                sa.cast(),
+                &mut tuple,
+                core::mem::size_of::<Tuple4>() as u32,
+                netns,
+                0,
+            )
+        }
+    } else {
+        tuple.__bindgen_anon_1.ipv6 = Tuple6 {
+            saddr: loopback(AF_INET6).words,
+            daddr: to.words,
+            sport: DNS_PORT.to_be(),
+            dport: port.to_be(),
+        };
+        // SAFETY: as above.
+        unsafe {
+            bpf_sk_lookup_udp(
+                sa.cast(),
+                &mut tuple,
+                core::mem::size_of::<Tuple6>() as u32,
+                netns,
+                0,
+            )
+        }
+    };
+    if sk.is_null() {
+        return false;
+    }
+    // SAFETY: a socket the lookup returned, released once.
+    unsafe { bpf_sk_release(sk.cast()) };
+    true
 }
 
 /// Candidate `i` for a query to `dst`. IPv4: the `i`-th address of 127.128.0.0/12 after the
