@@ -67,11 +67,11 @@ impl Samples {
     }
 }
 
-fn free_port() -> Result<u16> {
+pub(crate) fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
+pub(crate) fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
     let mut s = TcpStream::connect(addr)?;
     write!(
         s,
@@ -89,7 +89,7 @@ fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
 }
 
 /// A running `redirect-agent run` of this benchmark.
-struct AgentProcess {
+pub(crate) struct AgentProcess {
     child: Child,
 }
 
@@ -101,17 +101,17 @@ impl Drop for AgentProcess {
 }
 
 #[derive(Clone)]
-struct Setup {
-    agent_bin: PathBuf,
-    pin_root: PathBuf,
-    state_dir: PathBuf,
-    socket: PathBuf,
-    http: SocketAddr,
-    log: PathBuf,
+pub(crate) struct Setup {
+    pub agent_bin: PathBuf,
+    pub pin_root: PathBuf,
+    pub state_dir: PathBuf,
+    pub socket: PathBuf,
+    pub http: SocketAddr,
+    pub log: PathBuf,
 }
 
 impl Setup {
-    fn cli(&self) -> Command {
+    pub fn cli(&self) -> Command {
         let mut c = Command::new(&self.agent_bin);
         c.env("REDIRECT_PIN_ROOT", &self.pin_root)
             .env("REDIRECT_STATE_DIR", &self.state_dir)
@@ -125,6 +125,11 @@ impl Setup {
     }
 
     fn start_agent(&self) -> Result<AgentProcess> {
+        self.start_agent_with(&[])
+    }
+
+    /// `redirect-agent run` with more arguments of `run`.
+    pub fn start_agent_with(&self, extra: &[&std::ffi::OsStr]) -> Result<AgentProcess> {
         let log = fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -138,6 +143,7 @@ impl Setup {
             .arg(&self.socket)
             .arg("--http-address")
             .arg(self.http.to_string())
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -147,7 +153,7 @@ impl Setup {
     }
 
     /// Waits for `/readyz` 200; the time it took.
-    fn wait_ready(&self, agent: &mut AgentProcess) -> Result<Duration> {
+    pub fn wait_ready(&self, agent: &mut AgentProcess) -> Result<Duration> {
         let start = Instant::now();
         loop {
             if let Some(status) = agent.child.try_wait()? {

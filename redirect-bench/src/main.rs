@@ -1,4 +1,4 @@
-//! `cargo xtask bench [datapath|detect|agent|connections|report]` (xtask runs this binary with its
+//! `cargo xtask bench [datapath|detect|agent|cni|connections|report]` (xtask runs this binary with its
 //! arguments).
 //!
 //! With no sub-command, or with `datapath`, runs the data-path benchmark against Istio's
@@ -17,6 +17,7 @@
 mod agent;
 mod bed;
 mod charts;
+mod cni;
 mod connections;
 mod crowd;
 mod datapath;
@@ -54,6 +55,9 @@ enum Command {
     /// Node agent benchmark: enroll/unenroll through the agent and the CLI, RSS, idle CPU,
     /// /metrics, restart to ready (see redirect-bench/src/agent.rs).
     Agent(agent::Opts),
+    /// The time redirect adds to a pod sandbox: RunPodSandbox through a private containerd
+    /// with and without redirect-cni in the chain (see redirect-bench/src/cni.rs).
+    Cni(cni::Opts),
     /// 60 000 short connections to 1 000 destinations, under Istio's iptables rules and under
     /// redirect (issue 13's port-space figure; see redirect-bench/src/connections.rs).
     Connections,
@@ -70,6 +74,7 @@ fn run(args: Args) -> Result<()> {
         Some(Command::Detect) => detect::run(),
         Some(Command::Agent(opts)) => agent::run(opts),
         Some(Command::Connections) => connections::run(),
+        Some(Command::Cni(opts)) => cni::run(opts),
         Some(Command::Datapath(opts)) => datapath::run(opts),
         Some(Command::Report { from }) => report::rewrite(&from),
         None => datapath::run(args.datapath),

@@ -62,7 +62,7 @@ pub struct NetConf {
     pub exclude_namespaces: Vec<String>,
     #[serde(default)]
     pub log_level: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub runtime_config: RuntimeConfig,
     #[serde(default)]
     pub prev_result: Option<Box<RawValue>>,
@@ -85,8 +85,22 @@ fn default_excluded() -> Vec<String> {
 /// What the runtime fills in for the capabilities we declare.
 #[derive(Debug, Default, Deserialize)]
 pub struct RuntimeConfig {
-    #[serde(rename = "io.kubernetes.cri.pod-annotations", default)]
+    /// containerd sends `null` for a pod without annotations (a nil Go map).
+    #[serde(
+        rename = "io.kubernetes.cri.pod-annotations",
+        default,
+        deserialize_with = "null_as_default"
+    )]
     pub pod_annotations: BTreeMap<String, String>,
+}
+
+/// `null` read as the type's default: Go runtimes marshal nil maps and slices as `null`.
+fn null_as_default<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Default + Deserialize<'de>,
+{
+    Option::<T>::deserialize(d).map(Option::unwrap_or_default)
 }
 
 /// One of GC's valid attachments.

@@ -175,6 +175,12 @@ fn every_command_and_version_without_an_agent() {
                 "ADD",
                 conf(v, &socket, "fail", "{}", true),
             ),
+            // containerd marshals a pod without annotations as a nil map: `null`.
+            case(
+                "ADD, pod without annotations (the runtime sends null): not selected",
+                "ADD",
+                conf(v, &socket, "fail", "null", true),
+            ),
             case(
                 "ADD, selected, agent down, failurePolicy fail",
                 "ADD",
@@ -206,6 +212,11 @@ fn every_command_and_version_without_an_agent() {
                 conf(v, &socket, "fail", ISTIO, false),
             ),
             case(
+                "DEL, pod without annotations (null): never fails",
+                "DEL",
+                conf(v, &socket, "fail", "null", false),
+            ),
+            case(
                 "CHECK, selected, agent down, failurePolicy fail",
                 "CHECK",
                 conf(v, &socket, "fail", ISTIO, true),
@@ -234,7 +245,11 @@ fn every_command_and_version_without_an_agent() {
                 ),
             ),
         ];
-        cases[4].env[4].1 = ARGS.replace("=default;", "=kube-system;");
+        let excluded = cases
+            .iter_mut()
+            .find(|c| c.title == "ADD, excluded namespace")
+            .expect("the excluded-namespace case");
+        excluded.env[4].1 = ARGS.replace("=default;", "=kube-system;");
         let got = transcript(&cases, &socket);
         // The ignored ADD left one spool file for the agent to count.
         let spool = redirect_agent::kubepods::drain_spool(&socket);

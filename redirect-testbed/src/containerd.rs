@@ -358,6 +358,47 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         }
     }
 
+    /// The CNI plugin configurations containerd's CRI plugin has loaded, in chain order (its
+    /// verbose status's `cniconfig`: each network's plugins with their source text, parsed).
+    /// containerd watches its conf dir and reloads on change, so a config written there
+    /// reaches it asynchronously.
+    pub fn cni_plugins_loaded(&self) -> Result<Vec<serde_json::Value>> {
+        let st = self.cri().status()?;
+        let raw = st
+            .info
+            .get("cniconfig")
+            .context("containerd's status has no cniconfig")?;
+        let v: serde_json::Value = serde_json::from_str(raw).context("cniconfig is not JSON")?;
+        let mut plugins = Vec::new();
+        for net in v["Networks"].as_array().into_iter().flatten() {
+            for p in net["Config"]["Plugins"].as_array().into_iter().flatten() {
+                let source = p["Source"].as_str().unwrap_or("{}");
+                plugins.push(serde_json::from_str(source).context("a plugin's source")?);
+            }
+        }
+        Ok(plugins)
+    }
+
+    /// Waits until the loaded plugin configurations satisfy `ready` (see
+    /// [`Self::cni_plugins_loaded`]).
+    pub fn wait_cni_plugins(
+        &self,
+        what: &str,
+        ready: impl Fn(&[serde_json::Value]) -> bool,
+    ) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let plugins = self.cni_plugins_loaded()?;
+            if ready(&plugins) {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                bail!("containerd did not load a CNI configuration with {what}: {plugins:?}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Makes the pod's cgroup as kubelet's cgroupfs driver does for QoS class `qos`
     /// (`besteffort`, `burstable`, or `guaranteed`: directly under `kubepods`) and returns the
     /// sandbox's `cgroup_parent` for it.

@@ -209,6 +209,30 @@ impl Cri {
         .map(|r| r.containers)
     }
 
+    /// ExecSync: runs `cmd` in a running container (its namespaces and cgroup, as `kubectl
+    /// exec` does), waiting at most `timeout_s`; its exit code, stdout and stderr.
+    pub fn exec_sync(&self, container_id: &str, cmd: &[&str], timeout_s: i64) -> Result<Exec> {
+        let req = ExecSyncRequest {
+            container_id: container_id.to_owned(),
+            cmd: cmd.iter().map(|s| s.to_string()).collect(),
+            timeout: timeout_s,
+        };
+        self.call("ExecSync", |mut c| async move { c.exec_sync(req).await })
+            .map(|r| Exec {
+                exit_code: r.exit_code,
+                stdout: String::from_utf8_lossy(&r.stdout).into_owned(),
+                stderr: String::from_utf8_lossy(&r.stderr).into_owned(),
+            })
+    }
+
+    /// Status, verbose: the runtime's conditions and its `info` (containerd puts the CNI
+    /// configuration it loaded in `info["cniconfig"]`).
+    pub fn status(&self) -> Result<StatusResponse> {
+        self.call("Status", |mut c| async move {
+            c.status(StatusRequest { verbose: true }).await
+        })
+    }
+
     /// The images the runtime has, by their names.
     pub fn list_images(&self) -> Result<Vec<k8s_cri::v1::Image>> {
         let mut c = self.images.clone();
@@ -217,6 +241,14 @@ impl Cri {
             .map(|r| r.into_inner().images)
             .map_err(|s| status_error("ListImages", &self.socket, s))
     }
+}
+
+/// What [`Cri::exec_sync`] ran gave.
+#[derive(Debug, Clone)]
+pub struct Exec {
+    pub exit_code: i32,
+    pub stdout: String,
+    pub stderr: String,
 }
 
 /// A CRI error: the call, the socket and the runtime's message (which for RunPodSandbox carries

@@ -588,6 +588,15 @@ impl Failures {
         self.0.push(what);
     }
 
+    /// `Err` with every failing cell, one per line.
+    pub fn into_result(self) -> Result<(), String> {
+        if self.0.is_empty() {
+            Ok(())
+        } else {
+            Err(self.0.join("\n  "))
+        }
+    }
+
     pub fn assert_none(self, what: &str) {
         assert!(
             self.0.is_empty(),
