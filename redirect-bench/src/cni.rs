@@ -13,13 +13,7 @@
 //! (`redirect_enroll_duration_seconds`) says how much of the difference is enrollment.
 //! Results: `bench/cni.json` and the "Pods from the container runtime" section of BENCHMARKS.md.
 
-use std::{
-    collections::HashMap,
-    ffi::OsStr,
-    fs,
-    path::PathBuf,
-    time::{Duration, Instant},
-};
+use std::{collections::HashMap, ffi::OsStr, fs, path::PathBuf, time::Instant};
 
 use anyhow::{bail, ensure, Context as _, Result};
 use redirect_devtools as dev;
@@ -106,11 +100,9 @@ impl Bench {
             String::from_utf8_lossy(&out.stderr)
         );
         let want = chain == Chain::Redirect;
-        self.bed
-            .wait_cni_plugins(chain.name(), |plugins| {
-                plugins.iter().any(|p| p["type"] == "redirect-cni") == want
-            })
-            .map_err(Into::into)
+        self.bed.wait_cni_plugins(chain.name(), |plugins| {
+            plugins.iter().any(|p| p["type"] == "redirect-cni") == want
+        })
     }
 
     fn spec(&mut self) -> Result<redirect_testbed::cri::SandboxSpec> {
@@ -119,9 +111,8 @@ impl Bench {
             "sidecar.istio.io/status".to_owned(),
             r#"{"containers":["istio-proxy"]}"#.to_owned(),
         )]);
-        Ok(self
-            .bed
-            .sandbox_spec("bench", &format!("sb-{}", self.made), annotations)?)
+        self.bed
+            .sandbox_spec("bench", &format!("sb-{}", self.made), annotations)
     }
 
     /// `n` sandboxes one after the other: RunPodSandbox's time of each, in seconds. They are
@@ -370,7 +361,7 @@ fn report(r: &serde_json::Value) -> String {
          chain, the pause container).\n\n\
          | RunPodSandbox | plain | redirect |\n|---|---|---|\n\
          | p50 | {p50p} | {p50r} |\n| p90 | {p90p} | {p90r} |\n\
-         | {n} at once, wall time | {bp} | {br} |\n| {n} at once, per sandbox | {pp} | {pr} |\n\n\
+         | {n} at once, wall time | {bp:.2} s | {br:.2} s |\n| {n} at once, per sandbox | {pp} | {pr} |\n\n\
          **Time redirect adds per sandbox** (difference of the per-round medians, 95 % paired \
          bootstrap interval over {pairs} rounds): **{add} [{lo}, {hi}]**, ratio {ratio:.2}x \
          ({verdict}). Of it, the agent's own enrollment (`redirect_enroll_duration_seconds`, \
@@ -387,8 +378,8 @@ fn report(r: &serde_json::Value) -> String {
         p90p = ms(&seq["plain"]["p90_s"]),
         p90r = ms(&seq["redirect"]["p90_s"]),
         n = r["parallel"],
-        bp = format!("{:.2} s", burst["plain"].as_f64().unwrap_or(f64::NAN)),
-        br = format!("{:.2} s", burst["redirect"].as_f64().unwrap_or(f64::NAN)),
+        bp = burst["plain"].as_f64().unwrap_or(f64::NAN),
+        br = burst["redirect"].as_f64().unwrap_or(f64::NAN),
         pp = per("plain"),
         pr = per("redirect"),
         pairs = added["n"],
