@@ -259,7 +259,10 @@ fn agent_started_after_pods_discovers_and_enrolls_them() {
         vec![want.clone()],
         "only the selected pod"
     );
-    assert!(captured(&bed, &agent, &selected, &want));
+    // The containers were just started: wait until they listen and the probe is captured.
+    wait_for("the selected pod's traffic captured", || {
+        captured(&bed, &agent, &selected, &want).then_some(())
+    });
     // The others are untouched: the echo answers directly.
     for p in [&plain, &system, &opted_out] {
         let addr = SocketAddr::new(p.ip4().unwrap().into(), 18080);
@@ -285,7 +288,9 @@ fn agent_started_after_pods_discovers_and_enrolls_them() {
     wait_for("the new pod enrolled and the removed one collected", || {
         (enrolled_names(&agent) == vec![want2.clone()]).then_some(())
     });
-    assert!(captured(&bed, &agent, &second, &want2));
+    wait_for("the discovered pod's traffic captured", || {
+        captured(&bed, &agent, &second, &want2).then_some(())
+    });
     let log = daemon.log_text();
     assert!(log.contains("discovered"), "{log}");
     drop(daemon);
