@@ -508,13 +508,13 @@ pub struct Ignored {
     pub name: String,
 }
 
-/// Where the plugin leaves [`Ignored`] files for an agent serving `socket`: `cni-ignored/`
-/// beside the socket (root's directory, mode 0700).
+/// Where the plugin leaves [`Ignored`] files for an agent serving `socket`:
+/// `<socket>.cni-ignored/` beside the socket (root's directory, mode 0700). Named after the
+/// socket, so that two agents whose sockets share a directory never count each other's.
 pub fn spool_dir(socket: &Path) -> PathBuf {
-    socket
-        .parent()
-        .unwrap_or(Path::new("/"))
-        .join("cni-ignored")
+    let mut name = socket.file_name().unwrap_or_default().to_owned();
+    name.push(".cni-ignored");
+    socket.with_file_name(name)
 }
 
 /// Writes one [`Ignored`] file (the plugin, when the agent cannot be told). The file is

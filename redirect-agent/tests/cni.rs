@@ -22,16 +22,6 @@ use common::*;
 
 const UID: &str = "5b1f0c2e-7d4a-4e8b-9c3d-2a1b0c9d8e7f";
 
-fn plugin_bin() -> PathBuf {
-    let p = redirect_testbed::bin_path("redirect-cni");
-    assert!(
-        p.exists(),
-        "{} is missing: run `cargo build --workspace --exclude redirect-ebpf --bins` first",
-        p.display()
-    );
-    p
-}
-
 /// A kubelet-style pod cgroup inside the test pod's own cgroup, holding the pod's processes;
 /// moved back and removed on drop.
 struct KubeletCgroup {

@@ -133,16 +133,7 @@ impl Daemon {
 
     fn wait_ready(&self) {
         wait_for("the agent's /readyz to say 200", || {
-            let mut s = TcpStream::connect(self.http).ok()?;
-            use std::io::{Read as _, Write as _};
-            write!(
-                s,
-                "GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-            )
-            .ok()?;
-            let mut r = String::new();
-            s.read_to_string(&mut r).ok()?;
-            r.starts_with("HTTP/1.1 200").then_some(())
+            self.get("/readyz").map(drop)
         });
     }
 
@@ -166,6 +157,7 @@ impl Drop for Daemon {
         }
         let _ = fs::remove_file(&self.log);
         let _ = fs::remove_file(&self.socket);
+        let _ = fs::remove_dir_all(redirect_agent::kubepods::spool_dir(&self.socket));
         let _ = fs::remove_file(&self.config);
     }
 }
@@ -305,17 +297,6 @@ fn agent_started_after_pods_discovers_and_enrolls_them() {
 // agent's installer into the bed's CNI configuration), the plugin hands each sandbox to the
 // agent, and RunPodSandbox returns once the pod is enrolled.
 
-/// The plugin binary `run --cni-bin-dir` copies into the bed (built by `cargo build --bins`).
-fn plugin_bin() -> PathBuf {
-    let p = redirect_testbed::bin_path("redirect-cni");
-    assert!(
-        p.exists(),
-        "{} is missing: run `cargo build --workspace --exclude redirect-ebpf --bins` first",
-        p.display()
-    );
-    p
-}
-
 /// Istio's injection annotation: what selects a pod for the CNI path.
 const ISTIO: (&str, &str) = (
     "sidecar.istio.io/status",
@@ -333,7 +314,7 @@ impl Daemon {
             "--cni-conf-dir".into(),
             bed.cni_conf_dir().display().to_string(),
             "--cni-plugin".into(),
-            plugin_bin().display().to_string(),
+            common::plugin_bin().display().to_string(),
             "--cni-failure-policy".into(),
             policy.into(),
         ];

@@ -75,6 +75,17 @@ pub fn agent_bin() -> PathBuf {
 }
 
 /// The test bed's binary, built by `cargo build --workspace --exclude redirect-ebpf --bins`.
+/// The CNI plugin binary (`cargo build --workspace --bins` builds it beside the agent).
+pub fn plugin_bin() -> PathBuf {
+    let p = redirect_testbed::bin_path("redirect-cni");
+    assert!(
+        p.exists(),
+        "{} is missing: run `cargo build --workspace --exclude redirect-ebpf --bins` first",
+        p.display()
+    );
+    p
+}
+
 pub fn testbed_bin() -> PathBuf {
     let p = redirect_testbed::bin_path("redirect-testbed");
     assert!(
