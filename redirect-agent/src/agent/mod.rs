@@ -256,8 +256,9 @@ async fn serve(cfg: Config) -> Result<(), AgentError> {
         remove_socket(&shared.cfg.socket);
     }
     let listener = bind_socket(&shared.cfg.socket)?;
-    shared.set_not_ready(None);
+    // Counted before ready: once /readyz says 200, /metrics holds what the plugin spooled.
     count_spooled(&shared);
+    shared.set_not_ready(None);
     log::info!(
         "ready: {} pod(s) adopted, {} repaired, {} collected; serving {}",
         reconciled.adopted.len(),
