@@ -365,8 +365,12 @@ fn write_atomically(out: &Path, data: &[u8]) -> Result<()> {
         path: out.to_owned(),
         source,
     };
+    // Unique per process *and* per call: two threads of one test process writing the same
+    // archive shared a pid-only name, and the second rename found the first had taken it.
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let mut tmp_name = out.file_name().unwrap_or_default().to_owned();
-    tmp_name.push(format!(".tmp-{}", std::process::id()));
+    tmp_name.push(format!(".tmp-{}-{seq}", std::process::id()));
     let tmp = out.with_file_name(tmp_name);
     let mut f = fs::File::create(&tmp).map_err(err)?;
     f.write_all(data).and_then(|()| f.sync_all()).map_err(err)?;

@@ -3,7 +3,7 @@
 //! `redirect.test/proxy:1` (the application and the sidecar proxy, `redirect-testbed`), all in
 //! one archive for [`crate::Containerd::import`]. Definitions: [`redirect_image::images`].
 
-use std::{path::PathBuf, sync::OnceLock};
+use std::{path::PathBuf, sync::Mutex};
 
 use anyhow::{Context as _, Result};
 
@@ -16,8 +16,11 @@ pub fn static_bins(packages: &[&str]) -> Result<PathBuf> {
 /// The test images' archive, `<target>/image/redirect-testbed.tar`, built at the first call of
 /// the process.
 pub fn test_images() -> Result<PathBuf> {
-    static ARCHIVE: OnceLock<PathBuf> = OnceLock::new();
-    if let Some(p) = ARCHIVE.get() {
+    // A lock, not a OnceLock: the tests of one binary run in parallel, and each must wait for
+    // the one that is building rather than build and write the same archive beside it.
+    static ARCHIVE: Mutex<Option<PathBuf>> = Mutex::new(None);
+    let mut archive = ARCHIVE.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(p) = &*archive {
         return Ok(p.clone());
     }
     let dir = static_bins(&["redirect-testbed"])?;
@@ -32,5 +35,6 @@ pub fn test_images() -> Result<PathBuf> {
     // the archive is reproducible, so either one's is the same.
     let out = out_dir.join("redirect-testbed.tar");
     redirect_image::write_archive(&images, &out)?;
-    Ok(ARCHIVE.get_or_init(|| out).clone())
+    *archive = Some(out.clone());
+    Ok(out)
 }
