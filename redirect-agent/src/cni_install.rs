@@ -539,6 +539,37 @@ pub fn uninstall(bin_dir: &Path, conf_dir: &Path) -> Result<Uninstalled, Install
     Ok(done)
 }
 
+/// The installed plugin as `uninstall` sees it: its entries in `conf_dir` and its binary in
+/// `bin_dir`, removed before any pod is unenrolled so that no new sandbox is handed to an
+/// agent that is going away.
+#[derive(Debug, Clone)]
+pub struct InstalledPlugin {
+    pub bin_dir: PathBuf,
+    pub conf_dir: PathBuf,
+}
+
+impl crate::commands::Installed for InstalledPlugin {
+    fn what(&self) -> String {
+        format!(
+            "the CNI plugin ({} in {}, its entry in {})",
+            PLUGIN_TYPE,
+            self.bin_dir.display(),
+            self.conf_dir.display()
+        )
+    }
+
+    fn remove(&self) -> Result<bool, String> {
+        let u = uninstall(&self.bin_dir, &self.conf_dir).map_err(|e| crate::error_chain(&e))?;
+        for c in &u.confs {
+            log::info!("removed redirect-cni from {}", c.display());
+        }
+        for r in &u.restored {
+            log::info!("restored {}", r.display());
+        }
+        Ok(u.binary.is_some() || !u.confs.is_empty() || !u.restored.is_empty())
+    }
+}
+
 /// Keeps the plugin in `conf_dir`'s primary configuration for as long as it runs: re-inserts
 /// it whenever a file there is written, moved or removed (the primary CNI rewriting its
 /// configuration drops our entry). Blocks; run it on a thread of its own.

@@ -109,10 +109,19 @@ enum Command {
     /// redirect mounted bpffs there), the state directory. Refuses while a node agent runs on
     /// --socket: stop it first. Running it again finds nothing to remove.
     Uninstall {
-        /// The agent's configuration file (`socket`, `pinRoot`, `stateDir` are used); flags
-        /// and environment variables given explicitly take precedence.
+        /// The agent's configuration file (`socket`, `pinRoot`, `stateDir`, `cniBinDir`,
+        /// `cniConfDir` are used); flags and environment variables given explicitly take
+        /// precedence.
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Also remove the CNI plugin that `run --cni-bin-dir`/`install-cni` put here (its
+        /// binary), first of all, so that no new sandbox is handed to the agent meanwhile.
+        #[arg(long, requires = "cni_conf_dir")]
+        cni_bin_dir: Option<PathBuf>,
+        /// The CNI configuration directory the plugin's entry is removed from (with
+        /// --cni-bin-dir): every file of it gets back what it had before the install.
+        #[arg(long, requires = "cni_bin_dir")]
+        cni_conf_dir: Option<PathBuf>,
     },
     /// Check the kernel features the datapath needs.
     Probe(cli::probe::ProbeArgs),
@@ -185,7 +194,8 @@ struct RunArgs {
     #[arg(long, env = "REDIRECT_HTTP_ADDRESS")]
     http_address: Option<std::net::SocketAddr>,
     /// A YAML file with any of `nodeName`, `socket`, `httpAddress`, `pinRoot`, `stateDir`,
-    /// `kubeconfig`, `criSocket`;
+    /// `kubeconfig`, `criSocket`, `cniBinDir`, `cniConfDir`, `podDefaults`,
+    /// `kubeletCgroupRoots`;
     /// flags and environment variables given explicitly take precedence.
     #[arg(long)]
     config: Option<PathBuf>,
@@ -219,6 +229,9 @@ struct ConfigFile {
     kubelet_cgroup_roots: Option<Vec<PathBuf>>,
     kubeconfig: Option<PathBuf>,
     cri_socket: Option<PathBuf>,
+    /// Where `uninstall` finds the CNI plugin to remove (as its --cni-bin-dir/--cni-conf-dir).
+    cni_bin_dir: Option<PathBuf>,
+    cni_conf_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -343,13 +356,33 @@ fn run(cli: &Cli, matches: &clap::ArgMatches) -> anyhow::Result<ExitCode> {
             })
         }
         Command::Run(args) => run_agent(cli, matches, args),
-        Command::Uninstall { config } => {
+        Command::Uninstall {
+            config,
+            cni_bin_dir,
+            cni_conf_dir,
+        } => {
             let file = config_file(config.as_deref())?;
             let socket = pick(matches, "socket", &cli.socket, file.socket);
             let pin_root = pick(matches, "pin_root", &cli.pin_root, file.pin_root);
             let state_dir = pick(matches, "state_dir", &cli.state_dir, file.state_dir);
-            // Issue 11 adds the CNI plugin's configuration entry and binary here.
-            let extra: Vec<&dyn commands::Installed> = Vec::new();
+            let cni = match (
+                cni_bin_dir.clone().or(file.cni_bin_dir),
+                cni_conf_dir.clone().or(file.cni_conf_dir),
+            ) {
+                (Some(bin_dir), Some(conf_dir)) => {
+                    Some(redirect_agent::cni_install::InstalledPlugin { bin_dir, conf_dir })
+                }
+                (None, None) => None,
+                _ => anyhow::bail!(
+                    "the CNI directories go together: give both cniBinDir and cniConfDir (or \
+                     --cni-bin-dir and --cni-conf-dir), or neither"
+                ),
+            };
+            let extra: Vec<&dyn commands::Installed> = cni
+                .as_ref()
+                .map(|c| c as &dyn commands::Installed)
+                .into_iter()
+                .collect();
             match commands::uninstall(&state_dir, &pin_root, &socket, &extra) {
                 Ok(r) => {
                     render::render_uninstall(&r).emit();
@@ -559,6 +592,17 @@ fn run_agent(cli: &Cli, matches: &clap::ArgMatches, args: &RunArgs) -> anyhow::R
             .parse()
             .expect("a valid default"),
     };
+    let cni_dirs = match (
+        args.cni_bin_dir.clone().or(file.cni_bin_dir),
+        args.cni_conf_dir.clone().or(file.cni_conf_dir),
+    ) {
+        (Some(bin), Some(conf)) => Some((bin, conf)),
+        (None, None) => None,
+        _ => anyhow::bail!(
+            "the CNI directories go together: give both cniBinDir and cniConfDir (or \
+             --cni-bin-dir and --cni-conf-dir), or neither"
+        ),
+    };
     let mut pods = redirect_agent::kubepods::KubeConfig {
         defaults: file.pod_defaults,
         ..Default::default()
@@ -580,7 +624,7 @@ fn run_agent(cli: &Cli, matches: &clap::ArgMatches, args: &RunArgs) -> anyhow::R
         println!("{cfg:#?}");
         return Ok(ExitCode::SUCCESS);
     }
-    if let (Some(bin), Some(conf)) = (&args.cni_bin_dir, &args.cni_conf_dir) {
+    if let Some((bin, conf)) = &cni_dirs {
         let settings = args.cni.settings(&cfg.socket);
         let done = redirect_agent::cni_install::install(&args.cni.plugin()?, bin, conf, &settings)?;
         log::info!(

@@ -1146,10 +1146,20 @@ fn mounted(path: &Path) -> bool {
         .any(|l| l.split(' ').nth(1) == Some(&*path.to_string_lossy()))
 }
 
+/// Removes a test's scratch directory, also when the test fails.
+struct ScratchDir(PathBuf);
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
 /// `uninstall` is refused while an agent runs (nothing removed). Once the agent is stopped it
-/// removes everything: every pod's links (detached from the kernel), the pins, the pin root
-/// and the bpffs mount redirect made on it, the state directory; run again, it finds nothing
-/// to remove and succeeds.
+/// removes everything: the CNI plugin the agent installed (its entry cut out of the primary's
+/// file, which is byte for byte what it was, and its binary), every pod's links (detached
+/// from the kernel), the pins, the pin root and the bpffs mount redirect made on it, the
+/// state directory; run again, it finds nothing to remove and succeeds.
 #[test]
 fn uninstall_removes_everything_and_refuses_while_an_agent_runs() {
     require!(Need::Root, datapath());
@@ -1166,6 +1176,45 @@ fn uninstall_removes_everything_and_refuses_while_an_agent_runs() {
         assert!(out.status.success(), "{out:?}");
     }
     assert!(mounted(&agent.pin_root), "bpffs is mounted on the pin root");
+    // A node's CNI directories with the plugin installed beside a bridge chain and a
+    // single-plugin file of another network (which install leaves alone).
+    let cni = ScratchDir(PathBuf::from(format!("{}-cni", agent.state_dir.display())));
+    let (bin, conf) = (cni.0.join("bin"), cni.0.join("net.d"));
+    fs::create_dir_all(&bin).unwrap();
+    fs::create_dir_all(&conf).unwrap();
+    let primary =
+        "{\"cniVersion\":\"1.0.0\",\"name\":\"k8s\",\"plugins\":[{\"type\":\"bridge\"}]}\n";
+    let other = "{\"cniVersion\":\"0.4.0\",\"name\":\"other\",\"type\":\"macvlan\"}\n";
+    fs::write(conf.join("10-k8s.conflist"), primary).unwrap();
+    fs::write(conf.join("99-other.conf"), other).unwrap();
+    fs::write(cni.0.join("plugin"), b"\x7fELF test plugin").unwrap();
+    let (bin_s, conf_s) = (bin.display().to_string(), conf.display().to_string());
+    let plugin_s = cni.0.join("plugin").display().to_string();
+    let out = daemon.cli(
+        &agent,
+        &[
+            "install-cni",
+            "--cni-bin-dir",
+            &bin_s,
+            "--cni-conf-dir",
+            &conf_s,
+            "--cni-plugin",
+            &plugin_s,
+        ],
+    );
+    assert!(out.status.success(), "{out:?}");
+    assert!(bin.join("redirect-cni").exists());
+    assert_ne!(
+        fs::read_to_string(conf.join("10-k8s.conflist")).unwrap(),
+        primary
+    );
+    let uninstall = [
+        "uninstall",
+        "--cni-bin-dir",
+        &bin_s,
+        "--cni-conf-dir",
+        &conf_s,
+    ];
     let links: Vec<u32> = [&a, &b]
         .iter()
         .flat_map(|p| link_ids(&agent.pin_root, &p.name))
@@ -1173,7 +1222,7 @@ fn uninstall_removes_everything_and_refuses_while_an_agent_runs() {
         .collect();
     assert_eq!(links.len(), 2 * redirect_agent::datapath::Hook::ALL.len());
 
-    let out = daemon.cli(&agent, &["uninstall"]);
+    let out = daemon.cli(&agent, &uninstall);
     assert!(
         !out.status.success(),
         "uninstall with an agent running: {out:?}"
@@ -1181,15 +1230,42 @@ fn uninstall_removes_everything_and_refuses_while_an_agent_runs() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("a node agent is running"), "{err}");
     assert_eq!(agent.listed_names().len(), 2, "nothing removed");
+    assert!(bin.join("redirect-cni").exists(), "the plugin was removed");
+    assert_ne!(
+        fs::read_to_string(conf.join("10-k8s.conflist")).unwrap(),
+        primary
+    );
+
+    // Half the CNI directories is refused before anything is removed.
+    let out = daemon.cli(&agent, &["uninstall", "--cni-bin-dir", &bin_s]);
+    assert!(!out.status.success(), "{out:?}");
 
     daemon.signal(nix::sys::signal::Signal::SIGTERM);
     let mut child = daemon.child.take().unwrap();
     let status = wait_for("the agent to exit", || child.try_wait().unwrap());
     assert_eq!(status.code(), Some(0));
 
-    let out = daemon.cli(&agent, &["uninstall"]);
+    let out = daemon.cli(&agent, &uninstall);
     assert!(out.status.success(), "{out:?}");
     let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.starts_with("removed the CNI plugin"),
+        "the plugin goes first: {said}"
+    );
+    assert_eq!(
+        fs::read_to_string(conf.join("10-k8s.conflist")).unwrap(),
+        primary
+    );
+    assert_eq!(
+        fs::read_to_string(conf.join("99-other.conf")).unwrap(),
+        other
+    );
+    assert_eq!(
+        fs::read_dir(&conf).unwrap().count(),
+        2,
+        "a file left in net.d"
+    );
+    assert!(!bin.join("redirect-cni").exists(), "plugin binary left");
     for line in [
         format!("unenrolled {}", a.name),
         format!("unenrolled {}", b.name),
@@ -1209,7 +1285,7 @@ fn uninstall_removes_everything_and_refuses_while_an_agent_runs() {
     let left: Vec<&u32> = links.iter().filter(|l| live.contains(l)).collect();
     assert!(left.is_empty(), "links still in the kernel: {left:?}");
 
-    let out = daemon.cli(&agent, &["uninstall"]);
+    let out = daemon.cli(&agent, &uninstall);
     assert!(out.status.success(), "a second uninstall: {out:?}");
     assert_eq!(
         String::from_utf8_lossy(&out.stdout),

@@ -189,10 +189,12 @@ fn mount_bpffs_prepares_the_pin_root() {
     assert!(!on_bpffs.exists() && !elsewhere.exists());
 }
 
-/// The uninstall DaemonSet's init container command parses and runs: against a node's CNI
+/// The uninstall DaemonSet's init container command parses and runs (as root, as in the pod):
+/// with the agent's config naming this test's socket, state and pins, against a node's CNI
 /// directories where the plugin was installed, it leaves them as they were before.
 #[test]
 fn the_uninstall_daemonsets_command_runs() {
+    redirect_testbed::require!(redirect_testbed::Need::Root);
     let docs = manifest("redirect-uninstall.yaml");
     let ds = find(&docs, "DaemonSet", "redirect-uninstall");
     let init = container(
@@ -227,6 +229,22 @@ fn the_uninstall_daemonsets_command_runs() {
         std::fs::read_to_string(conf.join("10-k8s.conflist")).unwrap(),
         primary
     );
+    // The ConfigMap's paths, moved into this test's directory.
+    let install = manifest("redirect.yaml");
+    let cm = find(&install, "ConfigMap", "redirect-agent");
+    let config = cm["data"]["config.yaml"]
+        .as_str()
+        .unwrap()
+        .replace("/run/redirect", &dir.join("run").display().to_string())
+        .replace(
+            "/sys/fs/bpf/redirect",
+            &dir.join("pins").display().to_string(),
+        );
+    assert!(
+        !config.contains(" /run/") && !config.contains(" /sys/"),
+        "{config}"
+    );
+    std::fs::write(dir.join("config.yaml"), config).unwrap();
     let cmd = command_of(init, &dir);
     let argv: Vec<String> = cmd
         .get_args()
@@ -241,10 +259,17 @@ fn the_uninstall_daemonsets_command_runs() {
     let out = cmd.output().unwrap();
     let text = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(out.status.success(), "the uninstall command: {text}");
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("removed the CNI plugin"), "{said}");
     assert_eq!(
         std::fs::read_to_string(conf.join("10-k8s.conflist")).unwrap(),
         primary
     );
     assert!(!bin.join("redirect-cni").exists());
+    assert_eq!(
+        std::fs::read_dir(&conf).unwrap().count(),
+        1,
+        "only the primary's file is left"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
