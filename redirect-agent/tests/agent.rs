@@ -122,7 +122,7 @@ impl Daemon {
         let child = Command::new(agent_bin())
             .env("REDIRECT_PIN_ROOT", &self.pin_root)
             .env("REDIRECT_STATE_DIR", &self.state_dir)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", "info,redirect_agent::agent::watch=debug")
             .args(["run", "--node-name", "test-node", "--socket"])
             .arg(&self.socket)
             .arg("--http-address")
@@ -665,8 +665,9 @@ fn restart_under_traffic_drops_nothing_and_captures_everything() {
     failures.assert_none("restart under traffic");
 }
 
-/// A pod whose netns is deleted, and one whose cgroup is removed, without unenroll: the running
-/// agent unenrolls both by itself (gone from `list` and from `/metrics`), counts them and logs
+/// A pod whose netns is deleted, one whose cgroup is removed, and one enrolled with a
+/// process's `/proc/PID/ns/net` whose process exits, without unenroll: the running agent
+/// unenrolls all three by itself (gone from `list` and from `/metrics`), counts them and logs
 /// them with namespace and pod; the other pod stays. A pod enrolled with `--namespace` has it
 /// in its metrics' `namespace` label and its log lines; one enrolled without has it empty.
 #[test]
@@ -676,18 +677,36 @@ fn gone_pods_are_collected_while_running() {
     let keep = node.add_pod("keep").unwrap();
     let no_cgroup = node.add_pod("nocg").unwrap();
     let no_netns = node.add_pod("nons").unwrap();
+    let by_pid = node.add_pod("bypid").unwrap();
+    // Outside the pod's cgroup, so that only its exit tells of it (not cgroup.events).
+    let holder = KillOnDrop(
+        Command::new("ip")
+            .args(["netns", "exec", &by_pid.name, "sleep", "1000"])
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let agent = Agent::new();
     let daemon = Daemon::start(&agent);
-    for p in [&keep, &no_cgroup, &no_netns] {
+    for p in [&keep, &no_cgroup, &no_netns, &by_pid] {
         let mut args = Agent::enroll_args(p, &p.name);
         if p.name == no_netns.name {
             args.extend(["--namespace".into(), "prod".into()]);
+        }
+        if p.name == by_pid.name {
+            let at = args.iter().position(|a| a == "--netns").unwrap() + 1;
+            args[at] = format!("/proc/{}/ns/net", holder.0.id());
         }
         let out = daemon.cli(&agent, &args_of(&args));
         assert!(out.status.success(), "{out:?}");
     }
     let m = daemon.metrics();
-    for (p, ns) in [(&keep, ""), (&no_cgroup, ""), (&no_netns, "prod")] {
+    for (p, ns) in [
+        (&keep, ""),
+        (&no_cgroup, ""),
+        (&no_netns, "prod"),
+        (&by_pid, ""),
+    ] {
         let series = format!(
             "redirect_inbound_captured_total{{namespace=\"{ns}\",pod=\"{}\"}} 0\n",
             p.name
@@ -701,19 +720,29 @@ fn gone_pods_are_collected_while_running() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{out:?}");
-    wait_for("the agent to collect both pods", || {
-        (agent.listed_names() == vec![keep.name.clone()]).then_some(())
+    wait_for("the agent to collect two pods", || {
+        (agent.listed_names() == vec![by_pid.name.clone(), keep.name.clone()]).then_some(())
     });
     eprintln!("gone pods collected after {:?}", start.elapsed());
+    // The namespace stays (the pod's file holds it); the enrolled /proc/PID/ns/net goes.
+    let start = Instant::now();
+    drop(holder);
+    wait_for("the agent to collect the pod whose process exited", || {
+        (agent.listed_names() == vec![keep.name.clone()]).then_some(())
+    });
+    eprintln!(
+        "the pod whose process exited collected after {:?}",
+        start.elapsed()
+    );
     let m = daemon.metrics();
-    for p in [&no_cgroup, &no_netns] {
+    for p in [&no_cgroup, &no_netns, &by_pid] {
         assert!(!m.contains(&format!("pod=\"{}\"", p.name)), "{m}");
     }
     assert!(m.contains(&format!("pod=\"{}\"", keep.name)), "{m}");
-    assert!(m.contains("redirect_pods_collected_total 2\n"), "{m}");
+    assert!(m.contains("redirect_pods_collected_total 3\n"), "{m}");
     assert!(m.contains("redirect_pods_enrolled 1\n"), "{m}");
     let log = daemon.log_text();
-    for (p, ns) in [(&no_cgroup, ""), (&no_netns, "prod")] {
+    for (p, ns) in [(&no_cgroup, ""), (&no_netns, "prod"), (&by_pid, "")] {
         assert!(
             log.contains(&format!("namespace={ns:?} pod={:?}: gone", p.name)),
             "{log}"
@@ -1144,6 +1173,16 @@ fn mounted(path: &Path) -> bool {
         .unwrap()
         .lines()
         .any(|l| l.split(' ').nth(1) == Some(&*path.to_string_lossy()))
+}
+
+/// Kills and reaps a child, also when the test fails.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// Removes a test's scratch directory, also when the test fails.

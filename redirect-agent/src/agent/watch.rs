@@ -1,50 +1,73 @@
-//! Collecting pods that disappear while the agent runs.
+//! Collecting pods that disappear while the agent runs, without polling.
 //!
 //! Each enrolled pod's cgroup directory is watched with inotify (`IN_DELETE_SELF` when it is
 //! removed, `IN_MODIFY` of its `cgroup.events` when it empties), and so is the directory of its
-//! network namespace file (`ip netns delete` unlinks it there). An event that concerns an
-//! enrolled pod makes the agent look at the enrolled pods at once. What inotify cannot see is
-//! looked at on a timer: a namespace named `/proc/PID/ns/net` (its process exits) every
-//! [`BACKSTOP`], those pods only; every pod every [`REREAD`] (a namespace file unmounted but
-//! left in place, say). A look is two `stat`s per pod, nothing more: an idle agent with a
-//! thousand pods wakes up for a few milliseconds every half minute.
+//! network namespace file (`ip netns delete` unlinks it there). A namespace named
+//! `/proc/PID/ns/net` goes when its process exits: the agent holds a pidfd of that process
+//! (Linux 5.3), which turns readable then. An event that concerns an enrolled pod makes the
+//! agent look at the enrolled pods at once. A look is two `stat`s per pod, nothing more.
+//!
+//! Timers only where no event exists: every pod is looked at every [`REREAD`] (a namespace
+//! file unmounted but left in place, say), and a `/proc/PID/ns/net` pod every [`BACKSTOP`]
+//! only where no pidfd could be had. An idle agent with a thousand pods wakes up for a few
+//! milliseconds every [`REREAD`], and for nothing else.
 
 use std::{
-    collections::BTreeSet, os::unix::fs::MetadataExt as _, path::PathBuf, sync::Arc, time::Duration,
+    collections::BTreeSet,
+    os::{
+        fd::{FromRawFd as _, OwnedFd},
+        unix::fs::MetadataExt as _,
+    },
+    path::{Component, PathBuf},
+    sync::Arc,
+    time::Duration,
 };
 
 use futures_util::StreamExt as _;
 use inotify::{Inotify, WatchMask, Watches};
-use tokio::sync::watch;
+use tokio::{io::unix::AsyncFd, sync::watch};
 
 use super::{pod_log_name, Shared};
 use crate::{enroll, gc, state::PodRecord};
 
-/// How often pods whose namespace inotify cannot watch (`/proc/PID/ns/net`) are looked at.
+/// How often pods whose namespace neither inotify nor a pidfd tells of are looked at.
 const BACKSTOP: Duration = Duration::from_secs(2);
 /// How often the records are read again without a change made through the agent, and every
-/// pod looked at without an inotify event.
+/// pod looked at without an event.
 const REREAD: Duration = Duration::from_secs(30);
-/// Changes made through the agent are read at most this often.
+/// Changes made through the agent are read this long after the first of them: a burst of
+/// enrolls is read once, not once per request.
 const COALESCE: Duration = Duration::from_millis(500);
+
+/// What woke the watch up.
+enum Wake {
+    /// An inotify event; whether it may concern an enrolled pod.
+    Inotify(bool),
+    /// A pod's process exited.
+    Exited,
+    Backstop,
+    Coalesced,
+    Reread,
+    Changed,
+    Stop,
+}
 
 pub(super) async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     let stream = Inotify::init().and_then(|i| i.into_event_stream([0u8; 4096]));
     let mut stream = match stream {
         Ok(s) => Some(s),
         Err(e) => {
-            log::warn!("inotify unavailable ({e}): gone pods are found every {BACKSTOP:?}");
+            log::warn!("inotify unavailable ({e}): gone pods are found every {REREAD:?}");
             None
         }
     };
     let mut watches = stream.as_ref().map(|s| s.watches());
     let mut pods = reread(&shared, watches.as_mut());
-    let mut tick = tokio::time::interval(BACKSTOP);
+    let mut exits = Exits::of(&pods);
+    let mut backstop = tokio::time::interval(BACKSTOP);
     let mut reread_tick = tokio::time::interval(REREAD);
-    let mut coalesce = tokio::time::interval(COALESCE);
-    // Changes made through the agent since the records were last read: a burst of enrolls
-    // is read once, not once per request.
-    let mut changed = false;
+    // Armed by the first change made through the agent since the records were last read.
+    let mut coalesce: Option<tokio::time::Instant> = None;
     loop {
         let event = async {
             match stream.as_mut() {
@@ -52,32 +75,49 @@ pub(super) async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
                 None => std::future::pending().await,
             }
         };
-        let look = tokio::select! {
+        let coalesced = async {
+            match coalesce {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        let wake = tokio::select! {
             ev = event => match ev {
-                Some(Ok(ev)) => Look::All.when(relevant(&pods, ev.name.as_deref())),
+                Some(Ok(ev)) => Wake::Inotify(relevant(&pods, ev.name.as_deref())),
                 Some(Err(e)) => {
                     log::warn!("inotify: {e}");
-                    Look::None
+                    Wake::Inotify(false)
                 }
-                None => Look::None,
+                None => Wake::Inotify(false),
             },
-            _ = tick.tick() => Look::Unwatchable,
-            _ = coalesce.tick() => {
-                if changed {
-                    changed = false;
-                    pods = reread(&shared, watches.as_mut());
-                }
+            () = exits.any_exited() => Wake::Exited,
+            _ = backstop.tick(), if exits.unwatched => Wake::Backstop,
+            () = coalesced => Wake::Coalesced,
+            _ = reread_tick.tick() => Wake::Reread,
+            _ = shared.pods_changed.notified() => Wake::Changed,
+            _ = stop.changed() => Wake::Stop,
+        };
+        let look = match wake {
+            Wake::Stop => return,
+            Wake::Changed => {
+                coalesce.get_or_insert_with(|| tokio::time::Instant::now() + COALESCE);
                 Look::None
             }
-            _ = reread_tick.tick() => {
+            Wake::Coalesced => {
+                coalesce = None;
                 pods = reread(&shared, watches.as_mut());
+                exits = Exits::of(&pods);
+                // What went before its watch was added has no event to come: look once.
                 Look::All
             }
-            _ = shared.pods_changed.notified() => {
-                changed = true;
-                Look::None
+            Wake::Reread => {
+                pods = reread(&shared, watches.as_mut());
+                exits = Exits::of(&pods);
+                Look::All
             }
-            _ = stop.changed() => return,
+            Wake::Inotify(relevant) => Look::All.when(relevant),
+            Wake::Exited => Look::Unwatchable,
+            Wake::Backstop => Look::Unwatchable,
         };
         let gone: Vec<String> = pods
             .iter()
@@ -88,12 +128,77 @@ pub(super) async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
             })
             .map(|r| r.name().to_owned())
             .collect();
-        if gone.is_empty() {
-            continue;
+        let collected = !gone.is_empty();
+        if collected {
+            collect(&shared, gone).await;
         }
-        collect(&shared, gone).await;
-        pods = reread(&shared, watches.as_mut());
+        if collected || matches!(wake, Wake::Exited) {
+            // An exited process's pidfd stays readable: the pidfds are taken again.
+            pods = reread(&shared, watches.as_mut());
+            exits = Exits::of(&pods);
+        }
     }
+}
+
+/// Pidfds of the processes whose `/proc/PID/ns/net` pods are enrolled by.
+struct Exits {
+    fds: Vec<AsyncFd<OwnedFd>>,
+    /// Some such pod has no pidfd (no pidfd_open before Linux 5.3, or its process is gone
+    /// already and the pod not yet collected): the backstop timer looks at them.
+    unwatched: bool,
+}
+
+impl Exits {
+    fn of(pods: &[PodRecord]) -> Exits {
+        let mut exits = Exits {
+            fds: Vec::new(),
+            unwatched: false,
+        };
+        for r in pods.iter().filter(|r| !watchable(r)) {
+            // SAFETY: the pidfd is owned by the AsyncFd, which neither the agent nor anyone
+            // else closes or replaces while it is registered.
+            match pidfd_of(r).and_then(|fd| unsafe { AsyncFd::register(fd) }.ok()) {
+                Some(fd) => exits.fds.push(fd),
+                None => exits.unwatched = true,
+            }
+        }
+        log::debug!(
+            "watching {} pod processes' exits (without a pidfd: {})",
+            exits.fds.len(),
+            exits.unwatched
+        );
+        exits
+    }
+
+    /// Returns once one of the processes has exited; never without pidfds.
+    async fn any_exited(&self) {
+        if self.fds.is_empty() {
+            return std::future::pending().await;
+        }
+        let waits = self.fds.iter().map(|fd| Box::pin(fd.readable()));
+        let _ = futures_util::future::select_all(waits).await;
+    }
+}
+
+/// A pidfd of the process whose namespace the pod was enrolled with, if that process is
+/// still the one: its pid may have been reused since, so the namespace is compared once the
+/// pidfd is held (from then on the pid cannot be reused).
+fn pidfd_of(r: &PodRecord) -> Option<OwnedFd> {
+    let mut c = r.spec.netns.strip_prefix("/proc").ok()?.components();
+    let pid: libc::pid_t = match c.next()? {
+        Component::Normal(p) => p.to_str()?.parse().ok()?,
+        _ => return None,
+    };
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1; no memory
+    // is passed.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: the descriptor was just returned to us and is owned by nobody else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) };
+    let ns = std::fs::metadata(&r.spec.netns).ok()?;
+    (ns.ino() == r.netns_inode).then_some(fd)
 }
 
 /// Which pods to look at.
