@@ -280,6 +280,7 @@ pub fn run(opts: Opts) -> Result<()> {
         log: PathBuf::from(format!("/tmp/redirect-bench-{pid}.agent.log")),
     };
     let started = Instant::now();
+    let load_before = fs::read_to_string("/proc/loadavg")?.trim().to_owned();
     // Long enough that a timer of the agent's shows; the quick run only checks the path.
     let idle = Duration::from_secs(if opts.quick { 5 } else { 60 });
     let result = measure(&setup, n, idle);
@@ -294,6 +295,8 @@ pub fn run(opts: Opts) -> Result<()> {
     results["elapsed_s"] = json!(started.elapsed().as_secs_f64());
     results["profile"] = json!(if opts.quick { "debug" } else { "release" });
     results["kernel"] = json!(fs::read_to_string("/proc/sys/kernel/osrelease")?.trim());
+    results["load_average_before"] = json!(load_before);
+    results["load_average_after"] = json!(fs::read_to_string("/proc/loadavg")?.trim());
 
     let out = if opts.quick {
         root.join("target/bench-quick")
@@ -587,7 +590,8 @@ fn report(r: &serde_json::Value) -> String {
          journal.\n\n\
          | | p50 | p99 | all {} pods |\n|---|---|---|---|\n{}\n{}\n{}\n{}\n{}\n{}\n\n\
          The issue's targets:\n\n| figure | target | measured | met |\n|---|---|---|---|\n{}\n\n\
-         The machine (2 vCPUs) ran other work during the run.\n{END}\n",
+         The machine: {} vCPUs; `/proc/loadavg` before the run `{}`, after it `{}` (the \
+         run's own load included).\n{END}\n",
         r["profile"].as_str().unwrap_or("?"),
         r["kernel"].as_str().unwrap_or("?"),
         r["elapsed_s"].as_f64().unwrap_or(0.0),
@@ -600,6 +604,9 @@ fn report(r: &serde_json::Value) -> String {
         row("enroll, agent, state on disk", "agent_enroll_disk_state"),
         row("unenroll, agent, state on disk", "agent_unenroll_disk_state"),
         target_rows.join("\n"),
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        r["load_average_before"].as_str().unwrap_or("?"),
+        r["load_average_after"].as_str().unwrap_or("?"),
     )
 }
 
