@@ -181,8 +181,7 @@ pub struct Discovered {
 /// added by the CNI plugin right now is in neither list, so it is never collected here.
 pub fn sync(
     cfg: &KubeConfig,
-    state_dir: &Path,
-    pin_root: &Path,
+    w: &mut crate::commands::Writer,
     excluded_namespaces: &[String],
     before: &[state::PodRecord],
     pods: &[KubePod],
@@ -201,7 +200,7 @@ pub fn sync(
             out.already += 1;
             continue;
         }
-        match kubepods::enroll_pod(cfg, state_dir, pin_root, pod) {
+        match kubepods::enroll_pod(cfg, w, pod) {
             Ok(kubepods::CniResponse::Enrolled { name, .. }) => out.enrolled.push(name),
             Ok(_) => out.skipped += 1,
             Err(e) => out.failed.push(format!(
@@ -222,7 +221,7 @@ pub fn sync(
             continue;
         }
         // For this sandbox only: a newer sandbox of the same pod keeps its record.
-        match kubepods::del_pod(state_dir, pin_root, &k.namespace, &k.name, &k.sandbox_id) {
+        match kubepods::del_pod(w, &k.namespace, &k.name, &k.sandbox_id) {
             Ok(kubepods::CniResponse::Removed { name: Some(n) }) => out.collected.push(n),
             Ok(_) => {}
             Err(e) => out.failed.push(format!(

@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     annotations::{self, AnnotationError, Annotations, NodeDefaults, PodPlace, Skip},
-    commands::{self, CommandError},
+    commands::{CommandError, Writer},
     gc,
     spec::{KubeRef, PodSpec},
     state,
@@ -303,7 +303,8 @@ pub fn pod_spec(cfg: &KubeConfig, pod: &KubePod) -> Result<Result<PodSpec, Skip>
 }
 
 /// The record of a runtime pod's name, if there is one, and whether it is this pod's.
-fn record_of(
+/// The record of a runtime pod as the files hold it (for a reader: CHECK).
+fn record_on_disk(
     state_dir: &Path,
     namespace: &str,
     name: &str,
@@ -313,6 +314,17 @@ fn record_of(
         .pods
         .into_iter()
         .find(|r| r.name() == rname))
+}
+
+/// The record of a runtime pod, through the writer: the agent's records in memory, read
+/// again only when another process changed them.
+fn record_in(
+    w: &mut Writer,
+    namespace: &str,
+    name: &str,
+) -> Result<Option<state::PodRecord>, KubeError> {
+    let rname = record_name(namespace, name);
+    Ok(w.locked(|store, _| store.get(&rname))?)
 }
 
 fn is_pod(r: &state::PodRecord, namespace: &str, name: &str) -> bool {
@@ -329,29 +341,23 @@ fn is_pod(r: &state::PodRecord, namespace: &str, name: &str) -> bool {
 /// nobody else.
 pub fn enroll_pod(
     cfg: &KubeConfig,
-    state_dir: &Path,
-    pin_root: &Path,
+    w: &mut Writer,
     pod: &KubePod,
 ) -> Result<CniResponse, KubeError> {
     match pod_spec(cfg, pod)? {
-        Ok(spec) => enroll_spec(state_dir, pin_root, pod, spec),
+        Ok(spec) => enroll_spec(w, pod, spec),
         Err(reason) => Ok(CniResponse::Skipped { reason }),
     }
 }
 
 /// Enrolls a runtime pod with the spec [`pod_spec`] built for it.
-pub fn enroll_spec(
-    state_dir: &Path,
-    pin_root: &Path,
-    pod: &KubePod,
-    spec: PodSpec,
-) -> Result<CniResponse, KubeError> {
+pub fn enroll_spec(w: &mut Writer, pod: &KubePod, spec: PodSpec) -> Result<CniResponse, KubeError> {
     let command = |source| KubeError::Command {
         namespace: pod.namespace.clone(),
         name: pod.name.clone(),
         source: Box::new(source),
     };
-    if let Some(r) = record_of(state_dir, &pod.namespace, &pod.name)? {
+    if let Some(r) = record_in(w, &pod.namespace, &pod.name)? {
         if !is_pod(&r, &pod.namespace, &pod.name) {
             return Err(KubeError::NameTaken {
                 namespace: pod.namespace.clone(),
@@ -362,10 +368,10 @@ pub fn enroll_spec(
         // A pod of the same name but another UID: the API server lets only one exist, so
         // the recorded one was deleted (its DEL never reached us). It goes first.
         if r.spec.kube.as_ref().is_some_and(|k| k.uid != pod.uid) {
-            commands::unenroll(state_dir, pin_root, r.name()).map_err(command)?;
+            w.unenroll(r.name()).map_err(command)?;
         }
     }
-    let r = commands::enroll(state_dir, pin_root, spec).map_err(command)?;
+    let r = w.enroll(spec).map_err(command)?;
     Ok(CniResponse::Enrolled {
         name: r.name,
         slot: r.slot,
@@ -388,7 +394,7 @@ pub fn check_pod(
         Ok(s) => s,
         Err(reason) => return Ok(CniResponse::Skipped { reason }),
     };
-    let Some(rec) = record_of(state_dir, &pod.namespace, &pod.name)? else {
+    let Some(rec) = record_on_disk(state_dir, &pod.namespace, &pod.name)? else {
         return Err(mismatch(format!("no record {}", want.name)));
     };
     if rec.spec.kube.as_ref().map(|k| &k.sandbox_id) != Some(&pod.sandbox_id) {
@@ -423,13 +429,12 @@ pub fn check_pod(
 
 /// DEL: unenrolls the pod if its record is for this sandbox; nothing to do is success.
 pub fn del_pod(
-    state_dir: &Path,
-    pin_root: &Path,
+    w: &mut Writer,
     namespace: &str,
     name: &str,
     sandbox_id: &str,
 ) -> Result<CniResponse, KubeError> {
-    let Some(rec) = record_of(state_dir, namespace, name)? else {
+    let Some(rec) = record_in(w, namespace, name)? else {
         return Ok(CniResponse::Removed { name: None });
     };
     let ours =
@@ -439,7 +444,7 @@ pub fn del_pod(
     if !ours {
         return Ok(CniResponse::Removed { name: None });
     }
-    match commands::unenroll(state_dir, pin_root, rec.name()) {
+    match w.unenroll(rec.name()) {
         Ok(r) => Ok(CniResponse::Removed { name: Some(r.name) }),
         Err(CommandError::NoSuchPod(_)) => Ok(CniResponse::Removed { name: None }),
         Err(source) => Err(KubeError::Command {
@@ -452,22 +457,20 @@ pub fn del_pod(
 
 /// GC: unenrolls every runtime pod whose sandbox is not in `valid`. Every pod is tried; the
 /// first failure is returned after the others were.
-pub fn gc_pods(
-    state_dir: &Path,
-    pin_root: &Path,
-    valid: &[String],
-) -> Result<CniResponse, KubeError> {
+pub fn gc_pods(w: &mut Writer, valid: &[String]) -> Result<CniResponse, KubeError> {
     let valid: BTreeSet<&str> = valid.iter().map(String::as_str).collect();
     let mut names = Vec::new();
     let mut first_err = None;
-    for rec in state::list_records(state_dir)?.pods {
+    let records: Vec<state::PodRecord> =
+        w.locked(|store, _| Ok::<_, state::StateError>(store.pods().cloned().collect()))?;
+    for rec in records {
         let Some(k) = rec.spec.kube.clone() else {
             continue;
         };
         if valid.contains(k.sandbox_id.as_str()) {
             continue;
         }
-        match commands::unenroll(state_dir, pin_root, rec.name()) {
+        match w.unenroll(rec.name()) {
             Ok(r) => names.push(r.name),
             Err(CommandError::NoSuchPod(_)) => {}
             Err(source) => {

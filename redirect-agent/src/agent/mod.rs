@@ -614,10 +614,8 @@ async fn cni(shared: &Arc<Shared>, req: crate::kubepods::CniRequest) -> Response
                 blocking(move || kp::pod_spec(&kube, &pod)).await
             };
             let r = match prepared {
-                Ok(Ok(spec)) => {
-                    let _turn = shared.writer.lock().await;
-                    blocking(move || kp::enroll_spec(&sd, &pr, &pod, spec)).await
-                }
+                // The agent's writer, as the socket's enroll: its handles and records kept.
+                Ok(Ok(spec)) => write(shared, move |w| kp::enroll_spec(w, &pod, spec)).await,
                 Ok(Err(reason)) => Ok(kp::CniResponse::Skipped { reason }),
                 Err(e) => Err(e),
             };
@@ -647,11 +645,8 @@ async fn cni(shared: &Arc<Shared>, req: crate::kubepods::CniRequest) -> Response
             name,
             sandbox_id,
         } => {
-            let r = {
-                let _turn = shared.writer.lock().await;
-                let (ns, n) = (namespace.clone(), name.clone());
-                blocking(move || kp::del_pod(&sd, &pr, &ns, &n, &sandbox_id)).await
-            };
+            let (ns, n) = (namespace.clone(), name.clone());
+            let r = write(shared, move |w| kp::del_pod(w, &ns, &n, &sandbox_id)).await;
             shared.pods_changed.notify_one();
             if let Ok(kp::CniResponse::Removed { name: Some(rec) }) = &r {
                 log::info!("namespace={namespace:?} pod={name:?}: unenrolled {rec} on CNI DEL");
@@ -659,10 +654,7 @@ async fn cni(shared: &Arc<Shared>, req: crate::kubepods::CniRequest) -> Response
             r
         }
         C::Gc { valid_sandboxes } => {
-            let r = {
-                let _turn = shared.writer.lock().await;
-                blocking(move || kp::gc_pods(&sd, &pr, &valid_sandboxes)).await
-            };
+            let r = write(shared, move |w| kp::gc_pods(w, &valid_sandboxes)).await;
             shared.pods_changed.notify_one();
             r
         }
@@ -696,26 +688,18 @@ async fn discover(shared: Arc<Shared>, socket: PathBuf, mut stop: tokio_watch::R
         };
         match crate::cri::list_pods(&socket).await {
             Ok(pods) => {
-                let (kube, sd, pr) = (
-                    shared.cfg.pods.clone(),
-                    shared.cfg.state_dir.clone(),
-                    shared.cfg.pin_root.clone(),
-                );
+                let kube = shared.cfg.pods.clone();
                 let listed = pods.len();
-                let d = {
-                    let _turn = shared.writer.lock().await;
-                    blocking(move || {
-                        crate::cri::sync(
-                            &kube,
-                            &sd,
-                            &pr,
-                            &crate::cri::DEFAULT_EXCLUDED_NAMESPACES.map(String::from),
-                            &before,
-                            &pods,
-                        )
-                    })
-                    .await
-                };
+                let d = write(&shared, move |w| {
+                    crate::cri::sync(
+                        &kube,
+                        w,
+                        &crate::cri::DEFAULT_EXCLUDED_NAMESPACES.map(String::from),
+                        &before,
+                        &pods,
+                    )
+                })
+                .await;
                 shared.pods_changed.notify_one();
                 for name in &d.enrolled {
                     log::info!("pod {name:?}: enrolled from CRI discovery");
