@@ -30,11 +30,11 @@ const END: &str = "<!-- bench cni: end -->";
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct Opts {
-    /// Interleaved rounds (default 20; 2 with --quick).
+    /// Interleaved rounds (default 30; 2 with --quick).
     #[arg(long)]
     pub rounds: Option<usize>,
     /// Sandboxes per chain and round, made one after the other.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 9)]
     pub per_round: usize,
     /// Sandboxes of the parallel burst (default 50; 10 with --quick).
     #[arg(long)]
@@ -213,7 +213,7 @@ impl Histogram {
 
 pub fn run(opts: Opts) -> Result<()> {
     crate::sys::ensure_root("bench cni needs root (containerd, network namespaces, eBPF)")?;
-    let rounds = opts.rounds.unwrap_or(if opts.quick { 2 } else { 20 });
+    let rounds = opts.rounds.unwrap_or(if opts.quick { 2 } else { 30 });
     let parallel = opts.parallel.unwrap_or(if opts.quick { 10 } else { 50 });
     ensure!(
         rounds >= 2,
