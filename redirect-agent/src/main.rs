@@ -103,7 +103,12 @@ enum Command {
     /// nothing is mounted there (else at the pin root itself), create the pin root. Run by the
     /// DaemonSet's privileged init container so that the mount is the host's, not the agent
     /// container's (pins must outlive the container). Does nothing when all is in place.
-    MountBpffs,
+    MountBpffs {
+        /// The agent's configuration file (its `pinRoot` is used); --pin-root given
+        /// explicitly takes precedence.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
     /// Remove everything redirect put on this node: every pod (links, rows; established
     /// connections are left as they are), every pin and the pin root (with its bpffs mount when
     /// redirect mounted bpffs there), the state directory. Refuses while a node agent runs on
@@ -415,10 +420,12 @@ fn run(cli: &Cli, matches: &clap::ArgMatches) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::MountBpffs => {
-            datapath::ensure_bpffs(&cli.pin_root)
+        Command::MountBpffs { config } => {
+            let file = config_file(config.as_deref())?;
+            let pin_root = pick(matches, "pin_root", &cli.pin_root, file.pin_root);
+            datapath::ensure_bpffs(&pin_root)
                 .map_err(|e| anyhow::anyhow!(redirect_agent::error_chain(&e)))?;
-            println!("pin root {} is on bpffs", cli.pin_root.display());
+            println!("pin root {} is on bpffs", pin_root.display());
             Ok(ExitCode::SUCCESS)
         }
         Command::Probe(args) => cli::probe::run(args),

@@ -125,7 +125,10 @@ impl Containerd {
         let kubelet_root_rel = format!("/redirect-testbed/{name}-kubelet");
         let kubelet_root = cgroup::cgroup2_mount()?.join(kubelet_root_rel.trim_start_matches('/'));
         let cgroup = cgroup::testbed_root()?.join(format!("{name}-containerd"));
-        let socket = dir.join("containerd.sock");
+        // A directory of its own, as /run/containerd on a node: a pod mounting the socket's
+        // directory (the agent's DaemonSet) gets the sockets and nothing else of the bed.
+        let socket = dir.join("run/containerd.sock");
+        fs::create_dir_all(dir.join("run"))?;
         let log = dir.join("containerd.log");
         let mut bed = Containerd {
             socket,
@@ -296,6 +299,12 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         &self.cni_conf_dir
     }
 
+    /// Where containerd bind-mounts the sandboxes' network namespaces
+    /// (`netns_mounts_under_state_dir`: the bed's `/var/run/netns`).
+    pub fn netns_dir(&self) -> PathBuf {
+        self.dir.join("state/io.containerd.grpc.v1.cri/netns")
+    }
+
     /// The kubelet cgroup root in the cgroup2 mount (a `kubeletCgroupRoots` entry of the
     /// agent's config): pods' cgroups are `<root>/kubepods/<qos>/pod<UID>`.
     pub fn kubelet_cgroup_root(&self) -> &Path {
@@ -431,6 +440,8 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
             labels: HashMap::new(),
             cgroup_parent,
             log_directory: Some(logs),
+            host: crate::cri::HostNamespaces::default(),
+            privileged: false,
         })
     }
 
@@ -442,15 +453,22 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         }
         let id = self.cri().run_pod_sandbox(&config)?;
         let status = self.cri().pod_sandbox_status(&id)?;
-        let netns = crate::cri::sandbox_netns(&status)
-            .with_context(|| format!("sandbox {id}: no network namespace in its status"))?;
-        let net = status
-            .status
-            .as_ref()
-            .and_then(|s| s.network.as_ref())
-            .context("sandbox status without network")?;
-        let ips: Vec<std::net::IpAddr> = std::iter::once(net.ip.as_str())
-            .chain(net.additional_ips.iter().map(|p| p.ip.as_str()))
+        // A host-network sandbox's namespace is the node's (containerd's own).
+        let netns = if spec.host.network {
+            self.node.netns_path().to_owned()
+        } else {
+            crate::cri::sandbox_netns(&status)
+                .with_context(|| format!("sandbox {id}: no network namespace in its status"))?
+        };
+        let net = status.status.as_ref().and_then(|s| s.network.as_ref());
+        if net.is_none() && !spec.host.network {
+            bail!("sandbox {id}: status without network");
+        }
+        let ips: Vec<std::net::IpAddr> = net
+            .into_iter()
+            .flat_map(|n| {
+                std::iter::once(n.ip.as_str()).chain(n.additional_ips.iter().map(|p| p.ip.as_str()))
+            })
             .filter_map(|s| s.parse().ok())
             .collect();
         Ok(CriPod {
@@ -478,6 +496,57 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
 
     /// StopPodSandbox + RemovePodSandbox (the containers go with it), then removes the pod's
     /// cgroup as kubelet would.
+    /// Runs `container` in `pod` to its end, as kubelet runs an init container: an exit other
+    /// than 0 (or none within `timeout`) is an error carrying its log.
+    pub fn run_to_completion(
+        &self,
+        pod: &CriPod,
+        container: &ContainerSpec,
+        timeout: Duration,
+    ) -> Result<()> {
+        let id = self.start_container(pod, container)?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            let st = self.cri().container_status(&id)?;
+            let s = st.status.as_ref().context("container status")?;
+            if s.state == k8s_cri::v1::ContainerState::ContainerExited as i32 {
+                if s.exit_code != 0 {
+                    bail!(
+                        "init container {} exited {} ({}): {}",
+                        container.name,
+                        s.exit_code,
+                        s.reason,
+                        self.container_log(pod, &container.name)
+                    );
+                }
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "init container {} still running after {timeout:?}: {}",
+                    container.name,
+                    self.container_log(pod, &container.name)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// What a container of `pod` wrote (the CRI log file, kubelet's `<name>.log`), its
+    /// messages only.
+    pub fn container_log(&self, pod: &CriPod, name: &str) -> String {
+        let Some(dir) = &pod.spec.log_directory else {
+            return String::new();
+        };
+        // Each line: time, stream, tag (F/P), message.
+        fs::read_to_string(dir.join(format!("{name}.log")))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| l.splitn(4, ' ').nth(3).unwrap_or(l))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
     pub fn remove_pod(&self, pod: &CriPod) -> Result<()> {
         self.cri().stop_pod_sandbox(&pod.id)?;
         self.cri().remove_pod_sandbox(&pod.id)?;
@@ -535,7 +604,7 @@ pub struct CriPod {
     pub spec: SandboxSpec,
     /// The config it was made with (CreateContainer needs it again).
     pub config: k8s_cri::v1::PodSandboxConfig,
-    /// Its network namespace (`<state>/netns/cni-UUID`).
+    /// Its network namespace (`<state>/io.containerd.grpc.v1.cri/netns/cni-UUID`).
     pub netns: PathBuf,
     /// Its addresses, from its status.
     pub ips: Vec<std::net::IpAddr>,

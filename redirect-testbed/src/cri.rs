@@ -275,6 +275,37 @@ pub struct SandboxSpec {
     pub cgroup_parent: String,
     /// Where the runtime writes the containers' logs (kubelet's `/var/log/pods/...`).
     pub log_directory: Option<PathBuf>,
+    /// The host's namespaces instead of the pod's own (Kubernetes' `hostNetwork`, `hostPID`).
+    pub host: HostNamespaces,
+    /// Some container of the pod is privileged (kubelet then says so of the sandbox, and the
+    /// runtime refuses a privileged container in a sandbox that is not).
+    pub privileged: bool,
+}
+
+/// Kubernetes' `hostNetwork` and `hostPID`: for the sandbox and each of its containers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HostNamespaces {
+    pub network: bool,
+    pub pid: bool,
+}
+
+impl HostNamespaces {
+    fn options(self) -> NamespaceOption {
+        NamespaceOption {
+            network: if self.network {
+                NamespaceMode::Node
+            } else {
+                NamespaceMode::Pod
+            } as i32,
+            pid: if self.pid {
+                NamespaceMode::Node
+            } else {
+                NamespaceMode::Container
+            } as i32,
+            ipc: NamespaceMode::Pod as i32,
+            ..NamespaceOption::default()
+        }
+    }
 }
 
 impl SandboxSpec {
@@ -289,7 +320,13 @@ impl SandboxSpec {
                 namespace: self.namespace.clone(),
                 attempt: 0,
             }),
-            hostname: self.name.chars().take(63).collect(),
+            // As kubelet: a host-network pod has the node's UTS namespace, and no hostname
+            // of its own (runc refuses one without a private UTS namespace).
+            hostname: if self.host.network {
+                String::new()
+            } else {
+                self.name.chars().take(63).collect()
+            },
             log_directory: self
                 .log_directory
                 .as_ref()
@@ -300,22 +337,14 @@ impl SandboxSpec {
             linux: Some(LinuxPodSandboxConfig {
                 cgroup_parent: self.cgroup_parent.clone(),
                 security_context: Some(LinuxSandboxSecurityContext {
-                    namespace_options: Some(pod_namespaces()),
+                    namespace_options: Some(self.host.options()),
+                    privileged: self.privileged,
                     ..LinuxSandboxSecurityContext::default()
                 }),
                 ..LinuxPodSandboxConfig::default()
             }),
             ..PodSandboxConfig::default()
         }
-    }
-}
-
-fn pod_namespaces() -> NamespaceOption {
-    NamespaceOption {
-        network: NamespaceMode::Pod as i32,
-        pid: NamespaceMode::Container as i32,
-        ipc: NamespaceMode::Pod as i32,
-        ..NamespaceOption::default()
     }
 }
 
@@ -331,6 +360,21 @@ pub struct ContainerSpec {
     pub env: Vec<(String, String)>,
     /// `runAsUser` (and the same group); the image's user when `None`.
     pub run_as_user: Option<i64>,
+    /// The pod's [`SandboxSpec::host`]: a container's namespaces are its pod's.
+    pub host: HostNamespaces,
+    /// Bind mounts from the host (Kubernetes' volumes as kubelet resolves them).
+    pub mounts: Vec<Mount>,
+    pub privileged: bool,
+    /// Capabilities added to and dropped from the runtime's default set (Kubernetes' names,
+    /// `NET_ADMIN`, `ALL`; the runtime adds the `CAP_` prefix).
+    pub cap_add: Vec<String>,
+    pub cap_drop: Vec<String>,
+    pub readonly_rootfs: bool,
+    /// seccomp: `None` is unconfined (Kubernetes' default without a profile); `Some` the
+    /// runtime's default profile.
+    pub seccomp_runtime_default: bool,
+    /// AppArmor unconfined (the bed's containerd has AppArmor off anyway; said for fidelity).
+    pub apparmor_unconfined: bool,
 }
 
 impl ContainerSpec {
@@ -355,11 +399,29 @@ impl ContainerSpec {
                 })
                 .collect(),
             log_path: format!("{}.log", self.name),
+            mounts: self.mounts.clone(),
             linux: Some(LinuxContainerConfig {
                 security_context: Some(LinuxContainerSecurityContext {
-                    namespace_options: Some(pod_namespaces()),
+                    namespace_options: Some(self.host.options()),
                     run_as_user: self.run_as_user.map(|value| Int64Value { value }),
                     run_as_group: self.run_as_user.map(|value| Int64Value { value }),
+                    privileged: self.privileged,
+                    capabilities: (!self.cap_add.is_empty() || !self.cap_drop.is_empty()).then(
+                        || Capability {
+                            add_capabilities: self.cap_add.clone(),
+                            drop_capabilities: self.cap_drop.clone(),
+                            ..Capability::default()
+                        },
+                    ),
+                    readonly_rootfs: self.readonly_rootfs,
+                    seccomp: self.seccomp_runtime_default.then(|| SecurityProfile {
+                        profile_type: security_profile::ProfileType::RuntimeDefault as i32,
+                        ..SecurityProfile::default()
+                    }),
+                    apparmor: self.apparmor_unconfined.then(|| SecurityProfile {
+                        profile_type: security_profile::ProfileType::Unconfined as i32,
+                        ..SecurityProfile::default()
+                    }),
                     ..LinuxContainerSecurityContext::default()
                 }),
                 ..LinuxContainerConfig::default()

@@ -38,3 +38,30 @@ pub fn test_images() -> Result<PathBuf> {
     *archive = Some(out.clone());
     Ok(out)
 }
+
+/// The node agent's image as `cargo xtask image` builds it ([`redirect_image::images::agent`]),
+/// and a newer build of it for a rolling update: the same binaries under the tag
+/// `<version>-next`, with a label that gives it another digest. Both in one archive,
+/// `<target>/image/redirect-agent-test.tar`, built at the first call of the process. Returns
+/// the archive and the two image names.
+pub fn agent_images() -> Result<(PathBuf, String, String)> {
+    static ARCHIVE: Mutex<Option<(PathBuf, String, String)>> = Mutex::new(None);
+    let mut archive = ARCHIVE.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(a) = &*archive {
+        return Ok(a.clone());
+    }
+    let dir = static_bins(&["redirect-agent", "redirect-cni"])?;
+    let current = redirect_image::images::agent(&dir)?;
+    let mut newer = current
+        .clone()
+        .label("dev.redirect.test.build", "the next release");
+    newer.name = format!("{}-next", current.name);
+    let out = redirect_devtools::target_dir()?
+        .join("image")
+        .join("redirect-agent-test.tar");
+    std::fs::create_dir_all(out.parent().expect("a parent"))?;
+    redirect_image::write_archive(&[current.clone(), newer.clone()], &out)?;
+    let a = (out, current.name, newer.name);
+    *archive = Some(a.clone());
+    Ok(a)
+}

@@ -32,6 +32,7 @@ pub mod cri;
 pub mod echo;
 pub mod fakeapi;
 pub mod images;
+pub mod kubelet;
 pub mod needs;
 mod netns;
 mod node;
