@@ -236,7 +236,10 @@ fn the_uninstall_daemonsets_command_runs() {
         .as_str()
         .unwrap()
         .replace("/run/redirect", &dir.join("run").display().to_string())
-        .replace("/run/containerd", &dir.join("containerd").display().to_string())
+        .replace(
+            "/run/containerd",
+            &dir.join("containerd").display().to_string(),
+        )
         .replace(
             "/sys/fs/bpf/redirect",
             &dir.join("pins").display().to_string(),

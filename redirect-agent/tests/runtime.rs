@@ -10,7 +10,7 @@ use std::{
     collections::HashMap,
     fs,
     net::{IpAddr, SocketAddr, TcpListener, TcpStream},
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::{Child, Command, Stdio},
     thread,
     time::{Duration, Instant},
@@ -19,8 +19,7 @@ use std::{
 use common::{agent_bin, datapath, Agent};
 use redirect_agent::kubepods::record_name;
 use redirect_testbed::{
-    cri::ContainerSpec, images, kubelet, probe, require, Containerd, CriPod, Need, Node, Outcome,
-    ProxyDial,
+    cri::ContainerSpec, images, probe, require, Containerd, CriPod, Need, Node, Outcome, ProxyDial,
 };
 
 const PATIENCE: Duration = Duration::from_secs(30);
@@ -961,209 +960,6 @@ fn fifty_sandboxes_in_parallel_are_all_enrolled() {
     assert!(agent.records().is_empty());
 }
 
-/// A directory of the test's, removed when dropped (also when the test failed).
-struct Scratch(PathBuf);
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
-
-/// Mounts this test makes shared, as systemd makes every mount of a node (containerd refuses
-/// `Bidirectional` and `HostToContainer` propagation from a private mount, and this machine's
-/// are private): bind mounts of the test's own directories, and a bpffs of its own. Unmounted
-/// when dropped, in reverse order.
-#[derive(Default)]
-struct SharedMounts(Vec<PathBuf>);
-
-impl SharedMounts {
-    fn make(&mut self, src: Option<&Path>, fstype: Option<&str>, at: &Path) {
-        use nix::mount::{mount, MsFlags};
-        fs::create_dir_all(at).unwrap();
-        let flags = if src.is_some() {
-            MsFlags::MS_BIND
-        } else {
-            MsFlags::empty()
-        };
-        mount(
-            src.or(Some(Path::new("none"))),
-            at,
-            fstype,
-            flags,
-            None::<&str>,
-        )
-        .unwrap_or_else(|e| panic!("mounting {}: {e}", at.display()));
-        self.0.push(at.to_owned());
-        mount(
-            None::<&str>,
-            at,
-            None::<&str>,
-            MsFlags::MS_SHARED,
-            None::<&str>,
-        )
-        .unwrap_or_else(|e| panic!("making {} shared: {e}", at.display()));
-    }
-
-    /// `dir` bound on itself, shared.
-    fn bind_shared(&mut self, dir: &Path) {
-        self.make(Some(dir), None, dir);
-    }
-}
-
-impl Drop for SharedMounts {
-    fn drop(&mut self) {
-        for m in self.0.iter().rev() {
-            let _ = nix::mount::umount2(m, nix::mount::MntFlags::MNT_DETACH);
-        }
-    }
-}
-
-/// `GET path` on `127.0.0.1:port` in the node's network namespace (a host-network pod's
-/// port, as kubelet's probe reaches it): the status code and the body.
-fn node_http_get(bed: &Containerd, port: u16, path: &str) -> Option<(u16, String)> {
-    use std::io::{Read as _, Write as _};
-    bed.node()
-        .in_netns(|| {
-            let mut s =
-                TcpStream::connect_timeout(&SocketAddr::from(([127, 0, 0, 1], port)), common::T)
-                    .ok()?;
-            s.set_read_timeout(Some(common::T)).ok()?;
-            write!(
-                s,
-                "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-            )
-            .ok()?;
-            let mut r = String::new();
-            s.read_to_string(&mut r).ok()?;
-            let (head, body) = r.split_once("\r\n\r\n")?;
-            let code = head.split(' ').nth(1)?.parse().ok()?;
-            Some((code, body.to_owned()))
-        })
-        .ok()
-        .flatten()
-}
-
-/// The manifests of `deploy/` (the rendered files, which a test keeps equal to
-/// `kubectl kustomize`).
-fn manifest(file: &str) -> Vec<serde_json::Value> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../deploy")
-        .join(file);
-    kubelet::manifest_docs(&fs::read_to_string(&path).unwrap()).unwrap()
-}
-
-/// The ConfigMap's `config.yaml` with this test's socket, state and pins, and the bed's
-/// kubelet cgroup root; every key it moves must be there (a renamed key fails the test).
-fn test_config(
-    cm: &serde_json::Value,
-    run_dir: &Path,
-    agent: &Agent,
-    kubelet_root: &Path,
-) -> serde_json::Value {
-    let text = cm["data"]["config.yaml"]
-        .as_str()
-        .expect("config.yaml in the ConfigMap");
-    let mut config: serde_json::Value = serde_norway::from_str(text).unwrap();
-    for (key, value) in [
-        ("socket", run_dir.join("agent.sock")),
-        ("stateDir", agent.state_dir.clone()),
-        ("pinRoot", agent.pin_root.clone()),
-    ] {
-        assert!(
-            config.get(key).is_some(),
-            "{key} not in the ConfigMap: {text}"
-        );
-        config[key] = value.display().to_string().into();
-    }
-    config["kubeletCgroupRoots"] = serde_json::json!([kubelet_root]);
-    let mut cm = cm.clone();
-    // JSON is YAML: the agent reads it as its config file.
-    cm["data"]["config.yaml"] = serde_json::to_string_pretty(&config).unwrap().into();
-    cm
-}
-
-/// The pod of a DaemonSet of `file`, as a kubelet on this bed would run it: the host paths the
-/// manifests name moved to the test's (the agent's run dir, the runtime's netns dir and CRI
-/// socket dir, the CNI dirs of the bed, `node`'s cgroup2 and bpffs), the ConfigMap `config`.
-fn daemonset_pod(
-    bed: &Containerd,
-    file: &str,
-    name: &str,
-    node: &TestNode,
-    config: &serde_json::Value,
-) -> kubelet::PodRun {
-    let docs = manifest(file);
-    let ds = kubelet::find_doc(&docs, "DaemonSet", name).unwrap();
-    let run_dir = &node.run_dir.0;
-    let paths = kubelet::HostPaths::new()
-        // Where the node's cgroup2 and bpffs are, for the agent as for this test's CLI.
-        .moved_same_inside("/sys/fs/cgroup", "/sys/fs/cgroup", &node.cgroup)
-        .moved_same_inside("/sys/fs/bpf", "/sys/fs/bpf", &node.bpffs)
-        // The plugin on the host dials the socket the agent names: the same path both sides.
-        .moved_same_inside("/run/redirect", "/run/redirect", run_dir)
-        // The plugin hands the agent the runtime's netns path: the same path both sides.
-        .moved_same_inside("/run/netns", "/var/run/netns", bed.netns_dir())
-        .moved("/opt/cni/bin", bed.cni_bin_dir())
-        .moved("/etc/cni/net.d", bed.cni_conf_dir())
-        .moved("/run/containerd", bed.socket().parent().unwrap());
-    let sandbox = bed
-        .sandbox_spec(
-            "redirect-system",
-            &format!("{name}-test-node"),
-            HashMap::new(),
-        )
-        .unwrap();
-    let config_maps = HashMap::from([("redirect-agent".to_owned(), config.clone())]);
-    kubelet::pod_run(
-        &ds["spec"]["template"],
-        sandbox,
-        "test-node",
-        &paths,
-        &config_maps,
-        &node.scratch.0,
-    )
-    .unwrap()
-}
-
-/// What a node has that the DaemonSet mounts, made for this test: the agent's run dir, a
-/// scratch dir for the kubelet mapping, shared mounts of cgroup2 and of a bpffs of its own.
-struct TestNode {
-    run_dir: Scratch,
-    scratch: Scratch,
-    cgroup: PathBuf,
-    bpffs: PathBuf,
-    // Unmounted before the directories go (fields drop in order).
-    _mounts: SharedMounts,
-    _dirs: Scratch,
-}
-
-impl TestNode {
-    fn new(agent: &Agent) -> TestNode {
-        let base = PathBuf::from(format!("{}-node", agent.state_dir.display()));
-        let dirs = Scratch(base.clone());
-        let mut mounts = SharedMounts::default();
-        let cgroup = base.join("cgroup");
-        mounts.make(
-            Some(&redirect_testbed::cgroup2_mount().unwrap()),
-            None,
-            &cgroup,
-        );
-        let bpffs = base.join("bpffs");
-        mounts.make(None, Some("bpf"), &bpffs);
-        let node = TestNode {
-            run_dir: Scratch(base.join("run")),
-            scratch: Scratch(base.join("kubelet")),
-            cgroup,
-            bpffs,
-            _mounts: mounts,
-            _dirs: dirs,
-        };
-        fs::create_dir_all(&node.run_dir.0).unwrap();
-        node
-    }
-}
-
 /// A long-lived connection from the node to a pod's port: banner read, then each check is
 /// one byte echoed.
 struct Held(TcpStream);
@@ -1190,19 +986,6 @@ impl Held {
     }
 }
 
-/// The effective capabilities of a container's first process.
-fn cap_eff(bed: &Containerd, container: &str) -> u64 {
-    let st = bed.cri().container_status(container).unwrap();
-    let pid = redirect_testbed::cri::info_pid(&st.info).expect("the container's pid");
-    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let hex = status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))
-        .unwrap()
-        .trim();
-    u64::from_str_radix(hex, 16).unwrap()
-}
-
 /// The agent's DaemonSet, from `deploy/redirect.yaml` itself, run through CRI as a kubelet on
 /// a node runs it (`redirect_testbed::kubelet`: image, command, args, env with `NODE_NAME`
 /// from the downward API, securityContext, hostPath and ConfigMap volumes with their
@@ -1216,13 +999,13 @@ fn cap_eff(bed: &Containerd, container: &str) -> u64 {
 /// pins or state behind.
 #[test]
 fn the_daemonsets_pod_spec_runs_the_node_agent_through_cri() {
+    use redirect_testbed::daemonset::{self, AgentPod, NodeDirs, SharedMounts};
     require!(Need::Root, datapath(), containerd_here());
     // The runtime's netns dir shared (containerd refuses HostToContainer from a private
     // mount), unmounted only after the bed has removed its sandboxes: declared first.
     let mut netns_shared = SharedMounts::default();
     let bed = bed();
-    fs::create_dir_all(bed.netns_dir()).unwrap();
-    netns_shared.bind_shared(&bed.netns_dir());
+    netns_shared.bind_shared(&bed.netns_dir()).unwrap();
     let (archive, image, newer) = images::agent_images().expect("the agent's images");
     bed.import(&archive).expect("import the agent's images");
     let original_conf: Vec<(PathBuf, String)> = fs::read_dir(bed.cni_conf_dir())
@@ -1232,55 +1015,28 @@ fn the_daemonsets_pod_spec_runs_the_node_agent_through_cri() {
         .collect();
 
     let mut agent = Agent::new();
-    let node = TestNode::new(&agent);
-    let run_dir = &node.run_dir;
+    let node = NodeDirs::new(&PathBuf::from(format!(
+        "{}-node",
+        agent.state_dir.display()
+    )))
+    .unwrap();
     // The CLI of this test reads what the agent in its container writes, at the same paths.
-    agent.state_dir = run_dir.0.join("state");
-    agent.pin_root = node.bpffs.join("redirect");
-    let kubelet_root = node.cgroup.join(
-        bed.kubelet_cgroup_root()
-            .strip_prefix(redirect_testbed::cgroup2_mount().unwrap())
-            .unwrap(),
-    );
-    let cm = kubelet::find_doc(&manifest("redirect.yaml"), "ConfigMap", "redirect-agent")
-        .unwrap()
-        .clone();
-    let config = test_config(&cm, &run_dir.0, &agent, &kubelet_root);
-    let run = daemonset_pod(&bed, "redirect.yaml", "redirect-agent", &node, &config);
-    let spec = &run.containers[0];
+    agent.state_dir = node.state_dir();
+    agent.pin_root = node.pin_root();
+    let cm = node.config_map(&bed).unwrap();
+    let run = node
+        .pod(&bed, "redirect.yaml", "redirect-agent", &cm)
+        .unwrap();
     assert_eq!(
-        spec.spec.image, image,
+        run.containers[0].spec.image, image,
         "the DaemonSet runs the image xtask builds"
     );
-    let probe = spec.readiness.clone().expect("a readiness probe");
-    assert_eq!(probe.path, "/readyz");
-
-    let pod = bed.run_pod(&run.sandbox).unwrap();
-    for init in &run.init {
-        bed.run_to_completion(&pod, &init.spec, Duration::from_secs(60))
-            .unwrap();
-    }
-    let log = |id: &str| bed.container_log(&pod, id);
-    let ready = |what: &str, name: &str| {
-        let start = Instant::now();
-        loop {
-            match node_http_get(&bed, probe.port, &probe.path) {
-                Some((200, _)) => return,
-                other => assert!(
-                    start.elapsed() < Duration::from_secs(60),
-                    "{what}: /readyz says {other:?}; the agent's log:\n{}",
-                    log(name)
-                ),
-            }
-            thread::sleep(Duration::from_millis(100));
-        }
-    };
-    let first = bed.start_container(&pod, &spec.spec).unwrap();
-    ready("the agent from the DaemonSet's pod spec", &spec.spec.name);
+    let mut pod = AgentPod::start(&bed, run).unwrap();
+    assert_eq!(pod.readiness.path, "/readyz");
     // Least privilege: root with exactly NET_ADMIN, SYS_ADMIN, SYS_PTRACE, DAC_OVERRIDE.
     let want = (1u64 << 12) | (1 << 21) | (1 << 19) | (1 << 1);
     assert_eq!(
-        cap_eff(&bed, &first),
+        daemonset::cap_eff(&bed, &pod.container).unwrap(),
         want,
         "the agent container's effective capabilities"
     );
@@ -1289,8 +1045,7 @@ fn the_daemonsets_pod_spec_runs_the_node_agent_through_cri() {
         "plugin binary"
     );
     wait_chain_loaded(&bed, "fail");
-    let (code, metrics) = node_http_get(&bed, probe.port, "/metrics").unwrap();
-    assert_eq!(code, 200);
+    let metrics = pod.get(&bed, "/metrics").unwrap();
     assert!(metrics.contains("redirect_pods_enrolled 0\n"), "{metrics}");
 
     let pods = conformance_through_cri(&bed, &agent);
@@ -1301,15 +1056,9 @@ fn the_daemonsets_pod_spec_runs_the_node_agent_through_cri() {
         SocketAddr::new(pods[0].0.ip4().unwrap().into(), common::WILDCARD_PORT),
     );
     assert!(held.alive());
-    bed.cri().stop_container(&first, 10).unwrap();
-    bed.cri().remove_container(&first).unwrap();
-    assert!(held.alive(), "the connection while no agent runs");
-    let mut next = spec.spec.clone();
-    next.image = newer.clone();
-    let second = bed.start_container(&pod, &next).unwrap();
-    ready("the agent of the newer image", &next.name);
+    pod.update(&bed, &newer).unwrap();
     assert!(held.alive(), "the connection across the rolling update");
-    let (_, metrics) = node_http_get(&bed, probe.port, "/metrics").unwrap();
+    let metrics = pod.get(&bed, "/metrics").unwrap();
     assert!(
         metrics.contains(&format!(
             "redirect_agent_restarts_adopted_pods {}\n",
@@ -1350,23 +1099,9 @@ fn the_daemonsets_pod_spec_runs_the_node_agent_through_cri() {
     );
     assert!(captured(&bed, &agent, &late, &late_record));
 
-    // Uninstall: the agent's DaemonSet is deleted first, then the uninstall DaemonSet's pod
-    // runs (its init container; the pause container after it is not run: no registry here).
-    bed.cri().stop_container(&second, 10).unwrap();
-    bed.cri().remove_container(&second).unwrap();
-    let un = daemonset_pod(
-        &bed,
-        "redirect-uninstall.yaml",
-        "redirect-uninstall",
-        &node,
-        &config,
-    );
-    let un_pod = bed.run_pod(&un.sandbox).unwrap();
-    for init in &un.init {
-        bed.run_to_completion(&un_pod, &init.spec, Duration::from_secs(60))
-            .unwrap();
-    }
-    let said = bed.container_log(&un_pod, &un.init[0].spec.name);
+    // Uninstall: the agent's DaemonSet is deleted first, then the uninstall DaemonSet's pod.
+    pod.stop(&bed).unwrap();
+    let said = daemonset::uninstall(&bed, &node, &cm).unwrap();
     assert!(
         said.contains(&format!("unenrolled {late_record}")),
         "{said}"
@@ -1394,8 +1129,7 @@ fn the_daemonsets_pod_spec_runs_the_node_agent_through_cri() {
         common::tree(&agent.pin_root)
     );
     assert!(!agent.state_dir.exists(), "state left");
-    assert!(!run_dir.0.join("agent.sock").exists(), "socket left");
+    assert!(!node.socket().exists(), "socket left");
     bed.remove_pod(&late).unwrap();
-    bed.remove_pod(&un_pod).unwrap();
-    bed.remove_pod(&pod).unwrap();
+    bed.remove_pod(&pod.pod).unwrap();
 }

@@ -29,6 +29,7 @@
 mod cgroup;
 pub mod containerd;
 pub mod cri;
+pub mod daemonset;
 pub mod echo;
 pub mod fakeapi;
 pub mod images;
