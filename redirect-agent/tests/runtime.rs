@@ -396,33 +396,10 @@ fn start_app_and_proxy(
         .chain([15001, 15006])
         .collect();
     wait_for("the app and the proxy to listen", || {
-        let ports = pod.in_netns(listening_ports).ok()?;
+        let ports = pod.listening_ports().ok()?;
         want.iter().all(|p| ports.contains(p)).then_some(())
     });
     app
-}
-
-/// The TCP ports listening in the calling thread's network namespace (`/proc/thread-self/net`:
-/// `/proc/net` is the process's, not the thread's that joined the pod's namespace).
-fn listening_ports() -> Vec<u16> {
-    let mut ports = Vec::new();
-    for f in ["/proc/thread-self/net/tcp", "/proc/thread-self/net/tcp6"] {
-        let text = fs::read_to_string(f).unwrap_or_default();
-        for l in text.lines().skip(1) {
-            let cols: Vec<&str> = l.split_whitespace().collect();
-            // st 0A is LISTEN.
-            if cols.get(3) == Some(&"0A") {
-                if let Some(port) = cols
-                    .get(1)
-                    .and_then(|a| a.rsplit(':').next())
-                    .and_then(|p| u16::from_str_radix(p, 16).ok())
-                {
-                    ports.push(port);
-                }
-            }
-        }
-    }
-    ports
 }
 
 /// A probe of `to` from the node's namespace (outside every pod: a client elsewhere).

@@ -634,6 +634,37 @@ impl CriPod {
 }
 
 /// A Kubernetes-style UID (a random version-4 UUID).
+impl CriPod {
+    /// The TCP ports listening in the pod's network namespace.
+    pub fn listening_ports(&self) -> Result<Vec<u16>> {
+        self.in_netns(tcp_listening_ports)
+    }
+}
+
+/// The TCP ports listening in the calling thread's network namespace
+/// (`/proc/thread-self/net`: `/proc/net` is the process's, not the thread's that joined a
+/// pod's namespace).
+pub fn tcp_listening_ports() -> Vec<u16> {
+    let mut ports = Vec::new();
+    for f in ["/proc/thread-self/net/tcp", "/proc/thread-self/net/tcp6"] {
+        let text = fs::read_to_string(f).unwrap_or_default();
+        for l in text.lines().skip(1) {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            // st 0A is LISTEN.
+            if cols.get(3) == Some(&"0A") {
+                if let Some(port) = cols
+                    .get(1)
+                    .and_then(|a| a.rsplit(':').next())
+                    .and_then(|p| u16::from_str_radix(p, 16).ok())
+                {
+                    ports.push(port);
+                }
+            }
+        }
+    }
+    ports
+}
+
 pub fn new_uid() -> String {
     let a = state::random_u64();
     let b = state::random_u64();

@@ -30,6 +30,8 @@ use redirect_testbed::{
     bin_path, matrix, AppBind, InboundPolicy, Node, Outcome, Pod, PodProcess, ProxyDial,
 };
 
+mod node;
+
 const PROXY_UID: u32 = 1337;
 const APP_UID: u32 = 1000;
 const POD_NAME: &str = "demo-server";
@@ -127,12 +129,19 @@ fn judge(outcome: &Outcome, want: Option<(SocketAddr, IpAddr)>) -> (String, bool
     }
 }
 
-/// Runs the demo; exits 1 (after cleaning up) when a cell is not as expected.
-pub fn run() -> Result<()> {
+/// Runs the demo (`node`: the node demo, [`node::demo`]); exits 1 (after cleaning up) when a
+/// cell is not as expected.
+pub fn run(which: Which) -> Result<()> {
     if !redirect_testbed::needs::is_root() {
         bail!(
-            "the demo needs root (network namespaces, cgroups, eBPF); try: sudo {} demo",
-            exe()
+            "the demo needs root (network namespaces, cgroups, eBPF{}); try: sudo {} {}",
+            if which == Which::Node {
+                ", containerd"
+            } else {
+                ""
+            },
+            exe(),
+            which.command()
         );
     }
     let handler = SigAction::new(
@@ -144,7 +153,11 @@ pub fn run() -> Result<()> {
         // SAFETY: the handler only stores to an atomic.
         unsafe { sigaction(sig, &handler) }.with_context(|| format!("installing {sig} handler"))?;
     }
-    match demo() {
+    let r = match which {
+        Which::Quick => demo(),
+        Which::Node => node::demo(),
+    };
+    match r {
         Ok(true) => Ok(()),
         Ok(false) => std::process::exit(1),
         Err(_) if INTERRUPTED.load(Ordering::SeqCst) => {
@@ -152,6 +165,24 @@ pub fn run() -> Result<()> {
             std::process::exit(130);
         }
         Err(e) => Err(e.context("demo failed; everything it created is removed")),
+    }
+}
+
+/// Which demo.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Which {
+    /// Pods made by the test bed, the agent as a process: seconds.
+    Quick,
+    /// A private containerd, the agent's DaemonSet pod from its image, pods through CRI.
+    Node,
+}
+
+impl Which {
+    fn command(self) -> &'static str {
+        match self {
+            Which::Quick => "demo",
+            Which::Node => "demo-node",
+        }
     }
 }
 

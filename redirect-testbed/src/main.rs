@@ -70,6 +70,10 @@ enum Cmd {
     DnsQuery(dnsq::Args),
     /// The conformance matrix end to end on this machine: pods, proxy, `redirect-agent` (root).
     Demo,
+    /// This machine as a node: a private containerd, the agent's DaemonSet pod from its
+    /// image, pods with Istio's annotations through CRI, the matrix, /metrics, the uninstall
+    /// (root).
+    DemoNode,
     /// An unprivileged application trying to fill the datapath's maps (tests/hostile.rs).
     Hostile(hostile::Args),
 }
@@ -141,7 +145,8 @@ fn main() -> Result<()> {
         }
         Cmd::Addrs(args) => addrs::run(args),
         Cmd::DnsQuery(args) => dnsq::run(args),
-        Cmd::Demo => demo::run(),
+        Cmd::Demo => demo::run(demo::Which::Quick),
+        Cmd::DemoNode => demo::run(demo::Which::Node),
         Cmd::Hostile(args) => hostile::run(args),
     }
 }

@@ -1,4 +1,7 @@
-//! `cargo xtask demo`: setup, build the workspace binaries, then exec `redirect-testbed demo`.
+//! `cargo xtask demo [node]`: setup, build the workspace binaries, then exec
+//! `redirect-testbed demo` (the quick demo: pods made by the test bed, the agent as a
+//! process) or `redirect-testbed demo-node` (this machine as a node: a private containerd, the
+//! agent's DaemonSet pod from its image, pods through CRI, the uninstall).
 
 use std::os::unix::process::CommandExt as _;
 use std::process::Command;
@@ -9,6 +12,10 @@ use crate::util::{self, header};
 
 #[derive(clap::Args)]
 pub struct Args {
+    /// `node`: run the node demo (containerd, the DaemonSet's pod, CRI pods, uninstall; about a
+    /// minute after the images are built) instead of the quick one.
+    #[arg(value_parser = ["node"])]
+    pub which: Option<String>,
     /// Extra arguments passed on to `redirect-testbed demo` (after `--`).
     #[arg(last = true)]
     pub demo_args: Vec<String>,
@@ -25,9 +32,13 @@ pub fn run(args: Args) -> Result<()> {
         bail!("{} was not built", testbed.display());
     }
     let mut cmd = Command::new(&testbed);
-    cmd.arg("demo")
-        .args(&args.demo_args)
-        .current_dir(util::workspace_root());
+    cmd.arg(if args.which.as_deref() == Some("node") {
+        "demo-node"
+    } else {
+        "demo"
+    })
+    .args(&args.demo_args)
+    .current_dir(util::workspace_root());
     header(&format!("[3/3] demo: {}", util::display(&cmd)));
     // exec: the demo replaces us, so its exit status (and signals) are the caller's.
     let err = cmd.exec();
