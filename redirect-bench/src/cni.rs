@@ -28,6 +28,11 @@ use crate::{
 const BEGIN: &str = "<!-- bench cni: begin -->";
 const END: &str = "<!-- bench cni: end -->";
 
+/// The sandbox section of a BENCHMARKS.md, markers included, if it has one.
+pub fn section_of(md: &str) -> Option<&str> {
+    crate::agent::marked_section(md, BEGIN, END)
+}
+
 #[derive(clap::Args, Debug, Clone)]
 pub struct Opts {
     /// Interleaved rounds (default 30; 2 with --quick).

@@ -39,7 +39,7 @@ use crate::modes::{
 use crate::report::{Groups, Key};
 
 /// Debian packages the benchmark needs beyond `cargo xtask setup`'s.
-const PACKAGES: &[&str] = &[
+pub(crate) const PACKAGES: &[&str] = &[
     "conntrack",
     "libnginx-mod-stream",
     "nginx-light",
@@ -253,47 +253,19 @@ pub fn run(opts: Opts) -> Result<()> {
     }
 
     dev::header("bench datapath: kernel BPF statistics (ebpf mode, one pass, stats on)");
-    let mut bpf = Vec::new();
-    {
-        let _stats = crate::sys::enable_bpf_stats()?;
-        // rr-1B shows that kept connections run no program; crr-1B what setup costs, also
-        // with the programs attached but nothing redirected (explicit+enrolled).
-        for proxy in &proxies {
-            for (mode, wls) in [
-                (Mode::Ebpf, &[RR_1B, CRR][..]),
-                (Mode::ExplicitEnrolled, &[CRR][..]),
-            ] {
-                let cfg = Config {
-                    mode,
-                    proxy: Some(*proxy),
-                };
-                let running = bed.start(cfg, Scale::default())?;
-                for wl in wls {
-                    let before = bed.bpf_stats()?;
-                    let s =
-                        bed.measure("bpf-stats", cfg, *wl, 0, Scale::default(), timing, &running)?;
-                    let after = bed.bpf_stats()?;
-                    // The statistics also count the warm-up, so divide by every operation.
-                    let ops = s.load["ops"].as_u64().unwrap_or(0)
-                        + s.load["warmup_ops"].as_u64().unwrap_or(0);
-                    for (prog, (cnt, ns)) in &after {
-                        let (c0, n0) = before.get(prog).copied().unwrap_or_default();
-                        bpf.push(BpfStat {
-                            config: cfg.label(),
-                            workload: wl.name,
-                            program: prog,
-                            run_cnt: cnt - c0,
-                            run_time_ns: ns - n0,
-                            ops,
-                        });
-                    }
-                    progress.tick(0, 1, &s);
-                    samples.push(s);
-                }
-                bed.stop(running)?;
-            }
-        }
-    }
+    // rr-1B shows that kept connections run no program; crr-1B what setup costs, also with the
+    // programs attached but nothing redirected (explicit+enrolled).
+    let bpf = stats_pass(
+        &bed,
+        &proxies,
+        &[
+            (Mode::Ebpf, &[RR_1B, CRR][..]),
+            (Mode::ExplicitEnrolled, &[CRR][..]),
+        ],
+        timing,
+        &mut progress,
+        &mut samples,
+    )?;
 
     dev::header(&format!(
         "bench datapath: node scale, {} more pods enrolled",
@@ -376,6 +348,54 @@ pub fn run(opts: Opts) -> Result<()> {
         started.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+/// One measurement of each (mode, workloads) of `plan` per proxy with the kernel's BPF
+/// statistics on (`BPF_ENABLE_STATS`, for this pass only: they add two clock reads to every
+/// program run), and each program's runs and run time over it.
+pub(crate) fn stats_pass(
+    bed: &Bed,
+    proxies: &[ProxyKind],
+    plan: &[(Mode, &[Workload])],
+    timing: Timing,
+    progress: &mut Progress,
+    samples: &mut Vec<Sample>,
+) -> Result<Vec<BpfStat>> {
+    let mut bpf = Vec::new();
+    let _stats = crate::sys::enable_bpf_stats()?;
+    for proxy in proxies {
+        for (mode, wls) in plan {
+            let cfg = Config {
+                mode: *mode,
+                proxy: Some(*proxy),
+            };
+            let running = bed.start(cfg, Scale::default())?;
+            for wl in *wls {
+                let before = bed.bpf_stats()?;
+                let s =
+                    bed.measure("bpf-stats", cfg, *wl, 0, Scale::default(), timing, &running)?;
+                let after = bed.bpf_stats()?;
+                // The statistics also count the warm-up, so divide by every operation.
+                let ops = s.load["ops"].as_u64().unwrap_or(0)
+                    + s.load["warmup_ops"].as_u64().unwrap_or(0);
+                for (prog, (cnt, ns)) in &after {
+                    let (c0, n0) = before.get(prog).copied().unwrap_or_default();
+                    bpf.push(BpfStat {
+                        config: cfg.label(),
+                        workload: wl.name,
+                        program: prog,
+                        run_cnt: cnt - c0,
+                        run_time_ns: ns - n0,
+                        ops,
+                    });
+                }
+                progress.tick(0, 1, &s);
+                samples.push(s);
+            }
+            bed.stop(running)?;
+        }
+    }
+    Ok(bpf)
 }
 
 /// The comparisons the adaptive rounds try to decide: `ebpf` against `explicit` and
@@ -525,14 +545,14 @@ fn meta(
     }))
 }
 
-struct Progress {
+pub(crate) struct Progress {
     total: usize,
     done: usize,
     start: Instant,
 }
 
 impl Progress {
-    fn new(total: usize) -> Self {
+    pub(crate) fn new(total: usize) -> Self {
         Progress {
             total,
             done: 0,
@@ -540,7 +560,7 @@ impl Progress {
         }
     }
 
-    fn tick(&mut self, rep: usize, reps: usize, s: &Sample) {
+    pub(crate) fn tick(&mut self, rep: usize, reps: usize, s: &Sample) {
         self.done += 1;
         let el = self.start.elapsed().as_secs_f64();
         let eta = el / self.done as f64 * (self.total.saturating_sub(self.done)) as f64;

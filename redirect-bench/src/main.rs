@@ -26,6 +26,7 @@ mod istio;
 mod measure;
 mod modes;
 mod report;
+mod setup;
 mod stats;
 mod sys;
 
@@ -61,6 +62,9 @@ enum Command {
     /// 60 000 short connections to 1 000 destinations, under Istio's iptables rules and under
     /// redirect (issue 13's port-space figure; see redirect-bench/src/connections.rs).
     Connections,
+    /// Where the connection-setup time goes, on its own: explicit, explicit+enrolled and ebpf,
+    /// crr-1B, with the per-program BPF statistics (see redirect-bench/src/setup.rs).
+    Setup(setup::Opts),
     /// Rewrite BENCHMARKS.md and the charts from a results JSON of an earlier run.
     Report {
         /// The results file.
@@ -76,6 +80,7 @@ fn run(args: Args) -> Result<()> {
         Some(Command::Connections) => connections::run(),
         Some(Command::Cni(opts)) => cni::run(opts),
         Some(Command::Datapath(opts)) => datapath::run(opts),
+        Some(Command::Setup(opts)) => setup::run(opts),
         Some(Command::Report { from }) => report::rewrite(&from),
         None => datapath::run(args.datapath),
     }

@@ -338,7 +338,7 @@ pub fn write(results: &Value, out_dir: &Path, md_path: &Path) -> Result<()> {
     }
     full_tables(w, results, &groups)?;
     ratios(w, results, &groups)?;
-    setup_cost(w, results, &groups)?;
+    setup_cost(w, results, &groups, "## Where the setup time goes")?;
     scale(w, results, &groups, &charts, &rel)?;
     pods(w, results, &groups)?;
     bpf(w, results)?;
@@ -359,6 +359,16 @@ pub fn write(results: &Value, out_dir: &Path, md_path: &Path) -> Result<()> {
         Some(section) => format!("{}\n\n{section}", md.trim_end()),
         None => md,
     };
+    // And the sandbox section of `bench cni`, and the setup section of `bench setup`.
+    let mut md = md;
+    for section_of in [crate::cni::section_of, crate::setup::section_of] {
+        if let Some(section) = fs::read_to_string(md_path)
+            .ok()
+            .and_then(|old| section_of(&old).map(str::to_owned))
+        {
+            md = format!("{}\n\n{section}", md.trim_end());
+        }
+    }
     fs::write(md_path, md).with_context(|| format!("writing {}", md_path.display()))?;
     Ok(())
 }
@@ -648,7 +658,7 @@ fn bpf_ns_per_op(results: &Value, config: &str, workload: &str) -> f64 {
 
 /// Connection setup (crr-1B) taken apart: the proxies dialled explicitly, then the same with
 /// both pods enrolled (every program attached and run, nothing redirected), then redirected.
-fn setup_cost(w: &mut String, results: &Value, g: &Groups) -> Result<()> {
+pub fn setup_cost(w: &mut String, results: &Value, g: &Groups, heading: &str) -> Result<()> {
     let configs = Groups::configs(results, "main");
     let proxies: Vec<&str> = PROXIES
         .iter()
@@ -658,7 +668,7 @@ fn setup_cost(w: &mut String, results: &Value, g: &Groups) -> Result<()> {
     if proxies.is_empty() {
         return Ok(());
     }
-    writeln!(w, "## Where the setup time goes\n")?;
+    writeln!(w, "{heading}\n")?;
     writeln!(
         w,
         "`crr-1B` (connect, 1-byte request/response, close: three TCP connections per \
@@ -711,6 +721,104 @@ fn setup_cost(w: &mut String, results: &Value, g: &Groups) -> Result<()> {
             "| {proxy} | **`ebpf` − `explicit`** | | {} | | {} | |",
             difference_cell(g.difference(&e, &x, "p50"), Better::Lower),
             difference_cell(g.difference(&e, &x, "cpu_per_op"), Better::Lower),
+        )?;
+    }
+    writeln!(w)?;
+    setup_programs(w, results, &proxies)?;
+    Ok(())
+}
+
+/// What runs each program, for the per-program table.
+fn hook_of(program: &str) -> &'static str {
+    match program {
+        "rd_sock_ops" => "every sock_ops callback of a pod's TCP sockets",
+        "rd_connect4" | "rd_connect6" => "every connect()",
+        "rd_bind4" | "rd_bind6" => "every bind(), also `bpf_bind`'s",
+        "rd_getpeername4" | "rd_getpeername6" => "every getpeername()",
+        "rd_getsockopt" => "every getsockopt(), any level and option",
+        "rd_sk_lookup" => "every connection request into a pod's network namespace",
+        "rd_sendmsg4" | "rd_sendmsg6" => "every unconnected UDP sendmsg()",
+        "rd_recvmsg4" | "rd_recvmsg6" => "every UDP recvmsg()",
+        _ => "",
+    }
+}
+
+/// Per program of both pods, from the statistics pass: how often it runs per crr-1B operation
+/// and how long one run takes, with the programs attached but nothing redirected and with
+/// redirection.
+fn setup_programs(w: &mut String, results: &Value, proxies: &[&str]) -> Result<()> {
+    let stats = results["bpf_stats"].as_array().cloned().unwrap_or_default();
+    // (proxy, program) -> step -> (runs/op, ns/run, ns/op)
+    type ByStep<'a> = BTreeMap<&'a str, (f64, f64, f64)>;
+    let mut rows: BTreeMap<(String, String), ByStep> = BTreeMap::new();
+    let steps = ["explicit+enrolled", "ebpf"];
+    for s in &stats {
+        if s["workload"] != "crr-1B" {
+            continue;
+        }
+        let cfg = s["config"].as_str().unwrap_or("");
+        let Some((step, proxy)) = cfg.split_once('/') else {
+            continue;
+        };
+        let Some(step) = steps.iter().find(|x| **x == step) else {
+            continue;
+        };
+        let cnt = s["run_cnt"].as_f64().unwrap_or(0.0);
+        if cnt == 0.0 {
+            continue;
+        }
+        let ns = s["run_time_ns"].as_f64().unwrap_or(0.0);
+        let ops = s["ops"].as_f64().unwrap_or(f64::NAN);
+        let program = s["program"].as_str().unwrap_or("").to_owned();
+        rows.entry((proxy.to_owned(), program))
+            .or_default()
+            .insert(step, (cnt / ops, ns / cnt, ns / ops));
+    }
+    if rows.is_empty() {
+        return Ok(());
+    }
+    writeln!(
+        w,
+        "Per program, from the statistics pass (crr-1B, both pods): runs per operation, \
+         kernel run time per run (`run_time_ns / run_cnt`, the program alone: not the \
+         kernel's work to invoke it, nor what its helpers leave to do later, such as freeing \
+         socket storage when the socket goes) and run time per operation. The statistics add \
+         two clock reads to every run.\n"
+    )?;
+    writeln!(
+        w,
+        "| proxy | program | runs on | enrolled runs/op | enrolled ns/run | enrolled ns/op | \
+         ebpf runs/op | ebpf ns/run | ebpf ns/op |"
+    )?;
+    writeln!(w, "|---|---|---|---|---|---|---|---|---|")?;
+    for proxy in proxies {
+        let mut total = [0.0f64; 2];
+        for ((p, program), by_step) in &rows {
+            if p != proxy {
+                continue;
+            }
+            let mut cells = Vec::new();
+            for (i, step) in steps.iter().enumerate() {
+                match by_step.get(step) {
+                    Some((runs, ns_run, ns_op)) => {
+                        total[i] += ns_op;
+                        cells.push(format!("{} | {:.0} | {:.0}", fmt_num(*runs), ns_run, ns_op));
+                    }
+                    None => cells.push("0 | | 0".to_owned()),
+                }
+            }
+            writeln!(
+                w,
+                "| {proxy} | `{program}` | {} | {} | {} |",
+                hook_of(program),
+                cells[0],
+                cells[1]
+            )?;
+        }
+        writeln!(
+            w,
+            "| {proxy} | **all** | | | | **{:.0}** | | | **{:.0}** |",
+            total[0], total[1]
         )?;
     }
     writeln!(w)?;
