@@ -440,7 +440,9 @@ impl PodSpec {
             ("inbound", self.proxy_inbound_port),
             ("outbound", self.proxy_outbound_port),
         ] {
-            let why = if DEFAULT_EXCLUDED_INBOUND_PORTS.contains(&port) {
+            let why = if port == 0 {
+                Some("0, which names no port")
+            } else if DEFAULT_EXCLUDED_INBOUND_PORTS.contains(&port) {
                 Some("one of Istio's never-captured inbound ports (15008, 15020, 15021, 15090)")
             } else if PROXY_PORTS.contains(&port) && port != 15001 && port != 15006 {
                 Some("another port of the proxy (admin, HBONE, health, DNS...)")
@@ -585,6 +587,28 @@ mod tests {
         assert!(check_namespace("a").is_ok());
         for bad in ["", "Prod", "-a", "a-", "a.b", "a/b", &"x".repeat(64)] {
             assert!(check_namespace(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    /// Port 0 names no listener; the bind hook relies on the inbound port never being 0.
+    #[test]
+    fn proxy_port_zero_is_refused() {
+        for (inbound, outbound) in [(0, 15001), (15006, 0)] {
+            let mut spec = PodSpec {
+                name: "p".into(),
+                pod_ips: vec!["198.18.0.10".parse().unwrap()],
+                proxy_uid: 1337,
+                proxy_inbound_port: inbound,
+                proxy_outbound_port: outbound,
+                ..PodSpec::default()
+            };
+            assert!(
+                matches!(
+                    spec.check(),
+                    Err(SpecError::ProxyPortNotCapturable { port: 0, .. })
+                ),
+                "{inbound} {outbound}"
+            );
         }
     }
 

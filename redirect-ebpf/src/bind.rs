@@ -40,6 +40,11 @@ fn on_bind(ctx: &SockAddrContext, family: u16) {
         return;
     }
     let port = u16::from_be(user_port as u16);
+    // Port 0 (an ephemeral port, as a proxy's bind-before-connect to 127.0.0.6 asks) is never
+    // the proxy's inbound port (the agent refuses 0 there): no cgroup or map lookup for it.
+    if port == 0 {
+        return;
+    }
     let Some((slot, cfg)) = current_pod() else {
         return;
     };

@@ -45,15 +45,22 @@ fn on_lookup(ctx: &SkLookupContext) -> u32 {
             (Addr::v6(lo), Addr::v6(re))
         }
     };
+    // Connections made inside the pod (the application to its own address or to loopback, the
+    // proxy's delivery from 127.0.0.6) are never captured; the connect hooks already decided
+    // them. A loopback destination is no pod's address (the agent refuses loopback pod IPs).
+    // Both are tested before any map lookup: they cost nothing, and two of the three requests
+    // of a sidecar-to-sidecar call (the application to its proxy on loopback, the server
+    // proxy's delivery) end here.
+    if local.is_loopback() || remote.is_local() || remote.is_passthrough_src() {
+        return SK_PASS;
+    }
     let Some(slot) = pod_of_addr(&local) else {
         return SK_PASS;
     };
     let Some((slot, cfg)) = config(slot) else {
         return SK_PASS;
     };
-    // Connections made inside the pod (the application to its own address, the proxy's
-    // delivery from 127.0.0.6) are never captured; the connect hooks already decided them.
-    if remote.is_local() || remote.is_passthrough_src() || pod_of_addr(&remote) == Some(slot) {
+    if pod_of_addr(&remote) == Some(slot) {
         return SK_PASS;
     }
     let port = port as u16;
