@@ -182,10 +182,6 @@ pub struct DnsOrig {
 /// Entries of `DNS_REPLIES` (LRU: a socket that closes leaves its entries to be evicted).
 pub const MAX_DNS_REPLIES: u32 = 16_384;
 
-/// Entries of `DELIVERIES`, the proxy's deliveries in their handshake (LRU: a connect() that
-/// fails before its SYN leaves its entry to be evicted; a full map loses refusal counts only).
-pub const MAX_DELIVERIES: u32 = 16_384;
-
 /// Key of `POD_ADDRS`: one of a pod's addresses.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -18,7 +18,7 @@
 
 use aya_ebpf::{
     bindings::bpf_sock_addr,
-    helpers::{bpf_bind, bpf_get_current_uid_gid, generated::bpf_get_socket_cookie},
+    helpers::{bpf_bind, bpf_get_current_uid_gid},
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
@@ -30,7 +30,7 @@ use redirect_common::{
 use crate::{
     addr::{loopback, spread4, spread6, Addr, SockaddrIn, SockaddrIn6},
     dns,
-    maps::{CIDR4, CIDR6, CONN_ORIG, DELIVERIES},
+    maps::{CIDR4, CIDR6, CONN_ORIG},
     orig_dst,
     pod::{count, current_pod, delivery, inbound_captured, is_proxy_port, pod_of_addr, port_rule},
 };
@@ -234,20 +234,8 @@ fn proxy_connect(ctx: &SockAddrContext, slot: u32, cfg: &PodConfig, dst: Addr, p
             count(slot, Counter::DeliveredLoopback);
         }
     }
-    track_delivery(ctx, slot);
-}
-
-/// Notes a delivery (`DELIVERIES`, by socket cookie) for sock_ops, which counts it if the
-/// kernel refuses it; a full map just loses that count. A value the socket's storage kept from
-/// an earlier connect() goes: this connect() is a delivery, whatever that one was.
-#[inline(always)]
-fn track_delivery(ctx: &SockAddrContext, slot: u32) {
-    // SAFETY: `sk` of a sock_addr context is a full socket (PTR_TO_SOCKET, never null); a
-    // socket without a value is left as it is.
-    unsafe { CONN_ORIG.delete(sock(ctx)) };
-    // SAFETY: `sock_addr` is the running sock_addr program's context, which the helper takes.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
-    let _ = DELIVERIES.insert(cookie, slot, 0);
+    // Tracked only to count deliveries the kernel refuses; a full map just loses that count.
+    let _ = remember_quiet(ctx, slot, dst, port, ConnKind::Delivery);
 }
 
 /// Records the original destination in the socket's own storage, for sock_ops to file in

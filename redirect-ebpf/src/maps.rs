@@ -8,8 +8,8 @@ use aya_ebpf::{
 };
 use redirect_common::{
     AddrKey, CidrKey4, CidrKey6, DnsKey, DnsOrig, ListenerKey, OrigDst, PodConfig, PortKey,
-    SockTuple, COUNTERS_PER_POD, MAX_CIDR_RULES, MAX_DELIVERIES, MAX_DNS_REPLIES, MAX_ORIG_DST,
-    MAX_PODS, MAX_PORT_RULES,
+    SockTuple, COUNTERS_PER_POD, MAX_CIDR_RULES, MAX_DNS_REPLIES, MAX_ORIG_DST, MAX_PODS,
+    MAX_PORT_RULES,
 };
 
 use crate::storage::SkStorage;
@@ -48,17 +48,6 @@ pub static LISTENERS: SockHash<ListenerKey> = SockHash::pinned(MAX_PODS * 2, 0);
 /// holds nothing anywhere else.
 #[btf_map]
 pub static LISTENER_TAGS: SkStorage<ListenerKey> = SkStorage::new();
-
-/// A delivery of the proxy (a connect() the inbound policy decided), by socket cookie, from
-/// connect() until it is established or closed: the pod's slot, so that a delivery the kernel
-/// refuses (nothing listens where the policy sent it) is counted as `delivery_refused`. That
-/// count is all it is for. A preallocated LRU map rather than socket storage: an insert takes
-/// an element off a free list, where a socket's first storage value allocates twice (and its
-/// removal frees twice), which perf put at about half of the hooks' time per connection when
-/// nothing is redirected. A connect() that fails before its SYN leaves its entry to be evicted;
-/// cookies are never reused.
-#[map]
-pub static DELIVERIES: LruHashMap<u64, u32> = LruHashMap::pinned(MAX_DELIVERIES, 0);
 
 /// A redirected socket's original destination, from connect() to close: read by sock_ops when
 /// the SYN leaves (to file it in `ORIG_DST`) and when the socket closes. Freed with the socket,

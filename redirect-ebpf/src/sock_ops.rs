@@ -9,9 +9,7 @@
 //!
 //! # Minimum kernel version
 //! 5.3 (the `sk` field of the context and socket storage in sock_ops); 4.19 for
-//! `BPF_SOCK_OPS_TCP_LISTEN_CB`; the other callbacks, `bpf_sock_hash_update` and
-//! `bpf_get_socket_cookie` (the key of `DELIVERIES`; probed as `helper_socket_cookie_sock_ops`)
-//! are older.
+//! `BPF_SOCK_OPS_TCP_LISTEN_CB`; the other callbacks and `bpf_sock_hash_update` are older.
 
 use aya_ebpf::{
     bindings::{
@@ -19,7 +17,6 @@ use aya_ebpf::{
         BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
         BPF_SOCK_OPS_TCP_LISTEN_CB, BPF_TCP_CLOSE, BPF_TCP_SYN_SENT,
     },
-    helpers::generated::bpf_get_socket_cookie,
     macros::sock_ops,
     programs::SockOpsContext,
 };
@@ -27,7 +24,7 @@ use redirect_common::{ConnKind, Counter, SockTuple, AF_INET};
 
 use crate::{
     addr::Addr,
-    maps::{ACCEPTED_ORIG, CONN_ORIG, DELIVERIES, LISTENERS, LISTENER_TAGS},
+    maps::{ACCEPTED_ORIG, CONN_ORIG, LISTENERS, LISTENER_TAGS},
     orig_dst::{self, NotFiled},
     pod::{count, pod_of_addr},
 };
@@ -79,8 +76,7 @@ fn on_listen(ctx: &SockOpsContext) {
 
 /// A redirected connection sends its SYN and has its four-tuple: file its original destination
 /// where the proxy's side will look, and ask for state callbacks so that the entry goes when the
-/// connection does. A delivery asks for them too, so that a refused one is counted. Any other
-/// socket gets no callback beyond the kernel's own.
+/// connection does, and a refused delivery is counted.
 #[inline(always)]
 fn on_connect(ctx: &SockOpsContext) {
     let Some(sk) = sock(ctx) else {
@@ -88,9 +84,6 @@ fn on_connect(ctx: &SockOpsContext) {
     };
     // SAFETY: `sk` is the context's full socket, checked for null.
     let Some(orig) = (unsafe { CONN_ORIG.get(sk) }) else {
-        if delivery(ctx).is_some() {
-            let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
-        }
         return;
     };
     let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
@@ -114,40 +107,21 @@ fn on_connect(ctx: &SockOpsContext) {
     }
 }
 
-/// The client side is established. Deliveries need no more callbacks once connected. Only a
-/// socket that asked for state callbacks (in `on_connect`) can be one.
+/// The client side is established. Deliveries need no more callbacks once connected.
 #[inline(always)]
 fn on_active_established(ctx: &SockOpsContext) {
-    if ctx.cb_flags() & BPF_SOCK_OPS_STATE_CB_FLAG == 0 {
-        return;
-    }
     let Some(sk) = sock(ctx) else {
         return;
     };
     // SAFETY: `sk` is the context's full socket, checked for null.
-    if unsafe { CONN_ORIG.get(sk) }.is_some() {
+    let Some(orig) = (unsafe { CONN_ORIG.get(sk) }) else {
         return;
-    }
-    let cookie = cookie(ctx);
-    // SAFETY: a hash map value, only tested.
-    if unsafe { DELIVERIES.get(cookie) }.is_some() {
+    };
+    if orig.kind == ConnKind::Delivery {
         let _ = ctx.set_cb_flags((ctx.cb_flags() & !BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
-        let _ = DELIVERIES.remove(cookie);
+        // SAFETY: as above.
+        unsafe { CONN_ORIG.delete(sk) };
     }
-}
-
-/// The socket's cookie (the key of `DELIVERIES`).
-#[inline(always)]
-fn cookie(ctx: &SockOpsContext) -> u64 {
-    // SAFETY: `ops` is the running sock_ops program's context, which the helper takes.
-    unsafe { bpf_get_socket_cookie(ctx.ops.cast()) }
-}
-
-/// The pod slot of the delivery this socket is, if it is one.
-#[inline(always)]
-fn delivery(ctx: &SockOpsContext) -> Option<u32> {
-    // SAFETY: a hash map value, copied at once.
-    unsafe { DELIVERIES.get(cookie(ctx)) }.copied()
 }
 
 /// An accepted socket is established: if its peer is a redirected client of this node, take the
@@ -187,23 +161,20 @@ fn on_state(ctx: &SockOpsContext) {
     };
     // SAFETY: `sk` is the context's full socket, checked for null.
     let Some(orig) = (unsafe { CONN_ORIG.get(sk) }) else {
-        // A delivery that closed before it was established: refused if it never left SYN_SENT.
-        if let Some(slot) = delivery(ctx) {
-            let _ = DELIVERIES.remove(cookie(ctx));
-            if ctx.arg(0) == BPF_TCP_SYN_SENT {
-                count(slot, Counter::DeliveryRefused);
-            }
-        }
         return;
     };
     // SAFETY: as above. A later connect() on this socket stores its own.
     unsafe { CONN_ORIG.delete(sk) };
     match orig.kind {
+        ConnKind::Delivery => {
+            if ctx.arg(0) == BPF_TCP_SYN_SENT {
+                count(orig.slot, Counter::DeliveryRefused);
+            }
+        }
         // Closed before the proxy's side took the entry (refused, reset, closed in SYN_SENT):
         // remove it if it is still this pod's.
         ConnKind::Outbound | ConnKind::ProxySelf => orig_dst::release(&tuple(ctx), orig.slot),
-        // Deliveries are in `DELIVERIES`, not in the socket's storage.
-        ConnKind::Delivery | ConnKind::Inbound | ConnKind::Dns => {}
+        ConnKind::Inbound | ConnKind::Dns => {}
     }
 }
 
