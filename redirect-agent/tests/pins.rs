@@ -520,6 +520,7 @@ fn compatible_upgrade_swaps_programs_without_a_gap() {
     let agent = Agent::new();
     agent.enroll(&server, &[]);
     let before_stats = agent.stats(&server.name);
+    let syn_retrans_before = syn_retransmits(&client);
     let before_log = proxy.entries().len();
 
     let stop = AtomicBool::new(false);
@@ -654,14 +655,18 @@ fn compatible_upgrade_swaps_programs_without_a_gap() {
         ));
     }
     let d = delta(&before_stats, &agent.stats(&server.name));
-    for (counter, want) in [
-        ("inbound_captured", inbound.len()),
-        ("outbound_captured", outbound.len()),
+    // sk_lookup counts each SYN it hands to the proxy: a SYN the client sent again (its first
+    // or the SYN-ACK lost on a loaded machine) is counted again, for one connection. The
+    // client's namespace counts those retransmissions, so the figure stays exact.
+    let syn_retrans = syn_retransmits(&client) - syn_retrans_before;
+    for (counter, want, slack) in [
+        ("inbound_captured", inbound.len() as u64, syn_retrans),
+        ("outbound_captured", outbound.len() as u64, 0),
     ] {
-        if d.get(counter).copied().unwrap_or(0) != want as u64 {
+        let got = d.get(counter).copied().unwrap_or(0);
+        if got < want || got > want + slack {
             failures.push(format!(
-                "{counter} moved by {:?}, want {want}",
-                d.get(counter)
+                "{counter} moved by {got}, want {want} (+ at most {slack} SYN retransmissions)"
             ));
         }
     }
@@ -675,6 +680,21 @@ fn compatible_upgrade_swaps_programs_without_a_gap() {
         outbound.len()
     );
     failures.assert_none("compatible upgrade");
+}
+
+/// `TCPSynRetrans` of the pod's network namespace: SYNs sent again.
+fn syn_retransmits(pod: &Pod) -> u64 {
+    let text = pod
+        .in_netns(|| fs::read_to_string("/proc/thread-self/net/netstat").unwrap())
+        .unwrap();
+    let mut lines = text.lines().filter(|l| l.starts_with("TcpExt:"));
+    let (names, values) = (lines.next().unwrap(), lines.next().unwrap());
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(n, _)| *n == "TCPSynRetrans")
+        .map(|(_, v)| v.parse().unwrap())
+        .expect("TCPSynRetrans in /proc/net/netstat")
 }
 
 /// The id of each hook's pinned program.
