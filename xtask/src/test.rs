@@ -20,11 +20,39 @@ pub struct Args {
     pub cargo_test_args: Vec<String>,
 }
 
-/// `cargo ARGS` in the workspace root.
+/// `cargo ARGS` in the workspace root, without incremental compilation: a full run builds
+/// every target once, and incremental state (kept per test binary) would only take disk.
 fn cargo(args: &[&str]) -> Command {
     let mut cmd = util::cargo();
-    cmd.args(args);
+    cmd.args(args).env("CARGO_INCREMENTAL", "0");
     cmd
+}
+
+/// One line after each step: what target/ takes and what is left on its filesystem, so a
+/// run that runs out of disk shows which step grew it.
+fn disk_report() {
+    let target = util::workspace_root().join("target");
+    let out = |cmd: &mut Command| {
+        cmd.output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+    };
+    // POSIX formats: `du -sk` prints "KIB\tPATH", `df -Pk` a header line then
+    // "FS BLOCKS USED AVAILABLE ...".
+    let used = out(Command::new("du").arg("-sk").arg(&target))
+        .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok());
+    let free = out(Command::new("df").arg("-Pk").arg(&target)).and_then(|s| {
+        s.lines()
+            .nth(1)?
+            .split_whitespace()
+            .nth(3)?
+            .parse::<u64>()
+            .ok()
+    });
+    let gib =
+        |k: Option<u64>| k.map_or("?".to_string(), |k| format!("{:.1}", k as f64 / 1048576.0));
+    println!("  disk: target/ {} GiB, {} GiB free", gib(used), gib(free));
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -54,7 +82,8 @@ pub fn run(args: Args) -> Result<()> {
         .args(["--", "-D", "warnings"])
         .env_remove("RUSTC")
         .env_remove("RUSTC_WORKSPACE_WRAPPER")
-        .env_remove("CARGO");
+        .env_remove("CARGO")
+        .env("CARGO_INCREMENTAL", "0");
 
     // Later steps go through `cargo xtask` again rather than this executable: the build steps
     // above rebuild xtask itself, which replaces the running binary's file.
@@ -117,6 +146,7 @@ pub fn run(args: Args) -> Result<()> {
         let step_start = Instant::now();
         util::run(&mut cmd).with_context(|| format!("step '{name}' failed"))?;
         println!("  ok ({:.1}s)", step_start.elapsed().as_secs_f64());
+        disk_report();
     }
     header(&format!(
         "all {total} steps passed in {:.0}s",
