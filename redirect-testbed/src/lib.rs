@@ -41,6 +41,7 @@ pub mod probe;
 pub mod proxy;
 mod sockdiag;
 mod state;
+pub mod stream;
 mod sweep;
 
 use std::path::PathBuf;

@@ -4,7 +4,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand};
-use redirect_testbed::{echo, probe, proxy, ProxyDial};
+use redirect_testbed::{echo, probe, proxy, stream, ProxyDial};
 
 mod addrs;
 mod demo;
@@ -76,6 +76,11 @@ enum Cmd {
     DemoNode,
     /// An unprivileged application trying to fill the datapath's maps (tests/hostile.rs).
     Hostile(hostile::Args),
+    /// The byte-stream suite's client: seeded streams checked end to end, one JSON line per
+    /// connection (redirect-agent/tests/streams.rs).
+    Stream(stream::ClientArgs),
+    /// The byte-stream suite's server (redirect-agent/tests/streams.rs).
+    StreamServer(stream::ServerArgs),
 }
 
 fn parse_bind(s: &str) -> Result<SocketAddr, String> {
@@ -148,5 +153,7 @@ fn main() -> Result<()> {
         Cmd::Demo => demo::run(demo::Which::Quick),
         Cmd::DemoNode => demo::run(demo::Which::Node),
         Cmd::Hostile(args) => hostile::run(args),
+        Cmd::Stream(args) => stream::client(args),
+        Cmd::StreamServer(args) => stream::server(args),
     }
 }
