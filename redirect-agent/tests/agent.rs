@@ -54,22 +54,9 @@ fn free_port() -> u16 {
 
 /// A plain HTTP/1.1 exchange: (status, headers, body).
 fn http(addr: SocketAddr, method: &str, path: &str) -> (u16, String, String) {
-    let mut s = TcpStream::connect(addr).expect("connect to the agent's HTTP port");
-    s.set_read_timeout(Some(PATIENCE)).unwrap();
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
-    )
-    .unwrap();
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).expect("read HTTP response");
-    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or_else(|| panic!("not an HTTP response: {raw:?}"));
-    (status, head.to_owned(), body.to_owned())
+    let r = redirect_testbed::http::request(addr, method, path)
+        .unwrap_or_else(|e| panic!("{method} {path} on {addr}: {e}"));
+    (r.status, r.head, r.body)
 }
 
 /// `redirect-agent run` for an [`Agent`]'s pin root and state directory, with its own socket

@@ -8,8 +8,8 @@
 mod common;
 
 use std::{
-    io::{Read as _, Write as _},
-    net::{SocketAddr, TcpListener, TcpStream},
+    io::Read as _,
+    net::{SocketAddr, TcpListener},
     path::Path,
     process::{Child, Command, Stdio},
     thread,
@@ -62,16 +62,9 @@ fn free_addr() -> SocketAddr {
 }
 
 fn status_of(addr: SocketAddr, path: &str) -> Option<u16> {
-    let mut s = TcpStream::connect(addr).ok()?;
-    s.set_read_timeout(Some(PATIENCE)).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).ok()?;
-    text.split_whitespace().nth(1)?.parse().ok()
+    redirect_testbed::http::get(addr, path)
+        .ok()
+        .map(|(status, _)| status)
 }
 
 struct Running(Child);

@@ -11,8 +11,8 @@ mod common;
 
 use std::{
     fs,
-    io::{Read as _, Write as _},
-    net::{SocketAddr, TcpListener, TcpStream},
+    io::Write as _,
+    net::{SocketAddr, TcpListener},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -153,22 +153,7 @@ impl Daemon {
     }
 
     fn get(&self, path: &str) -> (u16, String) {
-        let Ok(mut s) = TcpStream::connect(self.http) else {
-            return (0, String::new());
-        };
-        let _ = write!(
-            s,
-            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-        );
-        let mut raw = String::new();
-        let _ = s.read_to_string(&mut raw);
-        let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
-        let status = head
-            .split(' ')
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(0);
-        (status, body.to_owned())
+        redirect_testbed::http::get(self.http, path).unwrap_or((0, String::new()))
     }
 
     fn log_text(&self) -> String {

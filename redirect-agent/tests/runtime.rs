@@ -327,17 +327,8 @@ impl Daemon {
 
     /// GET `path` on the agent's HTTP address: the body of a 200 answer.
     fn get(&self, path: &str) -> Option<String> {
-        use std::io::{Read as _, Write as _};
-        let mut s = TcpStream::connect(self.http).ok()?;
-        write!(
-            s,
-            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-        )
-        .ok()?;
-        let mut r = String::new();
-        s.read_to_string(&mut r).ok()?;
-        let (head, body) = r.split_once("\r\n\r\n")?;
-        head.starts_with("HTTP/1.1 200").then(|| body.to_owned())
+        let (status, body) = redirect_testbed::http::get(self.http, path).ok()?;
+        (status == 200).then_some(body)
     }
 }
 

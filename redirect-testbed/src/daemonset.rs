@@ -7,7 +7,7 @@
 use std::{
     collections::HashMap,
     fs,
-    net::{SocketAddr, TcpStream},
+    net::SocketAddr,
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
@@ -299,24 +299,8 @@ pub fn uninstall(bed: &Containerd, node: &NodeDirs, cm: &Value) -> Result<String
 /// `GET path` on `127.0.0.1:port` in the node's network namespace (a host-network pod's
 /// port, as kubelet's probe reaches it): the status code and the body.
 pub fn node_http_get(bed: &Containerd, port: u16, path: &str) -> Option<(u16, String)> {
-    use std::io::{Read as _, Write as _};
-    let t = Duration::from_secs(5);
     bed.node()
-        .in_netns(|| {
-            let mut s =
-                TcpStream::connect_timeout(&SocketAddr::from(([127, 0, 0, 1], port)), t).ok()?;
-            s.set_read_timeout(Some(t)).ok()?;
-            write!(
-                s,
-                "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-            )
-            .ok()?;
-            let mut r = String::new();
-            s.read_to_string(&mut r).ok()?;
-            let (head, body) = r.split_once("\r\n\r\n")?;
-            let code = head.split(' ').nth(1)?.parse().ok()?;
-            Some((code, body.to_owned()))
-        })
+        .in_netns(|| crate::http::get(SocketAddr::from(([127, 0, 0, 1], port)), path).ok())
         .ok()
         .flatten()
 }

@@ -573,22 +573,7 @@ impl Drop for Daemon {
 
 /// A plain HTTP/1.1 GET on loopback: (status, body).
 fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
-    use std::io::{Read as _, Write as _};
-    let mut s = std::net::TcpStream::connect(addr)?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut raw = String::new();
-    s.read_to_string(&mut raw)?;
-    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .context("not an HTTP response")?;
-    Ok((status, body.to_owned()))
+    Ok(redirect_testbed::http::get(addr, path)?)
 }
 
 /// Unenrolls the server pod and removes the agent's private state, however the demo ends.

@@ -32,6 +32,7 @@ pub mod cri;
 pub mod daemonset;
 pub mod echo;
 pub mod fakeapi;
+pub mod http;
 pub mod images;
 pub mod kubelet;
 pub mod needs;
