@@ -344,55 +344,6 @@ fn wait_chain_loaded(bed: &Containerd, policy: &str) {
     .unwrap();
 }
 
-/// An echo application whose container listens on `listen` (uid 1000), and the test proxy
-/// (uid 1337) dialling the application as `dial`, in a sandbox already made; waits until the
-/// proxy's inbound listener answers on the pod's IPv4 and IPv6 addresses at `probe_port`.
-fn start_app_and_proxy(
-    bed: &Containerd,
-    pod: &CriPod,
-    listen: &[SocketAddr],
-    dial: ProxyDial,
-) -> String {
-    let mut args = Vec::new();
-    for a in listen {
-        args.push("--listen".to_owned());
-        args.push(a.to_string());
-    }
-    let app = bed
-        .start_container(
-            pod,
-            &ContainerSpec {
-                name: "app".into(),
-                image: redirect_image::images::ECHO.into(),
-                args,
-                run_as_user: Some(1000),
-                ..ContainerSpec::default()
-            },
-        )
-        .unwrap();
-    bed.start_container(
-        pod,
-        &ContainerSpec {
-            name: "istio-proxy".into(),
-            image: redirect_image::images::PROXY.into(),
-            args: vec!["--delivery".into(), dial.name().into()],
-            ..ContainerSpec::default()
-        },
-    )
-    .unwrap();
-    // Both are up once their sockets are in the pod's namespace.
-    let want: Vec<u16> = listen
-        .iter()
-        .map(|a| a.port())
-        .chain([15001, 15006])
-        .collect();
-    wait_for("the app and the proxy to listen", || {
-        let ports = pod.listening_ports().ok()?;
-        want.iter().all(|p| ports.contains(p)).then_some(())
-    });
-    app
-}
-
 /// A probe of `to` from the node's namespace (outside every pod: a client elsewhere).
 fn probe_from_node(bed: &Containerd, to: SocketAddr) -> Outcome {
     bed.node()
@@ -400,27 +351,19 @@ fn probe_from_node(bed: &Containerd, to: SocketAddr) -> Outcome {
         .unwrap()
 }
 
-/// `redirect-testbed connect --to TO` run in a container through ExecSync (the container's
-/// cgroup, netns and user: the application itself dialling out).
+fn start_app_and_proxy(
+    bed: &Containerd,
+    pod: &CriPod,
+    listen: &[SocketAddr],
+    dial: ProxyDial,
+) -> String {
+    bed.start_app_and_proxy(pod, listen, dial).unwrap()
+}
+
+/// `redirect-testbed connect` with the matrix's payload in `container` (ExecSync).
 fn connect_from(bed: &Containerd, container: &str, to: SocketAddr) -> Outcome {
-    let to = to.to_string();
-    let exec = bed
-        .cri()
-        .exec_sync(
-            container,
-            &[
-                "/usr/local/bin/redirect-testbed",
-                "connect",
-                "--to",
-                &to,
-                "--payload",
-                std::str::from_utf8(common::PAYLOAD).unwrap(),
-            ],
-            10,
-        )
-        .unwrap();
-    serde_json::from_str(exec.stdout.trim())
-        .unwrap_or_else(|e| panic!("connect to {to} in {container}: {e}: {exec:?}"))
+    bed.connect_from(container, to, std::str::from_utf8(common::PAYLOAD).unwrap())
+        .unwrap()
 }
 
 fn counter(agent: &Agent, record: &str, name: &str) -> u64 {

@@ -26,6 +26,7 @@ use std::{
     ffi::CString,
     fs::{self, File},
     io,
+    net::SocketAddr,
     os::{
         fd::AsRawFd as _,
         unix::{ffi::OsStrExt as _, fs::PermissionsExt as _, process::CommandExt as _},
@@ -42,7 +43,7 @@ use crate::{
     cgroup,
     cri::{ContainerSpec, Cri, SandboxSpec},
     node::cni_plugin_dir,
-    state, Node,
+    state, Node, Outcome, ProxyDial,
 };
 
 /// The CNI plugins of Debian's `containernetworking-plugins` the bed's chain uses (`loopback`
@@ -494,8 +495,84 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         Ok(id)
     }
 
-    /// StopPodSandbox + RemovePodSandbox (the containers go with it), then removes the pod's
-    /// cgroup as kubelet would.
+    /// A sidecar pod's two containers from the test images: the application (`echo` as uid
+    /// 1000 on `listen`; on `127.0.0.1:18999` for a client that only dials, since a container
+    /// needs a process to exec in) and `istio-proxy` (the test proxy, delivering as `dial`
+    /// says). Returns the application's container id once both listen in the pod's network
+    /// namespace (30 s at most).
+    pub fn start_app_and_proxy(
+        &self,
+        pod: &CriPod,
+        listen: &[SocketAddr],
+        dial: ProxyDial,
+    ) -> Result<String> {
+        let mut args = Vec::new();
+        for a in listen {
+            args.extend(["--listen".to_owned(), a.to_string()]);
+        }
+        if listen.is_empty() {
+            args.extend(["--listen".to_owned(), "127.0.0.1:18999".to_owned()]);
+        }
+        let app = self.start_container(
+            pod,
+            &ContainerSpec {
+                name: "app".into(),
+                image: redirect_image::images::ECHO.into(),
+                args,
+                run_as_user: Some(1000),
+                ..ContainerSpec::default()
+            },
+        )?;
+        self.start_container(
+            pod,
+            &ContainerSpec {
+                name: "istio-proxy".into(),
+                image: redirect_image::images::PROXY.into(),
+                args: vec!["--delivery".into(), dial.name().into()],
+                ..ContainerSpec::default()
+            },
+        )?;
+        let want: Vec<u16> = listen
+            .iter()
+            .map(|a| a.port())
+            .chain([15001, 15006])
+            .collect();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !want
+            .iter()
+            .all(|p| pod.listening_ports().unwrap_or_default().contains(p))
+        {
+            if Instant::now() > deadline {
+                bail!(
+                    "{}: the application and the proxy did not listen on {want:?}",
+                    pod.spec.name
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(app)
+    }
+
+    /// `redirect-testbed connect --to TO --payload PAYLOAD` in `container` (ExecSync): the
+    /// outcome it printed.
+    pub fn connect_from(&self, container: &str, to: SocketAddr, payload: &str) -> Result<Outcome> {
+        let to = to.to_string();
+        let exec = self.cri().exec_sync(
+            container,
+            &[
+                "/usr/local/bin/redirect-testbed",
+                "connect",
+                "--to",
+                &to,
+                "--payload",
+                payload,
+            ],
+            10,
+        )?;
+        serde_json::from_str(exec.stdout.trim())
+            .with_context(|| format!("connect to {to} in {container}: {exec:?}"))
+    }
+
     /// Runs `container` in `pod` to its end, as kubelet runs an init container: an exit other
     /// than 0 (or none within `timeout`) is an error carrying its log.
     pub fn run_to_completion(
@@ -547,6 +624,8 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
             .join("\n")
     }
 
+    /// StopPodSandbox + RemovePodSandbox (the containers go with it), then removes the pod's
+    /// cgroup as kubelet would.
     pub fn remove_pod(&self, pod: &CriPod) -> Result<()> {
         self.cri().stop_pod_sandbox(&pod.id)?;
         self.cri().remove_pod_sandbox(&pod.id)?;

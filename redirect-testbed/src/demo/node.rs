@@ -13,14 +13,13 @@ use std::{
     collections::HashMap,
     fs,
     net::{IpAddr, SocketAddr},
-    time::{Duration, Instant},
+    time::Instant,
 };
 
-use anyhow::{bail, Context as _, Result};
+use anyhow::{bail, Result};
 use redirect_testbed::{
-    cri::ContainerSpec,
     daemonset::{self, AgentPod, NodeDirs, SharedMounts},
-    images, AppBind, Containerd, CriPod, InboundPolicy, Node, Outcome, ProxyDial,
+    images, AppBind, Containerd, CriPod, InboundPolicy, Node, ProxyDial,
 };
 
 use super::{
@@ -94,7 +93,7 @@ pub fn demo() -> Result<bool> {
     println!();
 
     let client = pod(&bed, "client", &[])?;
-    let client_app = start_app(&bed, &client, &[], ProxyDial::PodIp)?;
+    let client_app = bed.start_app_and_proxy(&client, &[], ProxyDial::PodIp)?;
     let mut servers = Vec::new();
     for policy in InboundPolicy::ALL {
         for dial in ProxyDial::ALL {
@@ -116,7 +115,7 @@ pub fn demo() -> Result<bool> {
                 .iter()
                 .flat_map(|ip| AppBind::ALL.map(|b| bind_addr(b, *ip)))
                 .collect();
-            start_app(&bed, &p, &listen, dial)?;
+            bed.start_app_and_proxy(&p, &listen, dial)?;
             servers.push((policy, dial, p));
         }
     }
@@ -127,7 +126,7 @@ pub fn demo() -> Result<bool> {
             for (bi, bind) in AppBind::ALL.into_iter().enumerate() {
                 check_interrupted()?;
                 let to = SocketAddr::new(*ip, bind_port(bind));
-                let o = connect_from(&bed, &client_app, to)?;
+                let o = bed.connect_from(&client_app, to, "demo")?;
                 results[vi * AppBind::ALL.len() + bi]
                     .push(judge(&o, expected(*policy, *dial, bind, *ip)));
             }
@@ -248,80 +247,6 @@ fn pod(bed: &Containerd, name: &str, extra: &[(&str, &str)]) -> Result<CriPod> {
         .collect();
     let spec = bed.sandbox_spec("default", name, annotations)?;
     bed.run_pod(&spec)
-}
-
-/// The echo application (uid 1000) on `listen` and the test proxy (uid 1337) dialling as
-/// `dial`; waits until they listen. Returns the application's container.
-fn start_app(
-    bed: &Containerd,
-    pod: &CriPod,
-    listen: &[SocketAddr],
-    dial: ProxyDial,
-) -> Result<String> {
-    let mut args = Vec::new();
-    for a in listen {
-        args.extend(["--listen".to_owned(), a.to_string()]);
-    }
-    if listen.is_empty() {
-        // A client still runs an application: the container ExecSync dials from.
-        args.extend(["--listen".to_owned(), "127.0.0.1:18999".to_owned()]);
-    }
-    let app = bed.start_container(
-        pod,
-        &ContainerSpec {
-            name: "app".into(),
-            image: redirect_image::images::ECHO.into(),
-            args,
-            run_as_user: Some(1000),
-            ..ContainerSpec::default()
-        },
-    )?;
-    bed.start_container(
-        pod,
-        &ContainerSpec {
-            name: "istio-proxy".into(),
-            image: redirect_image::images::PROXY.into(),
-            args: vec!["--delivery".into(), dial.name().into()],
-            ..ContainerSpec::default()
-        },
-    )?;
-    let want: Vec<u16> = listen
-        .iter()
-        .map(|a| a.port())
-        .chain([15001, 15006])
-        .collect();
-    let start = Instant::now();
-    while !want
-        .iter()
-        .all(|p| pod.listening_ports().unwrap_or_default().contains(p))
-    {
-        if start.elapsed() > Duration::from_secs(30) {
-            bail!(
-                "{}: the application and the proxy did not listen",
-                pod.spec.name
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Ok(app)
-}
-
-/// `redirect-testbed connect --to TO` in the client's application container (ExecSync).
-fn connect_from(bed: &Containerd, container: &str, to: SocketAddr) -> Result<Outcome> {
-    let to = to.to_string();
-    let exec = bed.cri().exec_sync(
-        container,
-        &[
-            "/usr/local/bin/redirect-testbed",
-            "connect",
-            "--to",
-            &to,
-            "--payload",
-            "demo",
-        ],
-        10,
-    )?;
-    serde_json::from_str(exec.stdout.trim()).with_context(|| format!("connect to {to}: {exec:?}"))
 }
 
 /// `redirect-agent stats --name NAME --output json` on the host, reading the pins the agent
