@@ -280,29 +280,11 @@ pub fn run(opts: Opts) -> Result<()> {
     let _ = fs::remove_dir_all(disk_state_dir(&setup));
     let mut results = result?;
     results["elapsed_s"] = json!(started.elapsed().as_secs_f64());
-    results["profile"] = json!(if opts.quick { "debug" } else { "release" });
-    results["kernel"] = json!(fs::read_to_string("/proc/sys/kernel/osrelease")?.trim());
     results["load_average_before"] = json!(load_before);
-    results["load_average_after"] = json!(fs::read_to_string("/proc/loadavg")?.trim());
-
-    let out = if opts.quick {
-        root.join("target/bench-quick")
-    } else {
-        root.join("bench")
-    };
-    fs::create_dir_all(&out)?;
-    fs::write(
-        out.join("agent.json"),
-        serde_json::to_string_pretty(&results)?,
-    )?;
-    let section = report(&results);
-    println!("\n{section}");
-    if !opts.quick {
-        write_section(&root.join("BENCHMARKS.md"), &section)?;
-        println!("wrote bench/agent.json and the node agent section of BENCHMARKS.md");
-    } else {
-        println!("wrote {}", out.join("agent.json").display());
-    }
+    publish(&mut results, opts.quick, "agent", report, |section| {
+        write_section(&root.join("BENCHMARKS.md"), section)?;
+        Ok("the node agent section")
+    })?;
     Ok(())
 }
 
@@ -600,6 +582,40 @@ fn report(r: &serde_json::Value) -> String {
 /// The node agent's section of a BENCHMARKS.md, markers included, if it has one.
 pub fn section_of(md: &str) -> Option<&str> {
     marked_section(md, BEGIN, END)
+}
+
+/// The end of a benchmark run shared by `bench agent` and `bench cni`: adds what the run ran
+/// on (profile, kernel, load average after) to `results`, writes them to `bench/NAME.json`
+/// (`target/bench-quick/` for a quick run), prints the report section and, for a full run,
+/// puts it into BENCHMARKS.md with `write` (which names what it wrote).
+pub fn publish(
+    results: &mut serde_json::Value,
+    quick: bool,
+    name: &str,
+    report: fn(&serde_json::Value) -> String,
+    write: impl FnOnce(&str) -> Result<&'static str>,
+) -> Result<()> {
+    let root = dev::workspace_root();
+    results["profile"] = json!(if quick { "debug" } else { "release" });
+    results["kernel"] = json!(fs::read_to_string("/proc/sys/kernel/osrelease")?.trim());
+    results["load_average_after"] = json!(fs::read_to_string("/proc/loadavg")?.trim());
+    let out = if quick {
+        root.join("target/bench-quick")
+    } else {
+        root.join("bench")
+    };
+    fs::create_dir_all(&out)?;
+    let file = out.join(format!("{name}.json"));
+    fs::write(&file, serde_json::to_string_pretty(results)?)?;
+    let section = report(results);
+    println!("\n{section}");
+    if quick {
+        println!("wrote {}", file.display());
+    } else {
+        let what = write(&section)?;
+        println!("wrote bench/{name}.json and {what} of BENCHMARKS.md");
+    }
+    Ok(())
 }
 
 /// The section between `begin` and `end` of a BENCHMARKS.md, markers included, if it has one.

@@ -280,29 +280,10 @@ pub fn run(opts: Opts) -> Result<()> {
     let _ = fs::remove_dir_all(&setup.state_dir);
     let mut results = result?;
     results["elapsed_s"] = json!(started.elapsed().as_secs_f64());
-    results["profile"] = json!(if opts.quick { "debug" } else { "release" });
-    results["kernel"] = json!(fs::read_to_string("/proc/sys/kernel/osrelease")?.trim());
-    results["load_average"] = json!(fs::read_to_string("/proc/loadavg")?.trim());
-
-    let out = if opts.quick {
-        root.join("target/bench-quick")
-    } else {
-        root.join("bench")
-    };
-    fs::create_dir_all(&out)?;
-    fs::write(
-        out.join("cni.json"),
-        serde_json::to_string_pretty(&results)?,
-    )?;
-    let section = report(&results);
-    println!("\n{section}");
-    if !opts.quick {
-        write_marked_section(&root.join("BENCHMARKS.md"), BEGIN, END, &section)?;
-        println!("wrote bench/cni.json and the CNI section of BENCHMARKS.md");
-    } else {
-        println!("wrote {}", out.join("cni.json").display());
-    }
-    Ok(())
+    crate::agent::publish(&mut results, opts.quick, "cni", report, |section| {
+        write_marked_section(&root.join("BENCHMARKS.md"), BEGIN, END, section)?;
+        Ok("the CNI section")
+    })
 }
 
 fn measure(
@@ -408,7 +389,10 @@ fn report(r: &serde_json::Value) -> String {
         profile = r["profile"].as_str().unwrap_or("?"),
         kernel = r["kernel"].as_str().unwrap_or("?"),
         elapsed = r["elapsed_s"].as_f64().unwrap_or(0.0),
-        load = r["load_average"].as_str().unwrap_or("?"),
+        load = r["load_average_after"]
+            .as_str()
+            .or(r["load_average"].as_str())
+            .unwrap_or("?"),
         rounds = r["rounds"],
         per = r["per_round"],
         p50p = ms(&seq["plain"]["p50_s"]),
