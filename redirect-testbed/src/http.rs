@@ -24,10 +24,12 @@ pub struct Response {
 pub fn request(addr: SocketAddr, method: &str, path: &str) -> io::Result<Response> {
     let mut s = TcpStream::connect_timeout(&addr, TIMEOUT)?;
     s.set_read_timeout(Some(TIMEOUT))?;
-    write!(
-        s,
+    // One write: `write!` on an unbuffered stream sends each piece of the format as a segment
+    // of its own, and a server may read the first one alone.
+    let req = format!(
         "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
-    )?;
+    );
+    s.write_all(req.as_bytes())?;
     let mut raw = String::new();
     s.read_to_string(&mut raw)?;
     let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
@@ -69,9 +71,17 @@ mod tests {
                 "hello",
             ] {
                 let (mut c, _) = l.accept().unwrap();
-                let mut req = [0u8; 1024];
-                let n = c.read(&mut req).unwrap();
-                assert!(String::from_utf8_lossy(&req[..n]).starts_with("GET /readyz HTTP/1.1\r\n"));
+                // The whole request head, however it was split into segments.
+                let mut req = Vec::new();
+                let mut b = [0u8; 256];
+                while !req.ends_with(b"\r\n\r\n") {
+                    let n = c.read(&mut b).unwrap();
+                    assert!(n > 0, "EOF before the request's end: {req:?}");
+                    req.extend_from_slice(&b[..n]);
+                }
+                let req = String::from_utf8_lossy(&req);
+                assert!(req.starts_with("GET /readyz HTTP/1.1\r\n"), "{req}");
+                assert!(req.contains("\r\nConnection: close\r\n"), "{req}");
                 c.write_all(answer.as_bytes()).unwrap();
             }
         });
