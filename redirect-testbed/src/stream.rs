@@ -243,42 +243,6 @@ impl Polled {
         }
     }
 
-    fn write_all(&mut self, mut data: &[u8]) -> io::Result<()> {
-        while !data.is_empty() {
-            match self.s.write(data) {
-                Ok(n) => data = &data[n..],
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.wait(libc::POLLOUT)?,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(())
-    }
-
-    /// One read after the socket is readable; `Ok(0)` at EOF.
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        loop {
-            match self.s.read(buf) {
-                Ok(n) => return Ok(n),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.wait(libc::POLLIN)?,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-    }
-
-    /// Reads and checks until EOF or an error; the end as [`Outcome::end`].
-    fn read_stream(&mut self, check: &mut Checker) -> String {
-        let mut buf = vec![0; 64 * 1024];
-        loop {
-            match self.read(&mut buf) {
-                Ok(0) => return "eof".into(),
-                Ok(n) => check.feed(&buf[..n]),
-                Err(e) => return end_of(&e),
-            }
-        }
-    }
-
     /// Reads one line (the server's answers are short lines).
     fn read_line(&mut self) -> io::Result<String> {
         let mut line = Vec::new();
@@ -293,18 +257,37 @@ impl Polled {
             line.push(b[0]);
         }
     }
+}
 
-    fn send_stream(&mut self, size: u64, seed: u64) -> io::Result<()> {
-        let mut gen = Stream::new(seed);
-        let mut buf = vec![0; 64 * 1024];
-        let mut left = size;
-        while left > 0 {
-            let n = left.min(buf.len() as u64) as usize;
-            gen.fill(&mut buf[..n]);
-            self.write_all(&buf[..n])?;
-            left -= n as u64;
+/// Writes wait for `POLLOUT`, reads for `POLLIN`, each with [`READY_TIMEOUT`].
+impl io::Write for Polled {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        loop {
+            match self.s.write(data) {
+                Ok(n) => return Ok(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.wait(libc::POLLOUT)?,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
         }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
         Ok(())
+    }
+}
+
+impl Read for Polled {
+    /// One read once the socket is readable; `Ok(0)` at EOF.
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            match self.s.read(buf) {
+                Ok(n) => return Ok(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.wait(libc::POLLIN)?,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
     }
 }
 
@@ -344,11 +327,11 @@ fn client_case(
             let writer = p.s.try_clone()?;
             let sender = std::thread::spawn(move || -> io::Result<()> {
                 let mut w = Polled { s: writer };
-                w.send_stream(size, seed)?;
+                send_stream(&mut w, size, seed)?;
                 w.s.shutdown(Shutdown::Write)
             });
             let mut check = Checker::new(seed);
-            o.end = p.read_stream(&mut check);
+            o.end = read_checked(&mut p, &mut check, 64 * 1024, Duration::ZERO);
             o.received = check.received;
             let sent = sender.join().expect("sender thread");
             o.failure = check
@@ -357,10 +340,10 @@ fn client_case(
         }
         Case::ServerFirst => {
             let mut check = Checker::new(seed);
-            o.end = p.read_stream(&mut check);
+            o.end = read_checked(&mut p, &mut check, 64 * 1024, Duration::ZERO);
             o.received = check.received;
             o.failure = check.verdict(size);
-            p.send_stream(size, seed ^ 0x5a5a)?;
+            send_stream(&mut p, size, seed ^ 0x5a5a)?;
             p.s.shutdown(Shutdown::Write)?;
             // The server closes once it has checked our stream.
             let mut rest = [0u8; 16];
@@ -368,26 +351,14 @@ fn client_case(
         }
         Case::ServerReset => {
             let mut check = Checker::new(seed);
-            let mut buf = vec![0; 64 * 1024];
-            while check.received < size {
-                let n = p.read(&mut buf[..(size - check.received).min(65536) as usize])?;
-                if n == 0 {
-                    break;
-                }
-                check.feed(&buf[..n]);
-            }
+            read_at_most(&mut p, &mut check, size)?;
             o.received = check.received;
             o.failure = check.verdict(size);
             p.write_all(b"got\n")?;
-            let mut rest = [0u8; 16];
-            o.end = match p.read(&mut rest) {
-                Ok(0) => "eof".into(),
-                Ok(_) => "data after the stream".into(),
-                Err(e) => end_of(&e),
-            };
+            o.end = end_after(&mut p, "data after the stream");
         }
         Case::ClientReset => {
-            p.send_stream(size, seed)?;
+            send_stream(&mut p, size, seed)?;
             let got = p.read_line()?;
             if got != "got" {
                 o.failure = Some(format!("server answered {got:?}"));
@@ -396,24 +367,19 @@ fn client_case(
             SockRef::from(&p.s).set_linger(Some(Duration::ZERO))?;
         }
         Case::SlowReader | Case::Peek => {
-            p.send_stream(size, seed)?;
+            send_stream(&mut p, size, seed)?;
             p.s.shutdown(Shutdown::Write)?;
             let answer = p.read_line()?;
             let want = format!("ok {size}");
             if answer != want {
                 o.failure = Some(format!("server answered {answer:?}, expected {want:?}"));
             }
-            let mut rest = [0u8; 16];
-            o.end = match p.read(&mut rest) {
-                Ok(0) => "eof".into(),
-                Ok(_) => "data after the answer".into(),
-                Err(e) => end_of(&e),
-            };
+            o.end = end_after(&mut p, "data after the answer");
             o.received = size;
         }
         Case::Sendfile => {
             let mut check = Checker::new(seed);
-            o.end = p.read_stream(&mut check);
+            o.end = read_checked(&mut p, &mut check, 64 * 1024, Duration::ZERO);
             o.received = check.received;
             o.failure = check.verdict(size);
         }
@@ -521,17 +487,41 @@ fn read_checked(r: &mut impl Read, check: &mut Checker, chunk: usize, pause: Dur
     }
 }
 
-fn send_stream(mut s: &TcpStream, size: u64, seed: u64) -> io::Result<()> {
+/// Writes `size` bytes of the stream of `seed`.
+fn send_stream(w: &mut impl io::Write, size: u64, seed: u64) -> io::Result<()> {
     let mut gen = Stream::new(seed);
     let mut buf = vec![0; 64 * 1024];
     let mut left = size;
     while left > 0 {
         let n = left.min(buf.len() as u64) as usize;
         gen.fill(&mut buf[..n]);
-        s.write_all(&buf[..n])?;
+        w.write_all(&buf[..n])?;
         left -= n as u64;
     }
     Ok(())
+}
+
+/// Reads and checks until `size` bytes have come or EOF.
+fn read_at_most(r: &mut impl Read, check: &mut Checker, size: u64) -> io::Result<()> {
+    let mut buf = vec![0; 64 * 1024];
+    while check.received < size {
+        let n = r.read(&mut buf[..(size - check.received).min(65536) as usize])?;
+        if n == 0 {
+            break;
+        }
+        check.feed(&buf[..n]);
+    }
+    Ok(())
+}
+
+/// How the stream ends after what was expected: `eof`, `what` if more data comes, or the error.
+fn end_after(r: &mut impl Read, what: &str) -> String {
+    let mut rest = [0u8; 16];
+    match r.read(&mut rest) {
+        Ok(0) => "eof".into(),
+        Ok(_) => what.into(),
+        Err(e) => end_of(&e),
+    }
 }
 
 fn server_case(
@@ -561,7 +551,7 @@ fn server_case(
             s.shutdown(Shutdown::Write)?;
         }
         Case::ServerFirst => {
-            send_stream(&s, size, seed)?;
+            send_stream(&mut &s, size, seed)?;
             s.shutdown(Shutdown::Write)?;
             let mut check = Checker::new(seed ^ 0x5a5a);
             o.end = read_checked(&mut r, &mut check, 64 * 1024, Duration::ZERO);
@@ -569,7 +559,7 @@ fn server_case(
             o.failure = check.verdict(size);
         }
         Case::ServerReset => {
-            send_stream(&s, size, seed)?;
+            send_stream(&mut &s, size, seed)?;
             let mut line = String::new();
             r.read_line(&mut line)?;
             if line != "got\n" {
@@ -580,23 +570,11 @@ fn server_case(
         }
         Case::ClientReset => {
             let mut check = Checker::new(seed);
-            let mut buf = vec![0; 64 * 1024];
-            while check.received < size {
-                let n = r.read(&mut buf[..(size - check.received).min(65536) as usize])?;
-                if n == 0 {
-                    break;
-                }
-                check.feed(&buf[..n]);
-            }
+            read_at_most(&mut r, &mut check, size)?;
             o.received = check.received;
             o.failure = check.verdict(size);
             (&s).write_all(b"got\n")?;
-            let mut rest = [0u8; 16];
-            o.end = match r.read(&mut rest) {
-                Ok(0) => "eof".into(),
-                Ok(_) => "data after the stream".into(),
-                Err(e) => end_of(&e),
-            };
+            o.end = end_after(&mut r, "data after the stream");
         }
         Case::SlowReader => {
             let mut check = Checker::new(seed);
@@ -637,16 +615,7 @@ fn server_case(
         Case::Sendfile => {
             let path = dir.join(format!("stream-{seed}-{size}"));
             {
-                let mut f = File::create(&path)?;
-                let mut gen = Stream::new(seed);
-                let mut buf = vec![0; 64 * 1024];
-                let mut left = size;
-                while left > 0 {
-                    let n = left.min(buf.len() as u64) as usize;
-                    gen.fill(&mut buf[..n]);
-                    f.write_all(&buf[..n])?;
-                    left -= n as u64;
-                }
+                send_stream(&mut File::create(&path)?, size, seed)?;
             }
             let f = File::open(&path)?;
             let _ = std::fs::remove_file(&path);
@@ -665,12 +634,7 @@ fn server_case(
                 }
             }
             s.shutdown(Shutdown::Write)?;
-            let mut rest = [0u8; 16];
-            o.end = match r.read(&mut rest) {
-                Ok(0) => "eof".into(),
-                Ok(_) => "data after the header".into(),
-                Err(e) => end_of(&e),
-            };
+            o.end = end_after(&mut r, "data after the header");
         }
     }
     Ok(())
